@@ -1,0 +1,23 @@
+"""hyimage: reference inference for HunyuanImage-2.1.
+
+The pipelines are imported on first use, so `import hyimage` stays cheap
+(transformers and the models load only when asked for).
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "HunyuanImagePipeline": "hyimage.diffusion.pipelines.hunyuanimage_pipeline",
+    "HunyuanImageRefinerPipeline": "hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline",
+}
+
+__all__ = ["HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'hyimage' has no attribute {name!r}")

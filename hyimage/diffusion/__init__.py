@@ -1,0 +1,1 @@
+"""Denoising: schedules, guidance and the pipelines that run them."""

@@ -1,0 +1,1 @@
+"""The text-to-image pipeline and the refiner pipeline."""
