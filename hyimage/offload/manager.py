@@ -1,24 +1,89 @@
-"""Placement of pipeline parts around the stage that uses them."""
+"""Placement of pipeline parts around the stage that uses them.
 
+Three memory modes, one switch:
+- "none":  every part moves to the device once and stays there (fastest, needs the most memory).
+- "model": each part is on the device only while it runs, then goes back to host memory
+           (the official pipeline's offloading).
+- "block": like "model", and the parts made of block lists (the DiT, the text encoder) are
+           streamed block by block from pinned host memory, keeping as many blocks resident
+           as `gpu_budget_gb` allows (see `hyimage.offload.streaming`).
+"""
+
+import weakref
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from torch import nn
+
+from hyimage.offload.streaming import BlockStreamer
+
+MEMORY_MODES = ("none", "model", "block")
+
+
+class Movable(Protocol):
+    def to(self, device: torch.device) -> object: ...
 
 
 class MemoryManager:
     """Moves a part onto the execution device for the stage that runs it.
 
-    mode "none": every part stays on `device`; other modes are added by the offloading work.
+    `gpu_budget_gb` bounds the weights a streamed part keeps on the device in mode "block"
+    (activations come on top); None streams every block.
     """
 
-    def __init__(self, device: str | torch.device = "cpu", mode: str = "none") -> None:
+    def __init__(
+        self,
+        device: str | torch.device = "cpu",
+        mode: str = "none",
+        gpu_budget_gb: float | None = None,
+        offload_device: str | torch.device = "cpu",
+    ) -> None:
+        if mode not in MEMORY_MODES:
+            raise ValueError(f"memory mode {mode!r} is unknown; choose one of {', '.join(MEMORY_MODES)}")
+        if gpu_budget_gb is not None and gpu_budget_gb <= 0:
+            raise ValueError(f"gpu_budget_gb must be positive, got {gpu_budget_gb}")
         self.device = torch.device(device)
         self.mode = mode
+        self.gpu_budget_gb = gpu_budget_gb
+        self.offload_device = torch.device(offload_device)
+        self._streamers: "weakref.WeakKeyDictionary[nn.Module, BlockStreamer]" = weakref.WeakKeyDictionary()
+
+    def to(self, device: str | torch.device) -> "MemoryManager":
+        """Run parts on `device` from now on."""
+        self.device = torch.device(device)
+        self._streamers.clear()
+        return self
 
     @contextmanager
-    def running(self, module: nn.Module) -> Iterator[nn.Module]:
+    def running(self, module: Movable) -> Iterator[Movable]:
         """Context in which `module` is ready to run on `self.device`."""
-        module.to(self.device)
-        yield module
+        if self.mode == "none":
+            module.to(self.device)
+            yield module
+            return
+        streamer = self.streamer(module) if self.mode == "block" else None
+        if streamer is None:
+            module.to(self.device)
+            try:
+                yield module
+            finally:
+                module.to(self.offload_device)
+            return
+        streamer.attach()
+        try:
+            yield module
+        finally:
+            streamer.detach()
+
+    def streamer(self, module: Movable) -> BlockStreamer | None:
+        """The block streamer of `module`, or None when it has no block lists to stream."""
+        if not isinstance(module, nn.Module):
+            return None
+        if module not in self._streamers:
+            budget = None if self.gpu_budget_gb is None else int(self.gpu_budget_gb * 1024**3)
+            streamer = BlockStreamer(module, self.device, budget, self.offload_device)
+            if not streamer.plan.resident and not streamer.plan.streamed:
+                return None
+            self._streamers[module] = streamer
+        return self._streamers[module]

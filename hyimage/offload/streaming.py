@@ -1,0 +1,279 @@
+"""Block-level streaming: run a model whose repeated blocks do not all fit on the GPU.
+
+The model's large `nn.ModuleList`s of identical blocks (the DiT's `double_blocks` and
+`single_blocks`, a language model's decoder `layers`) are split in two: the first blocks,
+as many as the weight budget allows, stay on the GPU while the model runs; the others live
+in pinned host memory and are copied in one at a time. While block i computes, block i+1
+is copied on a side CUDA stream, so the copy hides behind the compute. Everything that is
+not in a block list (embeddings, final layers) is moved to the GPU for the whole run.
+
+On a device without CUDA the copies are no-ops, but the hooks, the plan and the
+prefetch order run exactly as they do on a GPU.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from loguru import logger
+from torch import nn
+
+MIN_LIST_SHARE = 0.02
+"""A block list is streamed only when it holds at least this share of the model's bytes."""
+
+
+def find_block_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The outermost lists of two or more same-type blocks that hold a sizeable share of `module`."""
+    total = max(_nbytes(module), 1)
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+            continue
+        if len({type(block) for block in child}) != 1:
+            continue
+        if any(name.startswith(outer + ".") for outer, _ in found):
+            continue
+        if _nbytes(child) / total >= MIN_LIST_SHARE:
+            found.append((name, child))
+    return found
+
+
+def _nbytes(module: nn.Module) -> int:
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class _Slot:
+    """One tensor of a module: where it is attached and its copy in host memory."""
+
+    owner: nn.Module
+    name: str
+    is_parameter: bool
+    host: torch.Tensor
+
+    def attach(self, tensor: torch.Tensor) -> None:
+        if self.is_parameter:
+            self.owner._parameters[self.name].data = tensor
+        else:
+            self.owner._buffers[self.name] = tensor
+
+
+def _slots(module: nn.Module, skip: set[int] = frozenset()) -> list[_Slot]:
+    """Every parameter and buffer of `module`, leaving out the submodules whose id is in `skip`."""
+    slots = []
+
+    def visit(m: nn.Module) -> None:
+        if id(m) in skip:
+            return
+        for name, p in m._parameters.items():
+            if p is not None:
+                slots.append(_Slot(m, name, True, p.data))
+        for name, b in m._buffers.items():
+            if b is not None:
+                slots.append(_Slot(m, name, False, b))
+        for child in m.children():
+            visit(child)
+
+    visit(module)
+    return slots
+
+
+def _move(slots: list[_Slot], device: torch.device) -> None:
+    """Attach a copy of each slot on `device`; shared tensors stay shared."""
+    moved: dict[int, torch.Tensor] = {}
+    for slot in slots:
+        key = id(slot.host)
+        if key not in moved:
+            moved[key] = slot.host.to(device, non_blocking=True)
+        slot.attach(moved[key])
+
+
+def _restore(slots: list[_Slot], device: torch.device) -> None:
+    """Bring each slot back to `device` and make that its host copy."""
+    moved: dict[int, torch.Tensor] = {}
+    for slot in slots:
+        current = slot.owner._parameters[slot.name] if slot.is_parameter else slot.owner._buffers[slot.name]
+        key = id(slot.host)
+        if key not in moved:
+            moved[key] = current.data.to(device)
+        slot.host = moved[key]
+        slot.attach(slot.host)
+
+
+@dataclass
+class _StreamedBlock:
+    """A block that lives in host memory and visits the GPU while it runs."""
+
+    index: int
+    module: nn.Module
+    slots: list[_Slot]
+    on_device: list[torch.Tensor] | None = None
+    ready: "torch.cuda.Event | None" = None
+
+    def pin(self) -> None:
+        pinned: dict[int, torch.Tensor] = {}
+        for slot in self.slots:
+            if slot.host.is_pinned():
+                continue
+            key = id(slot.host)
+            if key not in pinned:
+                pinned[key] = slot.host.pin_memory()
+            slot.host = pinned[key]
+            slot.attach(slot.host)
+
+    def copy_in(self, device: torch.device, stream: "torch.cuda.Stream | None") -> None:
+        """Start copying this block's tensors to `device` (on `stream` when given)."""
+        if stream is None:
+            self.on_device = [s.host.to(device) for s in self.slots]
+            return
+        with torch.cuda.stream(stream):
+            self.on_device = [s.host.to(device, non_blocking=True) for s in self.slots]
+            self.ready = torch.cuda.Event()
+            self.ready.record(stream)
+
+    def activate(self) -> None:
+        """Point the block at its device copy once the copy has landed."""
+        if self.ready is not None:
+            current = torch.cuda.current_stream()
+            current.wait_event(self.ready)
+            for tensor in self.on_device:
+                tensor.record_stream(current)
+            self.ready = None
+        for slot, tensor in zip(self.slots, self.on_device):
+            slot.attach(tensor)
+
+    def release(self) -> None:
+        """Point the block back at host memory; the device copy is freed."""
+        for slot in self.slots:
+            slot.attach(slot.host)
+        self.on_device = None
+        self.ready = None
+
+
+@dataclass
+class StreamPlan:
+    """Which blocks stay on the GPU and which are streamed, with their sizes in bytes."""
+
+    resident: list[str] = field(default_factory=list)
+    streamed: list[str] = field(default_factory=list)
+    rest_bytes: int = 0
+    resident_bytes: int = 0
+    buffer_bytes: int = 0
+
+    @property
+    def device_bytes(self) -> int:
+        """Weights on the device while the model runs: the rest, resident blocks, two stream buffers."""
+        return self.rest_bytes + self.resident_bytes + self.buffer_bytes
+
+
+class BlockStreamer:
+    """Runs `module` on `device` with its blocks streamed from pinned host memory.
+
+    `budget_bytes` bounds the weights kept on the device (activations come on top);
+    None streams every block, keeping the least on the device.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        budget_bytes: int | None = None,
+        offload_device: torch.device = torch.device("cpu"),
+    ) -> None:
+        self.module = module
+        self.device = device
+        self.offload_device = offload_device
+        self.counts: Counter[str] = Counter()
+        self._hooks: list = []
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._first_run: int | None = None
+
+        lists = find_block_lists(module)
+        named_blocks = [(f"{name}.{i}", block) for name, blocks in lists for i, block in enumerate(blocks)]
+        block_ids = {id(block) for _, block in named_blocks}
+        self._rest = _slots(module, skip=block_ids)
+        self.plan = StreamPlan(rest_bytes=sum(s.host.numel() * s.host.element_size() for s in self._rest))
+
+        sizes = [_nbytes(block) for _, block in named_blocks]
+        resident_count = self._resident_count(sizes, budget_bytes)
+        self._resident: list[_Slot] = []
+        self._streamed: list[_StreamedBlock] = []
+        for i, ((name, block), size) in enumerate(zip(named_blocks, sizes)):
+            if i < resident_count:
+                self._resident.extend(_slots(block))
+                self.plan.resident.append(name)
+                self.plan.resident_bytes += size
+            else:
+                self._streamed.append(_StreamedBlock(len(self._streamed), block, _slots(block)))
+                self.plan.streamed.append(name)
+        self.plan.buffer_bytes = 2 * max(sizes[resident_count:], default=0)
+
+    def _resident_count(self, sizes: list[int], budget_bytes: int | None) -> int:
+        """How many leading blocks stay on the device: all if everything fits, else what fits next to two buffers."""
+        if budget_bytes is None:
+            return 0
+        if self.plan.rest_bytes + sum(sizes) <= budget_bytes:
+            return len(sizes)
+        free = budget_bytes - self.plan.rest_bytes - 2 * max(sizes, default=0)
+        count = 0
+        while count < len(sizes) and sizes[count] <= free:
+            free -= sizes[count]
+            count += 1
+        return count
+
+    def attach(self) -> None:
+        """Move the rest and the resident blocks to the device and install the streaming hooks."""
+        _move(self._rest + self._resident, self.device)
+        for block in self._streamed:
+            if self._stream is not None:
+                block.pin()
+            self._hooks.append(block.module.register_forward_pre_hook(self._before(block)))
+            self._hooks.append(block.module.register_forward_hook(self._after(block)))
+        if self._streamed:
+            self._prefetch(self._streamed[0])
+        logger.debug(
+            "streaming {}: {} blocks resident, {} streamed, {:.2f} GB of weights on {}",
+            type(self.module).__name__,
+            len(self.plan.resident),
+            len(self.plan.streamed),
+            self.plan.device_bytes / 1e9,
+            self.device,
+        )
+
+    def detach(self) -> None:
+        """Remove the hooks and bring every tensor back to host memory."""
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        for block in self._streamed:
+            block.release()
+        _restore(self._rest + self._resident, self.offload_device)
+        if self._stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+
+    def _prefetch(self, block: _StreamedBlock) -> None:
+        if block.on_device is None:
+            block.copy_in(self.device, self._stream)
+            self.counts["prefetch"] += 1
+
+    def _before(self, block: _StreamedBlock):
+        def hook(module: nn.Module, args: tuple) -> None:
+            if self._first_run is None:
+                self._first_run = block.index
+            if block.on_device is None:
+                block.copy_in(self.device, self._stream)
+                self.counts["late_copy"] += 1
+            block.activate()
+            self.counts["load"] += 1
+            following = block.index + 1
+            self._prefetch(self._streamed[following] if following < len(self._streamed) else self._streamed[self._first_run])
+
+        return hook
+
+    def _after(self, block: _StreamedBlock):
+        def hook(module: nn.Module, args: tuple, output: object) -> None:
+            block.release()
+            self.counts["release"] += 1
+
+        return hook
