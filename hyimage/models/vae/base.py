@@ -1,0 +1,170 @@
+"""What both VAEs share: batch slicing, blended tiled decoding, the CUDA decode precision and loading."""
+
+import contextlib
+import os
+from typing import Any, Callable
+
+import torch
+from loguru import logger
+from torch import nn
+
+
+def swish(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+def tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    """Start offsets of tiles of size `tile` covering [0, length); the last tile ends exactly at `length`."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _blend_ramp(size: int, before: int, after: int) -> torch.Tensor:
+    """Per-pixel weights of one tile along one axis: linear ramps over the parts shared with its neighbours."""
+    weight = torch.ones(size)
+    if before > 0:
+        weight[:before] = (torch.arange(before) + 0.5) / before
+    if after > 0:
+        weight[size - after :] = torch.minimum(weight[size - after :], (torch.arange(after, 0, -1) - 0.5) / after)
+    return weight
+
+
+def _overlaps(starts: list[int], tile: int, length: int, factor: int) -> list[tuple[int, int]]:
+    """For each tile, how many output pixels it shares with the previous and with the next tile."""
+    result = []
+    for index, start in enumerate(starts):
+        end = min(start + tile, length)
+        before = (min(starts[index - 1] + tile, length) - start) * factor if index > 0 else 0
+        after = (end - starts[index + 1]) * factor if index + 1 < len(starts) else 0
+        result.append((max(before, 0), max(after, 0)))
+    return result
+
+
+def tiled_decode(
+    decode: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, tile: int, overlap: int, factor: int
+) -> torch.Tensor:
+    """Decode `z` (spatial axes last) in overlapping tiles of `tile` latent pixels, blending the overlaps linearly.
+
+    Each output pixel is the weighted mean of the tiles that cover it; weights ramp from 0 to 1 across each
+    overlap, so neighbouring tiles fade into each other instead of meeting at a hard seam.
+    """
+    if not 0 <= overlap < tile:
+        raise ValueError(f"tile overlap must be in [0, tile size {tile}), got {overlap}")
+    height, width = z.shape[-2:]
+    rows, cols = tile_starts(height, tile, tile - overlap), tile_starts(width, tile, tile - overlap)
+    row_overlaps = _overlaps(rows, tile, height, factor)
+    col_overlaps = _overlaps(cols, tile, width, factor)
+    out = weight_sum = None
+    out_dtype = z.dtype
+    for row, (top, bottom) in zip(rows, row_overlaps):
+        for col, (left, right) in zip(cols, col_overlaps):
+            decoded = decode(z[..., row : row + tile, col : col + tile])
+            if out is None:
+                out_dtype = decoded.dtype
+                out = decoded.new_zeros(*decoded.shape[:-2], height * factor, width * factor, dtype=torch.float32)
+                weight_sum = torch.zeros(height * factor, width * factor, device=decoded.device)
+            tile_h, tile_w = decoded.shape[-2:]
+            weight = torch.outer(_blend_ramp(tile_h, top, bottom), _blend_ramp(tile_w, left, right))
+            weight = weight.to(decoded.device)
+            rows_px = slice(row * factor, row * factor + tile_h)
+            cols_px = slice(col * factor, col * factor + tile_w)
+            out[..., rows_px, cols_px] += decoded.float() * weight
+            weight_sum[rows_px, cols_px] += weight
+            del decoded
+    return (out / weight_sum).to(out_dtype)
+
+
+class VAEBase(nn.Module):
+    """Slicing, tiling and loading shared by `HunyuanVAE2D` and `AutoencoderKLConv3D`.
+
+    Subclasses set `self.config`, `self.encoder` and `self.decoder`; the decoder maps latents whose spatial
+    axes come last to images `config.ffactor_spatial` times larger.
+    """
+
+    config: Any
+    encoder: nn.Module
+    decoder: nn.Module
+
+    def _init_memory_options(self) -> None:
+        self.use_slicing = False
+        self.use_tiling = False
+        self.tile_latent_size = max(1, self.config.sample_size // self.config.ffactor_spatial)
+        self.tile_latent_overlap = self.tile_latent_size // 4
+        # The official pipeline decodes under torch.autocast("cuda", dtype=torch.float16); None decodes in the
+        # weights' own dtype instead.
+        self.cuda_decode_dtype: torch.dtype | None = torch.float16
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def enable_slicing(self) -> None:
+        """Encode and decode one batch element at a time (same numbers, lower peak memory)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self, tile_latent_size: int | None = None, tile_latent_overlap: int | None = None) -> None:
+        """Decode in overlapping latent tiles blended linearly (off by default).
+
+        Tiles do not see each other (the mid-block attention is global), so tiled decoding changes the image
+        slightly; see benchmarks/bench_vae_decode.py for the measured difference from a whole decode.
+        """
+        self.tile_latent_size = tile_latent_size or self.tile_latent_size
+        self.tile_latent_overlap = (
+            tile_latent_overlap if tile_latent_overlap is not None else self.tile_latent_size // 4
+        )
+        if not 0 <= self.tile_latent_overlap < self.tile_latent_size:
+            raise ValueError(
+                f"tile_latent_overlap={self.tile_latent_overlap} must be in [0, tile_latent_size="
+                f"{self.tile_latent_size})"
+            )
+        logger.info(
+            "VAE tiled decoding on: {}x{} latent tiles, {} latent pixels of overlap; the result differs slightly "
+            "from a whole decode",
+            self.tile_latent_size,
+            self.tile_latent_size,
+            self.tile_latent_overlap,
+        )
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.dtype)
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([self.encoder(part) for part in x.split(1)])
+        return self.encoder(x)
+
+    def _decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        autocast = z.device.type == "cuda" and self.cuda_decode_dtype is not None
+        context = torch.autocast("cuda", dtype=self.cuda_decode_dtype) if autocast else contextlib.nullcontext()
+        if not autocast:
+            z = z.to(self.dtype)
+        with context:
+            if self.use_slicing and z.shape[0] > 1:
+                return torch.cat([self._decode_one(part) for part in z.split(1)])
+            return self._decode_one(z)
+
+    def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
+        size = self.tile_latent_size
+        if self.use_tiling and (z.shape[-1] > size or z.shape[-2] > size):
+            return tiled_decode(self.decoder, z, size, self.tile_latent_overlap, self.config.ffactor_spatial)
+        return self.decoder(z)
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    ) -> "VAEBase":
+        """Load a released `vae/vae_2_1` or `vae/vae_refiner` folder (or its diffusers conversion)."""
+        from hyimage.loading.vae_loader import load_vae
+
+        return load_vae(cls, directory, dtype=dtype, device=device)
