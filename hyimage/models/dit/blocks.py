@@ -1,0 +1,228 @@
+"""Transformer blocks: the text token refiner, the double-stream and the single-stream blocks."""
+
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from hyimage.models.attention import AttentionMask, attention
+from hyimage.models.dit.layers import (
+    MLP,
+    ModulateDiT,
+    TextProjection,
+    TimestepEmbedder,
+    activation,
+    apply_rope,
+    gate,
+    modulate,
+    qk_norm_layer,
+)
+
+Rope = tuple[torch.Tensor, torch.Tensor]
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, L, H*D) -> (B, L, H, D)."""
+    return x.unflatten(-1, (heads, -1))
+
+
+class IndividualTokenRefinerBlock(nn.Module):
+    """Self-attention + SiLU MLP over the text tokens, gated by the pooled text/timestep vector."""
+
+    def __init__(self, dim: int, heads_num: int, mlp_width_ratio: float = 4.0, **factory: Any) -> None:
+        super().__init__()
+        self.heads_num = heads_num
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=True, eps=1e-6, **factory)
+        self.self_attn_qkv = nn.Linear(dim, 3 * dim, bias=True, **factory)
+        self.self_attn_q_norm = nn.Identity()
+        self.self_attn_k_norm = nn.Identity()
+        self.self_attn_proj = nn.Linear(dim, dim, bias=True, **factory)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=True, eps=1e-6, **factory)
+        self.mlp = MLP(dim, int(dim * mlp_width_ratio), act="silu", **factory)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim, bias=True, **factory))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
+        gate_msa, gate_mlp = self.adaLN_modulation(c).chunk(2, dim=1)
+        qkv = self.self_attn_qkv(self.norm1(x)).unflatten(-1, (3, self.heads_num, -1))
+        q, k, v = qkv.unbind(dim=2)
+        q = self.self_attn_q_norm(q).to(v)
+        k = self.self_attn_k_norm(k).to(v)
+        attn = attention(q, k, v, mask).flatten(2)
+        x = x + gate(self.self_attn_proj(attn), gate_msa)
+        return x + gate(self.mlp(self.norm2(x)), gate_mlp)
+
+
+class IndividualTokenRefiner(nn.Module):
+    """A stack of refiner blocks sharing one key mask."""
+
+    def __init__(self, dim: int, heads_num: int, depth: int, **factory: Any) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(dim, heads_num, **factory) for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if text_mask is not None:
+            # The first token always counts as valid, as in the official code: no empty softmax rows.
+            text_mask = text_mask.bool().clone()
+            text_mask[:, 0] = True
+        mask = AttentionMask.from_key_mask(text_mask)
+        for block in self.blocks:
+            x = block(x, c, mask)
+        return x
+
+
+class SingleTokenRefiner(nn.Module):
+    """`txt_in`: projects the MLLM states and refines them, conditioned on timestep + masked mean of the text."""
+
+    def __init__(self, in_dim: int, dim: int, heads_num: int, depth: int = 2, **factory: Any) -> None:
+        super().__init__()
+        self.input_embedder = nn.Linear(in_dim, dim, bias=True, **factory)
+        self.t_embedder = TimestepEmbedder(dim, **factory)
+        self.c_embedder = TextProjection(in_dim, dim, **factory)
+        self.individual_token_refiner = IndividualTokenRefiner(dim, heads_num, depth, **factory)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        if text_mask is None:
+            pooled = x.mean(dim=1)
+        else:
+            weights = text_mask.to(x.dtype).unsqueeze(-1)
+            pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)
+        c = self.t_embedder(t) + self.c_embedder(pooled)
+        return self.individual_token_refiner(self.input_embedder(x), c, text_mask)
+
+
+class MMDoubleStreamBlock(nn.Module):
+    """Image and text keep separate weights and modulation, and attend jointly (image tokens first)."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads_num: int,
+        mlp_width_ratio: float,
+        mlp_act_type: str = "gelu_tanh",
+        qk_norm: bool = True,
+        qk_norm_type: str = "rms",
+        qkv_bias: bool = False,
+        **factory: Any,
+    ) -> None:
+        super().__init__()
+        self.heads_num = heads_num
+        head_dim = dim // heads_num
+        mlp_dim = int(dim * mlp_width_ratio)
+        self.img_mod = ModulateDiT(dim, factor=6, **factory)
+        self.img_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
+        self.img_attn_q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.img_attn_k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.img_attn_v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.img_attn_q_norm = qk_norm_layer(qk_norm, qk_norm_type, head_dim, **factory)
+        self.img_attn_k_norm = qk_norm_layer(qk_norm, qk_norm_type, head_dim, **factory)
+        self.img_attn_proj = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.img_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
+        self.img_mlp = MLP(dim, mlp_dim, act=mlp_act_type, **factory)
+
+        self.txt_mod = ModulateDiT(dim, factor=6, **factory)
+        self.txt_norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
+        self.txt_attn_q = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.txt_attn_k = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.txt_attn_v = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.txt_attn_q_norm = qk_norm_layer(qk_norm, qk_norm_type, head_dim, **factory)
+        self.txt_attn_k_norm = qk_norm_layer(qk_norm, qk_norm_type, head_dim, **factory)
+        self.txt_attn_proj = nn.Linear(dim, dim, bias=qkv_bias, **factory)
+        self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
+        self.txt_mlp = MLP(dim, mlp_dim, act=mlp_act_type, **factory)
+
+    @staticmethod
+    def _qkv(
+        x: torch.Tensor, heads: int, linears: tuple[nn.Module, ...], norms: tuple[nn.Module, nn.Module]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v = (split_heads(linear(x), heads) for linear in linears)
+        return norms[0](q).to(v), norms[1](k).to(v), v
+
+    def forward(
+        self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope, mask: AttentionMask
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
+        txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec).chunk(6, dim=-1)
+
+        img_q, img_k, img_v = self._qkv(
+            modulate(self.img_norm1(img), img_shift1, img_scale1),
+            self.heads_num,
+            (self.img_attn_q, self.img_attn_k, self.img_attn_v),
+            (self.img_attn_q_norm, self.img_attn_k_norm),
+        )
+        img_q, img_k = apply_rope(img_q, *rope), apply_rope(img_k, *rope)
+        txt_q, txt_k, txt_v = self._qkv(
+            modulate(self.txt_norm1(txt), txt_shift1, txt_scale1),
+            self.heads_num,
+            (self.txt_attn_q, self.txt_attn_k, self.txt_attn_v),
+            (self.txt_attn_q_norm, self.txt_attn_k_norm),
+        )
+
+        attn = attention(
+            torch.cat([img_q, txt_q], dim=1),
+            torch.cat([img_k, txt_k], dim=1),
+            torch.cat([img_v, txt_v], dim=1),
+            mask,
+        ).flatten(2)
+        img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1] :]
+
+        img = img + gate(self.img_attn_proj(img_attn), img_gate1)
+        img = img + gate(self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)), img_gate2)
+        txt = txt + gate(self.txt_attn_proj(txt_attn), txt_gate1)
+        txt = txt + gate(self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)), txt_gate2)
+        return img, txt
+
+
+class ConcatLinear(nn.Module):
+    """`linear2` of the single-stream block: one linear layer (`fc`) over [attention output, MLP activation]."""
+
+    def __init__(self, in_dim: int, out_dim: int, **factory: Any) -> None:
+        super().__init__()
+        self.fc = nn.Linear(in_dim, out_dim, bias=True, **factory)
+
+    def forward(self, attn: torch.Tensor, mlp: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.cat([attn, mlp], dim=2))
+
+
+class MMSingleStreamBlock(nn.Module):
+    """One stream over [image tokens, text tokens]: parallel attention and MLP, one output projection."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads_num: int,
+        mlp_width_ratio: float = 4.0,
+        mlp_act_type: str = "gelu_tanh",
+        qk_norm: bool = True,
+        qk_norm_type: str = "rms",
+        **factory: Any,
+    ) -> None:
+        super().__init__()
+        self.heads_num = heads_num
+        head_dim = dim // heads_num
+        mlp_dim = int(dim * mlp_width_ratio)
+        self.linear1_q = nn.Linear(dim, dim, **factory)
+        self.linear1_k = nn.Linear(dim, dim, **factory)
+        self.linear1_v = nn.Linear(dim, dim, **factory)
+        self.linear1_mlp = nn.Linear(dim, mlp_dim, **factory)
+        self.linear2 = ConcatLinear(dim + mlp_dim, dim, **factory)
+        self.q_norm = qk_norm_layer(qk_norm, qk_norm_type, head_dim, **factory)
+        self.k_norm = qk_norm_layer(qk_norm, qk_norm_type, head_dim, **factory)
+        self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
+        self.mlp_act = activation(mlp_act_type)
+        self.modulation = ModulateDiT(dim, factor=3, **factory)
+
+    def forward(
+        self, x: torch.Tensor, vec: torch.Tensor, img_len: int, rope: Rope, mask: AttentionMask
+    ) -> torch.Tensor:
+        shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
+        x_mod = modulate(self.pre_norm(x), shift, scale)
+        q = split_heads(self.linear1_q(x_mod), self.heads_num)
+        k = split_heads(self.linear1_k(x_mod), self.heads_num)
+        v = split_heads(self.linear1_v(x_mod), self.heads_num)
+        mlp = self.linear1_mlp(x_mod)
+        q = self.q_norm(q).to(v)
+        k = self.k_norm(k).to(v)
+        q = torch.cat([apply_rope(q[:, :img_len], *rope), q[:, img_len:]], dim=1)
+        k = torch.cat([apply_rope(k[:, :img_len], *rope), k[:, img_len:]], dim=1)
+        attn = attention(q, k, v, mask).flatten(2)
+        return x + gate(self.linear2(attn, self.mlp_act(mlp)), gate_values)

@@ -1,0 +1,221 @@
+"""HYImageDiffusionTransformer: the HunyuanImage-2.1 diffusion transformer (base, distilled, refiner)."""
+
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from hyimage.models.attention import AttentionMask
+from hyimage.models.dit.blocks import MMDoubleStreamBlock, MMSingleStreamBlock, SingleTokenRefiner
+from hyimage.models.dit.configs import DiTConfig, resolve_dit_config
+from hyimage.models.dit.layers import (
+    ByT5Mapper,
+    FinalLayer,
+    PatchEmbed,
+    TextProjection,
+    TimestepEmbedder,
+    rope_frequencies,
+)
+
+BYT5_DIM = 1472
+# The official forward's default guidance, torch.tensor([6016.0], dtype=torch.bfloat16): exact in bf16.
+DEFAULT_GUIDANCE = 6016.0
+
+
+class HYImageDiffusionTransformer(nn.Module):
+    """Takes the official constructor arguments (see `DiTConfig`); its state dict has the official keys."""
+
+    def __init__(
+        self,
+        patch_size: Sequence[int] = (1, 2, 2),
+        in_channels: int = 4,
+        out_channels: Optional[int] = None,
+        hidden_size: int = 3072,
+        heads_num: int = 24,
+        mlp_width_ratio: float = 4.0,
+        mlp_act_type: str = "gelu_tanh",
+        mm_double_blocks_depth: int = 20,
+        mm_single_blocks_depth: int = 40,
+        rope_dim_list: Sequence[int] = (16, 56, 56),
+        qkv_bias: bool = True,
+        qk_norm: bool = True,
+        qk_norm_type: str = "rms",
+        guidance_embed: bool = False,
+        text_projection: str = "single_refiner",
+        use_attention_mask: bool = True,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[str, torch.device]] = None,
+        text_states_dim: int = 4096,
+        rope_theta: int = 256,
+        glyph_byT5_v2: bool = False,
+        use_meanflow: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config = DiTConfig(
+            patch_size=patch_size,
+            in_channels=in_channels,
+            out_channels=out_channels,
+            hidden_size=hidden_size,
+            heads_num=heads_num,
+            mlp_width_ratio=mlp_width_ratio,
+            mlp_act_type=mlp_act_type,
+            mm_double_blocks_depth=mm_double_blocks_depth,
+            mm_single_blocks_depth=mm_single_blocks_depth,
+            rope_dim_list=rope_dim_list,
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            qk_norm_type=qk_norm_type,
+            guidance_embed=guidance_embed,
+            text_projection=text_projection,
+            use_attention_mask=use_attention_mask,
+            text_states_dim=text_states_dim,
+            rope_theta=rope_theta,
+            glyph_byT5_v2=glyph_byT5_v2,
+            use_meanflow=use_meanflow,
+        )
+        factory = {"device": device, "dtype": dtype}
+        dim = config.hidden_size
+
+        if config.glyph_byT5_v2:
+            self.byt5_in = ByT5Mapper(BYT5_DIM, hidden_dim=2048, out_dim=2048, out_dim1=dim, **factory)
+        self.img_in = PatchEmbed(config.patch_size, config.in_channels, dim, **factory)
+        if config.text_projection == "single_refiner":
+            self.txt_in = SingleTokenRefiner(config.text_states_dim, dim, config.heads_num, depth=2, **factory)
+        else:
+            self.txt_in = TextProjection(config.text_states_dim, dim, **factory)
+        self.time_in = TimestepEmbedder(dim, **factory)
+        self.time_r_in = TimestepEmbedder(dim, **factory) if config.use_meanflow else None
+        self.guidance_in = TimestepEmbedder(dim, **factory) if config.guidance_embed else None
+
+        block_args = dict(
+            mlp_width_ratio=config.mlp_width_ratio,
+            mlp_act_type=config.mlp_act_type,
+            qk_norm=config.qk_norm,
+            qk_norm_type=config.qk_norm_type,
+            **factory,
+        )
+        self.double_blocks = nn.ModuleList(
+            [
+                MMDoubleStreamBlock(dim, config.heads_num, qkv_bias=config.qkv_bias, **block_args)
+                for _ in range(config.mm_double_blocks_depth)
+            ]
+        )
+        self.single_blocks = nn.ModuleList(
+            [MMSingleStreamBlock(dim, config.heads_num, **block_args) for _ in range(config.mm_single_blocks_depth)]
+        )
+        self.final_layer = FinalLayer(dim, config.patch_size, config.out_channels, **factory)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: Union[str, dict, DiTConfig],
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[Union[str, torch.device]] = None,
+    ) -> "HYImageDiffusionTransformer":
+        """Build from a variant name, a dict of constructor arguments or a DiTConfig (weights uninitialised on meta)."""
+        return cls(**resolve_dit_config(config).to_dict(), dtype=dtype, device=device)
+
+    @classmethod
+    def from_single_file(
+        cls,
+        path: Union[str, Path],
+        config: Union[str, dict, DiTConfig],
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Union[str, torch.device] = "cpu",
+        fp8_scale: Optional[Union[str, Path]] = None,
+        **kwargs: Any,
+    ) -> "HYImageDiffusionTransformer":
+        """Load a released `dit/*.safetensors` (official or diffusers layout, bf16 or FP8 + scale file)."""
+        from hyimage.loading.dit_loader import load_dit
+
+        return load_dit(path, config, dtype=dtype, device=device, fp8_scale=fp8_scale, **kwargs)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        timestep: torch.Tensor,
+        text_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor,
+        *,
+        byt5_text_states: Optional[torch.Tensor] = None,
+        byt5_text_mask: Optional[torch.Tensor] = None,
+        guidance: Optional[torch.Tensor] = None,
+        timesteps_r: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Predict the flow for latents (B, C, H, W) or (B, C, T, H, W); returns the same layout with out_channels.
+
+        timestep, guidance (already x1000) and timesteps_r are (B,) floats; text_states (B, L, text_states_dim)
+        with encoder_attention_mask (B, L); byt5_text_states (B, Lg, 1472) with byt5_text_mask (B, Lg) are
+        required when the model has `byt5_in`.
+        """
+        config = self.config
+        if hidden_states.ndim != len(config.patch_size) + 2:
+            raise ValueError(
+                f"hidden_states must have {len(config.patch_size) + 2} dims for patch_size {config.patch_size}, "
+                f"got shape {tuple(hidden_states.shape)}"
+            )
+        grid = [size // patch for size, patch in zip(hidden_states.shape[2:], config.patch_size)]
+        text_mask = encoder_attention_mask.bool()
+
+        img = self.img_in(hidden_states)
+        vec = self.time_in(timestep)
+        if timesteps_r is not None:
+            if self.time_r_in is None:
+                raise ValueError("timesteps_r was given but this model has no time_r_in (use_meanflow=False)")
+            vec = (vec + self.time_r_in(timesteps_r)) / 2
+        if self.guidance_in is not None:
+            if guidance is None:
+                guidance = torch.full((img.shape[0],), DEFAULT_GUIDANCE, device=img.device)
+            vec = vec + self.guidance_in(guidance)
+
+        if config.text_projection == "single_refiner":
+            txt = self.txt_in(text_states, timestep, text_mask if config.use_attention_mask else None)
+        else:
+            txt = self.txt_in(text_states)
+
+        if config.glyph_byT5_v2:
+            if byt5_text_states is None or byt5_text_mask is None:
+                raise ValueError(
+                    "this model renders glyphs (glyph_byT5_v2=True): pass byt5_text_states and byt5_text_mask"
+                )
+            txt, text_mask = valid_tokens_first(
+                torch.cat([self.byt5_in(byt5_text_states), txt], dim=1),
+                torch.cat([byt5_text_mask.bool(), text_mask], dim=1),
+            )
+
+        img_len = img.shape[1]
+        rope = rope_frequencies(config.rope_dim_list, grid, config.rope_theta, device=img.device)
+        mask = AttentionMask.from_key_mask(
+            torch.cat([text_mask.new_ones(text_mask.shape[0], img_len), text_mask], dim=1)
+        )
+
+        for block in self.double_blocks:
+            img, txt = block(img, txt, vec, rope, mask)
+        x = torch.cat([img, txt], dim=1)
+        for block in self.single_blocks:
+            x = block(x, vec, img_len, rope, mask)
+
+        return self.unpatchify(self.final_layer(x[:, :img_len], vec), grid)
+
+    def unpatchify(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
+        """(B, tokens, C * prod(patch)) -> (B, C, *grid * patch)."""
+        patch = self.config.patch_size
+        n = len(grid)
+        x = x.reshape(x.shape[0], *grid, self.config.out_channels, *patch)
+        # (B, g0.., C, p0..) -> (B, C, g0, p0, g1, p1, ...)
+        order = [0, n + 1] + [i for axis in range(n) for i in (1 + axis, n + 2 + axis)]
+        x = x.permute(*order)
+        return x.reshape(x.shape[0], self.config.out_channels, *(g * p for g, p in zip(grid, patch)))
+
+
+def valid_tokens_first(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, move valid tokens ahead of padding, keeping the order within each group.
+
+    With tokens = [glyph, text] this gives the official order: valid glyph, valid text, padded glyph, padded text.
+    """
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+    tokens = torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+    return tokens, torch.gather(mask, 1, order)
