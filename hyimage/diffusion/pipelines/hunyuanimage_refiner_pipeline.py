@@ -1,0 +1,258 @@
+"""HunyuanImage refiner: an image -> refiner-VAE latents as condition -> 4 steps of the refiner DiT -> decode.
+
+The refiner VAE is causal 3-D: a still image is one frame, repeated to a frame pair whose two latents are
+stacked on the channel axis (the official reorganisation). The DiT sees [noisy latents; condition
+latents] on the channel axis, the condition augmented with 25% of its own noise, and the guidance scale
+through its guidance embedding (no classifier-free guidance).
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput
+from hyimage.diffusion.pipelines.parts import Parts, as_list, autocast_dtype, format_images, module_dtype, running
+from hyimage.diffusion.sampling import (
+    euler_step,
+    guidance_embedding_input,
+    initial_noise,
+    make_generators,
+    shifted_sigmas,
+    timesteps_from_sigmas,
+)
+from hyimage.offload import MemoryManager
+
+CONDITION_AUG_STRENGTH = 0.25
+
+
+def frames_to_channel_pairs(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, F, h, w) -> (B, 2C, (F+1)/2, h, w): repeat the first frame, then stack each frame pair on channels."""
+    latents = torch.cat([latents[:, :, :1], latents], dim=2)
+    b, c, f, h, w = latents.shape
+    return latents.reshape(b, c, f // 2, 2, h, w).permute(0, 3, 1, 2, 4, 5).reshape(b, 2 * c, f // 2, h, w)
+
+
+def channel_pairs_to_frames(latents: torch.Tensor) -> torch.Tensor:
+    """Inverse of `frames_to_channel_pairs`: unstack the channel pairs into frames and drop the repeated first one."""
+    b, c2, f, h, w = latents.shape
+    frames = latents.reshape(b, 2, c2 // 2, f, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c2 // 2, 2 * f, h, w)
+    return frames[:, :, 1:]
+
+
+def images_to_tensor(image: Any) -> torch.Tensor:
+    """A PIL image, a list of them, a uint8 array (B?, H, W, 3) or a float tensor (B?, 3, H, W) in [0, 1] as (B, 3, H, W) in [0, 1]."""
+    if isinstance(image, Image.Image):
+        image = [image]
+    if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
+        arrays = [np.asarray(i.convert("RGB")) for i in image]
+        if len({a.shape for a in arrays}) != 1:
+            raise ValueError("all images given to the refiner must have the same size")
+        return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
+    if isinstance(image, np.ndarray):
+        array = image[None] if image.ndim == 3 else image
+        tensor = torch.from_numpy(array).permute(0, 3, 1, 2)
+        return tensor.float() / 255 if array.dtype == np.uint8 else tensor.float()
+    if isinstance(image, torch.Tensor):
+        tensor = image[None] if image.ndim == 3 else image
+        if tensor.ndim != 4 or tensor.shape[1] != 3:
+            raise ValueError(f"an image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+        return tensor.float()
+    raise TypeError(f"`image` must be a PIL image, a list of them, a uint8 array or a tensor, got {type(image).__name__}")
+
+
+class HunyuanImageRefinerPipeline:
+    """Refines images with the HunyuanImage refiner DiT and the causal 3-D refiner VAE.
+
+    Parts may be objects or zero-argument factories. Defaults are the official ones when the base
+    pipeline hands over: 4 steps, shift 4, the base call's guidance scale (3.5 when called alone).
+    """
+
+    default_num_inference_steps = 4
+    default_shift = 4
+    default_guidance_scale = 3.5
+
+    def __init__(self, dit: Any, vae: Any, text_encoder: Any = None, memory: MemoryManager | None = None, progress_bar: bool = True) -> None:
+        if dit is None or vae is None:
+            raise ValueError("HunyuanImageRefinerPipeline needs `dit` and `vae` (objects or zero-argument factories)")
+        self.parts = Parts(dit=dit, vae=vae, text_encoder=text_encoder)
+        self.memory = memory if memory is not None else MemoryManager()
+        self.progress_bar = progress_bar
+
+    @classmethod
+    def from_pretrained(cls, **kwargs: Any) -> "HunyuanImageRefinerPipeline":
+        """Build the refiner from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts)."""
+        from hyimage.loading.pipeline_loader import load_refiner_pipeline
+
+        return load_refiner_pipeline(cls, **kwargs)
+
+    @property
+    def dit(self) -> torch.nn.Module:
+        return self.parts.get("dit")
+
+    @property
+    def vae(self) -> torch.nn.Module:
+        return self.parts.get("vae")
+
+    @property
+    def text_encoder(self) -> Any:
+        return self.parts.get("text_encoder")
+
+    @property
+    def device(self) -> torch.device:
+        return self.memory.device
+
+    def to(self, device: str | torch.device) -> "HunyuanImageRefinerPipeline":
+        """Run on `device` from now on."""
+        self.memory.to(device)
+        return self
+
+    def check_parts(self) -> None:
+        """The refiner DiT reads [noisy; condition] latents, each two VAE latents stacked on channels."""
+        dit_cfg, vae_cfg = self.dit.config, self.vae.config
+        pair = 2 * vae_cfg.latent_channels
+        if dit_cfg.out_channels != pair or dit_cfg.in_channels != 2 * pair:
+            raise ValueError(
+                f"the refiner DiT takes {dit_cfg.in_channels} and returns {dit_cfg.out_channels} channels, but a VAE with "
+                f"{vae_cfg.latent_channels} latent channels needs {2 * pair} and {pair}; use vae/vae_refiner with the refiner DiT"
+            )
+        if not dit_cfg.guidance_embed:
+            raise ValueError("the refiner DiT must be guidance-distilled (guidance_embed=True); load the hunyuanimage-refiner DiT")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        image: Any,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        shift: float | None = None,
+        seed: int | list[int] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        prompt_embeds_mask: torch.Tensor | None = None,
+        output_type: str = "pil",
+        callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None,
+    ) -> Image.Image | HunyuanImageOutput | torch.Tensor:
+        """Refine `image` (one or a batch) guided by `prompt`; width/height default to the image's size.
+
+        `negative_prompt` is accepted for symmetry with the base pipeline and unused (the refiner has no CFG).
+        Returns a PIL image for one image and output_type "pil", the final latents for "latent", else a
+        `HunyuanImageOutput`. Each image's noise, VAE sample and condition noise come from its seed.
+        """
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
+        dit, vae = self.dit, self.vae
+        self.check_parts()
+        pixels = images_to_tensor(image)
+        batch = pixels.shape[0]
+        factor = vae.config.ffactor_spatial
+        width = pixels.shape[-1] if width is None else width
+        height = pixels.shape[-2] if height is None else height
+        for name, value in (("width", width), ("height", height)):
+            if value < factor or value % factor:
+                raise ValueError(f"`{name}`={value} must be a positive multiple of {factor} (the refiner VAE's factor)")
+        if (height, width) != tuple(pixels.shape[-2:]):
+            pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass `prompt` (one per image or one for all) or `prompt_embeds` with `prompt_embeds_mask`")
+            prompts = as_list(prompt, batch, "prompt")
+            if not self.parts.given("text_encoder"):
+                raise ValueError("no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`")
+            encoder = self.text_encoder
+            with running(self.memory, encoder):
+                prompt_embeds, prompt_embeds_mask = encoder.encode(prompts)
+        else:
+            if prompt_embeds_mask is None:
+                raise ValueError("`prompt_embeds` was given without `prompt_embeds_mask`; pass the mask the encoder returned")
+            if prompt_embeds.shape[0] != batch:
+                raise ValueError(f"`prompt_embeds` has batch {prompt_embeds.shape[0]} but {batch} images were given")
+            prompts = as_list(prompt, batch, "prompt")
+        as_list(negative_prompt, batch, "negative_prompt")
+
+        steps = num_inference_steps if num_inference_steps is not None else self.default_num_inference_steps
+        guidance_scale = guidance_scale if guidance_scale is not None else self.default_guidance_scale
+        shift = shift if shift is not None else self.default_shift
+        noise_generators, seeds = make_generators(batch, seed, generator)
+        condition_generators = (
+            [torch.Generator().manual_seed(s) for s in seeds] if all(s is not None for s in seeds) else noise_generators
+        )
+
+        compute_dtype = autocast_dtype(dit)
+        shape = (batch, dit.config.out_channels, 1, height // factor, width // factor)
+        latents = initial_noise(shape, noise_generators, compute_dtype or torch.float32, self.device)
+        condition = self._condition(vae, pixels, condition_generators)
+        latents = self._denoise(dit, latents, condition, prompt_embeds, prompt_embeds_mask, steps, shift,
+                                guidance_scale, compute_dtype, callback)
+        if output_type == "latent":
+            return latents
+        images = format_images(self._decode(vae, latents), output_type)
+        if output_type == "pil" and batch == 1:
+            return images[0]
+        return HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
+
+    def _condition(self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+        """Condition latents: VAE sample, frame pairs on channels, shift and scale, then condition augmentation."""
+        cfg = vae.config
+        with running(self.memory, vae):
+            dist = vae.encode((pixels * 2 - 1).unsqueeze(2).to(self.device, module_dtype(vae))).latent_dist
+        noise = initial_noise(tuple(dist.mean.shape), generators, dist.mean.dtype, dist.mean.device)
+        latents = frames_to_channel_pairs(dist.mean + dist.std * noise)
+        if getattr(cfg, "shift_factor", None):
+            latents = (latents - cfg.shift_factor) * cfg.scaling_factor
+        else:
+            latents = latents * cfg.scaling_factor
+        aug_noise = initial_noise(tuple(latents.shape), generators, latents.dtype, latents.device)
+        return CONDITION_AUG_STRENGTH * aug_noise + (1 - CONDITION_AUG_STRENGTH) * latents
+
+    def _denoise(
+        self,
+        dit: torch.nn.Module,
+        latents: torch.Tensor,
+        condition: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor,
+        steps: int,
+        shift: float,
+        guidance_scale: float,
+        compute_dtype: torch.dtype | None,
+        callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None,
+    ) -> torch.Tensor:
+        device = self.device
+        sigmas = shifted_sigmas(steps, shift).to(device)
+        timesteps = timesteps_from_sigmas(sigmas)
+        text, text_mask = text.to(device), text_mask.to(device)
+        condition = condition.to(device)
+        with running(self.memory, dit):
+            for i, t in enumerate(tqdm(timesteps, desc="Refining", disable=not self.progress_bar)):
+                model_input = torch.cat([latents, condition.to(latents.dtype)], dim=1)
+                n = model_input.shape[0]
+                guidance = guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
+                with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+                    pred = dit(model_input, t.repeat(n), text, text_mask, guidance=guidance)
+                latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
+                if callback is not None:
+                    replaced = callback(i, float(t), latents)
+                    if replaced is not None:
+                        latents = replaced
+        return latents
+
+    def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+        """Final latents to images (B, 3, H, W) in [0, 1]."""
+        cfg = vae.config
+        if getattr(cfg, "shift_factor", None):
+            latents = latents / cfg.scaling_factor + cfg.shift_factor
+        else:
+            latents = latents / cfg.scaling_factor
+        latents = channel_pairs_to_frames(latents)
+        with running(self.memory, vae):
+            image = vae.decode(latents.to(self.device, module_dtype(vae)), return_dict=False)[0]
+        return (image.float() / 2 + 0.5).clamp(0, 1)[:, :, 0]
