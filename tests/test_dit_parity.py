@@ -1,0 +1,156 @@
+"""Tiny DiTs of all three variants against diffusers' HunyuanImageTransformer2DModel on the same weights.
+
+Known differences of diffusers from the official model, avoided or checked against official facts here:
+- diffusers has no default guidance (it crashes on None); the official forward uses 6016.0, so
+  `guidance=None` is compared with diffusers given 6016.0 explicitly.
+- diffusers' token refiner lets a padded first text token attend only to itself, the official code treats it
+  as valid; the masks here start with a valid token, as the text encoders produce.
+"""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from hyimage.loading.dit_diffusers_keys import official_to_diffusers
+from hyimage.models import HYImageDiffusionTransformer
+from hyimage.models.dit.configs import DIT_CONFIGS, DiTConfig
+from tests.test_dit_structure import diffusers_kwargs
+from tests.utils import TOLERANCE, max_rel_error
+
+TINY = dict(hidden_size=64, heads_num=2, mm_double_blocks_depth=2, mm_single_blocks_depth=1, text_states_dim=40)
+TINY_CONFIGS = {
+    "hunyuanimage-v2.1": replace(
+        DIT_CONFIGS["hunyuanimage-v2.1"], in_channels=8, out_channels=8, rope_dim_list=(16, 16), **TINY
+    ),
+    "hunyuanimage-v2.1-distilled": replace(
+        DIT_CONFIGS["hunyuanimage-v2.1-distilled"], in_channels=8, out_channels=8, rope_dim_list=(16, 16), **TINY
+    ),
+    "hunyuanimage-refiner": replace(
+        DIT_CONFIGS["hunyuanimage-refiner"], in_channels=12, out_channels=6, rope_dim_list=(8, 12, 12), **TINY
+    ),
+}
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights everywhere (the released init zeroes the modulation and final layer)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            is_norm_scale = "norm" in name and name.endswith("weight") and param.ndim == 1
+            param.copy_(1 + 0.1 * noise if is_norm_scale else 0.05 * noise)
+
+
+def tiny_model(config: DiTConfig) -> HYImageDiffusionTransformer:
+    model = HYImageDiffusionTransformer(**config.to_dict()).eval()
+    randomize_(model)
+    return model
+
+
+def diffusers_twin(model: HYImageDiffusionTransformer) -> torch.nn.Module:
+    from diffusers import HunyuanImageTransformer2DModel
+
+    twin = HunyuanImageTransformer2DModel(**diffusers_kwargs(model.config)).eval()
+    twin.load_state_dict(official_to_diffusers(model.state_dict()), strict=True)
+    return twin
+
+
+def make_inputs(config: DiTConfig, text_lengths=(7, 11), glyph_lengths=(3, 0), text_len=11, glyph_len=5) -> dict:
+    """Batch 2, different text lengths, the second sample without glyph tokens, non-square latents."""
+    batch = len(text_lengths)
+    spatial = (2, 6, 10) if len(config.patch_size) == 3 else (12, 8)
+    inputs = dict(
+        hidden_states=torch.randn(batch, config.in_channels, *spatial),
+        timestep=torch.tensor([500.0, 937.5])[:batch],
+        text_states=torch.randn(batch, text_len, config.text_states_dim),
+        encoder_attention_mask=(torch.arange(text_len) < torch.tensor(text_lengths)[:, None]).long(),
+    )
+    if config.glyph_byT5_v2:
+        inputs["byt5_text_states"] = torch.randn(batch, glyph_len, 1472)
+        inputs["byt5_text_mask"] = (torch.arange(glyph_len) < torch.tensor(glyph_lengths)[:, None]).long()
+    if config.guidance_embed:
+        inputs["guidance"] = torch.tensor([3250.0, 4500.0])[:batch]
+    if config.use_meanflow:
+        inputs["timesteps_r"] = torch.tensor([250.0, 800.0])[:batch]
+    return inputs
+
+
+def run_diffusers(twin: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    return twin(
+        hidden_states=inputs["hidden_states"],
+        timestep=inputs["timestep"],
+        encoder_hidden_states=inputs["text_states"],
+        encoder_attention_mask=inputs["encoder_attention_mask"],
+        encoder_hidden_states_2=inputs.get("byt5_text_states"),
+        encoder_attention_mask_2=inputs.get("byt5_text_mask"),
+        guidance=inputs.get("guidance"),
+        timestep_r=inputs.get("timesteps_r"),
+        return_dict=False,
+    )[0]
+
+
+@pytest.mark.parametrize("name", TINY_CONFIGS)
+@torch.no_grad()
+def test_matches_diffusers(name: str) -> None:
+    config = TINY_CONFIGS[name]
+    model = tiny_model(config)
+    twin = diffusers_twin(model)
+    inputs = make_inputs(config)
+    ours = model(**inputs)
+    reference = run_diffusers(twin, inputs)
+    assert ours.shape == inputs["hidden_states"].shape[:1] + (config.out_channels,) + inputs["hidden_states"].shape[2:]
+    assert max_rel_error(ours, reference) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["hunyuanimage-v2.1-distilled", "hunyuanimage-refiner"])
+@torch.no_grad()
+def test_default_guidance_is_official_6016(name: str) -> None:
+    config = TINY_CONFIGS[name]
+    model = tiny_model(config)
+    inputs = make_inputs(config)
+    inputs.pop("guidance")
+    reference = run_diffusers(diffusers_twin(model), {**inputs, "guidance": torch.full((2,), 6016.0)})
+    assert max_rel_error(model(**inputs), reference) <= TOLERANCE
+
+
+@torch.no_grad()
+def test_patch_size_two_matches_diffusers() -> None:
+    config = replace(TINY_CONFIGS["hunyuanimage-v2.1"], patch_size=(2, 2), in_channels=4, out_channels=4)
+    model = tiny_model(config)
+    inputs = make_inputs(config)
+    assert max_rel_error(model(**inputs), run_diffusers(diffusers_twin(model), inputs)) <= TOLERANCE
+
+
+@pytest.mark.parametrize("name", ["hunyuanimage-v2.1", "hunyuanimage-refiner"])
+@torch.no_grad()
+def test_padding_does_not_change_prediction(name: str) -> None:
+    """More padded text/glyph tokens (with random content), or a batch of one, give the same prediction."""
+    config = TINY_CONFIGS[name]
+    model = tiny_model(config)
+    inputs = make_inputs(config)
+    expected = model(**inputs)
+
+    padded = dict(inputs)
+    extra, extra_glyph = 6, 4
+    padded["text_states"] = torch.cat([inputs["text_states"], torch.randn(2, extra, config.text_states_dim)], dim=1)
+    padded["encoder_attention_mask"] = torch.nn.functional.pad(inputs["encoder_attention_mask"], (0, extra))
+    if config.glyph_byT5_v2:
+        padded["byt5_text_states"] = torch.cat([inputs["byt5_text_states"], torch.randn(2, extra_glyph, 1472)], 1)
+        padded["byt5_text_mask"] = torch.nn.functional.pad(inputs["byt5_text_mask"], (0, extra_glyph))
+    assert max_rel_error(model(**padded), expected) <= TOLERANCE
+
+    first = {key: value[:1] for key, value in inputs.items()}
+    valid = int(inputs["encoder_attention_mask"][0].sum())
+    first["text_states"] = first["text_states"][:, :valid]
+    first["encoder_attention_mask"] = first["encoder_attention_mask"][:, :valid]
+    assert max_rel_error(model(**first), expected[:1]) <= TOLERANCE
+
+
+def test_glyph_model_requires_byt5_inputs() -> None:
+    config = TINY_CONFIGS["hunyuanimage-v2.1"]
+    model = HYImageDiffusionTransformer(**config.to_dict())
+    inputs = make_inputs(config)
+    inputs.pop("byt5_text_states")
+    with pytest.raises(ValueError, match="byt5_text_states"):
+        model(**inputs)

@@ -1,0 +1,87 @@
+"""The three released DiT variants, built on `meta` at full size, against the official manifests and diffusers."""
+
+import pytest
+import torch
+
+from hyimage.loading.dit_diffusers_keys import diffusers_to_official, is_diffusers_layout, official_to_diffusers
+from hyimage.models import HYImageDiffusionTransformer
+from hyimage.models.dit.configs import DIT_CONFIGS, DiTConfig, resolve_dit_config
+from tests.utils import load_manifest
+
+VARIANTS = {
+    "hunyuanimage-v2.1": "dit_base",
+    "hunyuanimage-v2.1-distilled": "dit_distilled",
+    "hunyuanimage-refiner": "dit_refiner",
+}
+
+
+def build_meta(name: str) -> HYImageDiffusionTransformer:
+    return HYImageDiffusionTransformer.from_config(name, device="meta", dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_config_matches_manifest(name: str) -> None:
+    manifest_config = load_manifest(VARIANTS[name])["config"]
+    assert resolve_dit_config(name) == resolve_dit_config(manifest_config)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_matches_manifest(name: str) -> None:
+    manifest = load_manifest(VARIANTS[name])
+    model = build_meta(name)
+    ours = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
+    expected = {key: shape for key, (shape, _dtype) in manifest["state_dict"].items()}
+    assert sorted(set(ours) - set(expected)) == []
+    assert sorted(set(expected) - set(ours)) == []
+    assert {key: shape for key, shape in ours.items() if shape != expected[key]} == {}
+    assert sum(p.numel() for p in model.parameters()) == manifest["num_params"]
+    modules = dict(model.named_modules())
+    assert all(isinstance(modules[name], torch.nn.Linear) for name in manifest["fp8_linear_modules"])
+    assert len(model.double_blocks) == 20 and len(model.single_blocks) == 40
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_diffusers_key_map_at_full_size(name: str) -> None:
+    """The official->diffusers map gives exactly diffusers' keys and shapes, and inverts exactly."""
+    from diffusers import HunyuanImageTransformer2DModel
+
+    config = resolve_dit_config(name)
+    state_dict = build_meta(name).state_dict()
+    with torch.device("meta"):
+        reference = HunyuanImageTransformer2DModel(**diffusers_kwargs(config)).state_dict()
+    mapped = official_to_diffusers(state_dict)
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in reference.items()}
+    assert is_diffusers_layout(mapped) and not is_diffusers_layout(state_dict)
+    back = dict(diffusers_to_official(list(mapped), mapped.__getitem__))
+    assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in state_dict.items()}
+
+
+def test_resolve_dit_config_errors() -> None:
+    with pytest.raises(ValueError, match="hunyuanimage-v2.1"):
+        resolve_dit_config("hunyuanimage-v3")
+    with pytest.raises(ValueError, match="hiden_size"):
+        resolve_dit_config({"hiden_size": 64})
+    with pytest.raises(ValueError, match="rope_dim_list"):
+        DiTConfig(hidden_size=64, heads_num=2, rope_dim_list=(16, 8))
+    assert resolve_dit_config(DIT_CONFIGS["hunyuanimage-refiner"]) is not DIT_CONFIGS["hunyuanimage-refiner"]
+
+
+def diffusers_kwargs(config: DiTConfig) -> dict:
+    """The same architecture as diffusers' HunyuanImageTransformer2DModel arguments."""
+    return dict(
+        in_channels=config.in_channels,
+        out_channels=config.out_channels,
+        num_attention_heads=config.heads_num,
+        attention_head_dim=config.head_dim,
+        num_layers=config.mm_double_blocks_depth,
+        num_single_layers=config.mm_single_blocks_depth,
+        num_refiner_layers=2,
+        mlp_ratio=config.mlp_width_ratio,
+        patch_size=config.patch_size,
+        guidance_embeds=config.guidance_embed,
+        text_embed_dim=config.text_states_dim,
+        text_embed_2_dim=1472 if config.glyph_byT5_v2 else None,
+        rope_theta=float(config.rope_theta),
+        rope_axes_dim=config.rope_dim_list,
+        use_meanflow=config.use_meanflow,
+    )
