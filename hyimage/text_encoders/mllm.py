@@ -1,0 +1,212 @@
+"""The MLLM prompt encoder: Qwen2.5-VL-7B-Instruct's language model read as a text encoder.
+
+The official encoder runs the whole vision-language model with `output_hidden_states=True` and keeps
+`hidden_states[-(hidden_state_skip_layer + 1)]`, i.e. `hidden_states[-3]`: the output of all decoder layers but
+the last two, before the final norm. Only that much is built here: the token embeddings and the first
+`num_hidden_layers - 2` decoder layers. The vision tower, the last two decoder layers, the final norm and the
+LM head are never read from the checkpoint. Everything else follows the official encoder: the template, right
+padding to `text_length + crop_start` tokens, the instruction tokens cropped from the output and the mask alike.
+
+Supported: transformers 5.x (tested with 5.23), whose `Qwen2_5_VLTextModel` runs the decoder stack.
+"""
+
+import copy
+import json
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from loguru import logger
+from safetensors import safe_open
+from torch import nn
+
+from .templates import PromptTemplate, get_template
+
+HIDDEN_STATE_SKIP_LAYER = 2
+"""Decoder layers skipped at the end of the stack (the official `hidden_state_skip_layer`)."""
+
+TEXT_MODEL_PREFIXES = ("model.", "model.language_model.")
+"""Key prefixes of the language model: the published layout, and the layout saved by transformers 5."""
+
+
+def _require_transformers():
+    try:
+        from transformers import AutoTokenizer, Qwen2_5_VLConfig
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+    except ImportError as error:
+        raise ImportError(
+            "the MLLM text encoder needs transformers with Qwen2.5-VL support: pip install 'transformers>=5'"
+        ) from error
+    return AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """Map each tensor name of a safetensors checkpoint folder to its file."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {key: path / name for key, name in weight_map.items()}
+    single = path / "model.safetensors"
+    if single.is_file():
+        with safe_open(single, framework="pt") as reader:
+            return dict.fromkeys(reader.keys(), single)
+    raise FileNotFoundError(
+        f"{path} has neither model.safetensors.index.json nor model.safetensors; "
+        "download Qwen2.5-VL-7B-Instruct into text_encoder/llm (see ckpts/checkpoints-download.md)"
+    )
+
+
+def _text_model_prefix(files: dict[str, Path], path: Path) -> str:
+    for prefix in TEXT_MODEL_PREFIXES[::-1]:
+        if f"{prefix}embed_tokens.weight" in files:
+            return prefix
+    raise KeyError(
+        f"no language model weights in {path}: expected 'model.embed_tokens.weight' "
+        "(or 'model.language_model.embed_tokens.weight'); is this a Qwen2.5-VL checkpoint?"
+    )
+
+
+def read_text_model_weights(
+    path: Path, names: list[str], *, dtype: torch.dtype, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Read the language-model tensors `names` (keys of the text model) from the checkpoint at `path`."""
+    files = _weight_files(path)
+    prefix = _text_model_prefix(files, path)
+    missing = [name for name in names if prefix + name not in files]
+    if missing:
+        raise KeyError(f"{path} lacks {len(missing)} language model tensors, e.g. {prefix + missing[0]!r}")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[prefix + name], []).append(name)
+    tensors = {}
+    for file, file_names in by_file.items():
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is listed in the index but missing: the download is incomplete")
+        with safe_open(file, framework="pt") as reader:
+            for name in file_names:
+                tensors[name] = reader.get_tensor(prefix + name).to(device=device, dtype=dtype)
+    return tensors
+
+
+class MLLMTextEncoder(nn.Module):
+    """Prompt embeddings from Qwen2.5-VL's language model, as the official `TextEncoder` computes them."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        template: str | PromptTemplate = "dit-llm-encode-v2",
+        *,
+        max_length: int | None = None,
+        cache_size: int = 8,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.max_length = max_length if max_length is not None else self.template.text_length
+        self.cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        template: str | PromptTemplate = "dit-llm-encode-v2",
+        dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device = "cpu",
+        max_length: int | None = None,
+        cache_size: int = 8,
+    ) -> "MLLMTextEncoder":
+        """Load the tokenizer and the needed part of the language model from `text_encoder/llm`."""
+        AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel = _require_transformers()
+        path = Path(path)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{path / 'config.json'} not found: pass the Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)"
+            )
+        config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
+        if config.num_hidden_layers <= HIDDEN_STATE_SKIP_LAYER:
+            raise ValueError(f"{path / 'config.json'}: {config.num_hidden_layers} decoder layers are too few")
+        config.num_hidden_layers -= HIDDEN_STATE_SKIP_LAYER
+        config.layer_types = config.layer_types[: config.num_hidden_layers]
+        config._attn_implementation = "sdpa"
+        device = torch.device(device)
+
+        with torch.device("meta"):
+            model = Qwen2_5_VLTextModel(config)
+        model.norm = nn.Identity()
+        names = list(model.state_dict())
+        model.load_state_dict(read_text_model_weights(path, names, dtype=dtype, device=device), assign=True)
+        with torch.device(device):
+            model.rotary_emb = type(model.rotary_emb)(config=config)
+        model.requires_grad_(False).eval()
+        logger.info(f"MLLM text encoder: {config.num_hidden_layers} decoder layers from {path}, {dtype}, {device}")
+
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+        return cls(model, tokenizer, template, max_length=max_length, cache_size=cache_size)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Template applied, right-padded and truncated to `max_length + crop_start` tokens."""
+        return self.tokenizer(
+            [self.template.format(prompt) for prompt in prompts],
+            max_length=self.max_length + self.template.crop_start,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
+        )
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, max_length, hidden_size) and mask (B, max_length, int64) of `prompts`."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        results = {}
+        for prompt in dict.fromkeys(prompts):
+            key = (prompt, self.dtype)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                results[prompt] = self._cache[key]
+        new = [prompt for prompt in dict.fromkeys(prompts) if prompt not in results]
+        if new:
+            embeds, mask = self._run(new)
+            for i, prompt in enumerate(new):
+                results[prompt] = (embeds[i], mask[i])
+                stored = (embeds[i].to("cpu", copy=True), mask[i].to("cpu", copy=True))
+                self._remember((prompt, self.dtype), stored)
+        embeds = torch.stack([results[prompt][0].to(self.device) for prompt in prompts])
+        mask = torch.stack([results[prompt][1].to(self.device) for prompt in prompts])
+        return embeds, mask
+
+    forward = encode
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def _run(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.tokenize(prompts)
+        input_ids = tokens["input_ids"].to(self.device)
+        attention_mask = tokens["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        crop = self.template.crop_start
+        return hidden[:, crop:], attention_mask[:, crop:].long()
+
+    def _remember(self, key: tuple[str, torch.dtype], value: tuple[torch.Tensor, torch.Tensor]) -> None:
+        if self.cache_size <= 0:
+            return
+        self._cache[key] = value
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
