@@ -1,0 +1,163 @@
+"""Loading a DiT from one safetensors file: official and diffusers layouts, strict checks, damaged files."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from hyimage.loading.dit_diffusers_keys import official_to_diffusers
+from hyimage.loading.dit_loader import load_dit
+from hyimage.loading.safetensors_io import CheckpointError, read_tensor_infos
+from hyimage.models import HYImageDiffusionTransformer
+from tests.utils import TOLERANCE, max_rel_error
+
+TINY = dict(
+    patch_size=[1, 1],
+    in_channels=4,
+    out_channels=4,
+    hidden_size=32,
+    heads_num=2,
+    mlp_width_ratio=2,
+    mm_double_blocks_depth=2,
+    mm_single_blocks_depth=2,
+    rope_dim_list=[8, 8],
+    text_states_dim=24,
+    glyph_byT5_v2=True,
+    guidance_embed=True,
+    use_meanflow=True,
+)
+
+
+def tiny_dit(dtype: torch.dtype = torch.float32, seed: int = 0) -> HYImageDiffusionTransformer:
+    """The tiny config with every tensor random (no zero-initialised layer hides a loading mistake)."""
+    generator = torch.Generator().manual_seed(seed)
+    model = HYImageDiffusionTransformer(**TINY)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model.to(dtype).eval()
+
+
+def tiny_inputs(batch: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    text_mask = torch.ones(batch, 6, dtype=torch.long)
+    text_mask[0, 4:] = 0
+    glyph_mask = torch.zeros(batch, 3, dtype=torch.long)
+    glyph_mask[1, :2] = 1
+    return dict(
+        hidden_states=torch.randn(batch, 4, 4, 6, generator=generator),
+        timestep=torch.tensor([500.0, 250.0])[:batch],
+        text_states=torch.randn(batch, 6, 24, generator=generator),
+        encoder_attention_mask=text_mask,
+        byt5_text_states=torch.randn(batch, 3, 1472, generator=generator),
+        byt5_text_mask=glyph_mask,
+        guidance=torch.tensor([3500.0, 4000.0])[:batch],
+        timesteps_r=torch.tensor([400.0, 100.0])[:batch],
+    )
+
+
+def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs)
+
+
+def save(state_dict: dict, path: Path) -> Path:
+    save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference() -> HYImageDiffusionTransformer:
+    return tiny_dit()
+
+
+@pytest.fixture(scope="module")
+def official_file(reference, tmp_path_factory) -> Path:
+    return save(reference.state_dict(), tmp_path_factory.mktemp("dit") / "tiny.safetensors")
+
+
+def assert_same_weights(loaded: torch.nn.Module, reference: torch.nn.Module) -> None:
+    ours, ref = loaded.state_dict(), reference.state_dict()
+    assert list(ours) == list(ref)
+    for key in ref:
+        assert ours[key].dtype == ref[key].dtype and torch.equal(ours[key], ref[key]), key
+
+
+def test_official_layout_loads_strictly_and_matches(reference, official_file):
+    expected = run(reference, tiny_inputs())
+    for loaded in (
+        HYImageDiffusionTransformer.from_single_file(official_file, TINY),
+        load_dit(official_file, TINY, device="cpu"),
+    ):
+        assert not any(t.is_meta for t in [*loaded.parameters(), *loaded.buffers()])
+        assert loaded.config == reference.config
+        assert_same_weights(loaded, reference)
+        assert max_rel_error(run(loaded, tiny_inputs()), expected) <= TOLERANCE
+
+
+def test_diffusers_layout_loads_and_matches(reference, tmp_path):
+    diffusers_state = official_to_diffusers(reference.state_dict())
+    assert set(diffusers_state) != set(reference.state_dict())
+    path = save(diffusers_state, tmp_path / "diffusers.safetensors")
+    loaded = load_dit(path, TINY)
+    assert_same_weights(loaded, reference)
+    assert max_rel_error(run(loaded, tiny_inputs()), run(reference, tiny_inputs())) <= TOLERANCE
+
+
+def test_dtype_defaults_to_the_files_and_can_be_overridden(tmp_path):
+    path = save(tiny_dit(torch.bfloat16).state_dict(), tmp_path / "bf16.safetensors")
+    assert {p.dtype for p in load_dit(path, TINY).parameters()} == {torch.bfloat16}
+    upcast = load_dit(path, TINY, dtype=torch.float32)
+    assert {p.dtype for p in upcast.parameters()} == {torch.float32}
+    assert_same_weights(upcast, tiny_dit().to(torch.bfloat16).float())
+
+
+def test_missing_key_is_named(reference, tmp_path):
+    state = reference.state_dict()
+    del state["final_layer.linear.weight"]
+    path = save(state, tmp_path / "missing.safetensors")
+    with pytest.raises(CheckpointError, match=r"(?s)missing.safetensors.*1 missing key.*final_layer\.linear\.weight"):
+        load_dit(path, TINY)
+
+
+def test_extra_key_is_named(reference, tmp_path):
+    state = dict(reference.state_dict(), **{"double_blocks.0.surplus.weight": torch.zeros(3)})
+    path = save(state, tmp_path / "extra.safetensors")
+    with pytest.raises(CheckpointError, match=r"(?s)extra.safetensors.*1 unexpected key.*double_blocks\.0\.surplus"):
+        load_dit(path, TINY)
+
+
+def test_wrong_shape_is_named(reference, tmp_path):
+    state = reference.state_dict()
+    state["img_in.proj.weight"] = torch.zeros(32, 4, 2, 2)
+    path = save(state, tmp_path / "shape.safetensors")
+    with pytest.raises(CheckpointError, match=r"(?s)shape.safetensors.*wrong shape.*img_in\.proj\.weight.*\(32, 4, 2, 2\)"):
+        load_dit(path, TINY)
+
+
+def test_wrong_config_lists_all_problems(official_file):
+    with pytest.raises(CheckpointError, match=r"(?s)tiny.safetensors.*unexpected key.*wrong shape"):
+        load_dit(official_file, dict(TINY, mm_double_blocks_depth=1, hidden_size=48, heads_num=3))
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.999])
+def test_truncated_file_says_incomplete(official_file, tmp_path, keep):
+    data = official_file.read_bytes()
+    path = tmp_path / "truncated.safetensors"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match=r"truncated.safetensors is incomplete.*download it again"):
+        load_dit(path, TINY)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing.safetensors"):
+        load_dit(tmp_path / "nothing.safetensors", TINY)
+
+
+def test_header_gives_every_shape_and_dtype(official_file):
+    infos = read_tensor_infos(official_file)
+    state = tiny_dit().state_dict()
+    assert {key: (tuple(t.shape), t.dtype) for key, t in state.items()} == {
+        key: (info.shape, info.dtype) for key, info in infos.items()
+    }
