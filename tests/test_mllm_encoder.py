@@ -2,12 +2,13 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from hyimage.text_encoders import mllm
+from hyimage.loading import safetensors_io
 from hyimage.text_encoders.mllm import MLLMTextEncoder
 from hyimage.text_encoders.templates import PROMPT_TEMPLATES, get_template
 from tests.fixtures.qwen_tokenizer import qwen_tokenizer_dir  # noqa: F401
@@ -83,27 +84,13 @@ def test_merges_file_alone_gives_the_same_ids(tokenizer, qwen_tokenizer_dir, tmp
 
 def test_only_the_needed_tensors_are_read(tiny_qwen25vl_dir, monkeypatch):  # noqa: F811
     read = []
-    real_safe_open = mllm.safe_open
+    real_get = safetensors_io.SafetensorsReader.get
 
-    class RecordingReader:
-        def __init__(self, *args, **kwargs):
-            self.reader = real_safe_open(*args, **kwargs)
+    def recording_get(reader, key):
+        read.append(key)
+        return real_get(reader, key)
 
-        def __enter__(self):
-            self.inner = self.reader.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.reader.__exit__(*exc)
-
-        def keys(self):
-            return self.inner.keys()
-
-        def get_tensor(self, key):
-            read.append(key)
-            return self.inner.get_tensor(key)
-
-    monkeypatch.setattr(mllm, "safe_open", RecordingReader)
+    monkeypatch.setattr(safetensors_io.SafetensorsReader, "get", recording_get)
     encoder = MLLMTextEncoder.from_pretrained(tiny_qwen25vl_dir, dtype=torch.float32)
 
     index = json.loads((tiny_qwen25vl_dir / "model.safetensors.index.json").read_text())["weight_map"]
@@ -221,9 +208,14 @@ def test_refiner_template_keeps_official_quirk(tiny_qwen25vl_dir, reference_mode
     assert max_rel_error(embeds[mask.bool()], ref[mask.bool()]) <= TOLERANCE
 
 
-def test_errors_name_the_path(tmp_path):
+def test_errors_name_the_path(tmp_path, tiny_qwen25vl_dir):  # noqa: F811
     with pytest.raises(FileNotFoundError, match="config.json"):
         MLLMTextEncoder.from_pretrained(tmp_path)
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny_qwen25vl_dir, partial)
+    (partial / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00003.safetensors"):
+        MLLMTextEncoder.from_pretrained(partial)
     with pytest.raises(ValueError, match="dit-llm-encode-v2"):
         get_template("nope")
 

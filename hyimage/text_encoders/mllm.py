@@ -13,20 +13,18 @@ Supported: transformers 5.x (tested with 5.23), whose `Qwen2_5_VLTextModel` runs
 import copy
 import json
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from loguru import logger
-from safetensors import safe_open
 from torch import nn
 
+from ..loading.safetensors_io import CheckpointError, GetTensor, TensorSource, load_safetensors_into, read_tensor_infos
 from .templates import PromptTemplate, get_template
 
 HIDDEN_STATE_SKIP_LAYER = 2
 """Decoder layers skipped at the end of the stack (the official `hidden_state_skip_layer`)."""
-
-TEXT_MODEL_PREFIXES = ("model.", "model.language_model.")
-"""Key prefixes of the language model: the published layout, and the layout saved by transformers 5."""
 
 
 def _require_transformers():
@@ -40,52 +38,46 @@ def _require_transformers():
     return AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel
 
 
-def _weight_files(path: Path) -> dict[str, Path]:
-    """Map each tensor name of a safetensors checkpoint folder to its file."""
+def _stored_keys(path: Path) -> dict[str, Path]:
+    """Each tensor name of a safetensors checkpoint folder, with the file holding it."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
         return {key: path / name for key, name in weight_map.items()}
     single = path / "model.safetensors"
     if single.is_file():
-        with safe_open(single, framework="pt") as reader:
-            return dict.fromkeys(reader.keys(), single)
+        return dict.fromkeys(read_tensor_infos(single), single)
     raise FileNotFoundError(
         f"{path} has neither model.safetensors.index.json nor model.safetensors; "
         "download Qwen2.5-VL-7B-Instruct into text_encoder/llm (see ckpts/checkpoints-download.md)"
     )
 
 
-def _text_model_prefix(files: dict[str, Path], path: Path) -> str:
-    for prefix in TEXT_MODEL_PREFIXES[::-1]:
-        if f"{prefix}embed_tokens.weight" in files:
+def _text_model_prefix(keys: Iterable[str], path: Path) -> str:
+    keys = set(keys)
+    for prefix in ("model.language_model.", "model."):
+        if f"{prefix}embed_tokens.weight" in keys:
             return prefix
-    raise KeyError(
+    raise CheckpointError(
         f"no language model weights in {path}: expected 'model.embed_tokens.weight' "
         "(or 'model.language_model.embed_tokens.weight'); is this a Qwen2.5-VL checkpoint?"
     )
 
 
-def read_text_model_weights(
-    path: Path, names: list[str], *, dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
-    """Read the language-model tensors `names` (keys of the text model) from the checkpoint at `path`."""
-    files = _weight_files(path)
-    prefix = _text_model_prefix(files, path)
-    missing = [name for name in names if prefix + name not in files]
-    if missing:
-        raise KeyError(f"{path} lacks {len(missing)} language model tensors, e.g. {prefix + missing[0]!r}")
-    by_file: dict[Path, list[str]] = {}
-    for name in names:
-        by_file.setdefault(files[prefix + name], []).append(name)
-    tensors = {}
-    for file, file_names in by_file.items():
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} is listed in the index but missing: the download is incomplete")
-        with safe_open(file, framework="pt") as reader:
-            for name in file_names:
-                tensors[name] = reader.get_tensor(prefix + name).to(device=device, dtype=dtype)
-    return tensors
+def text_model_sources(path: Path, wanted: Iterable[str]) -> list[TensorSource]:
+    """The shards holding the text-model tensors `wanted`, each reading only those, named as the text model names them."""
+    stored = _stored_keys(path)
+    prefix = _text_model_prefix(stored, path)
+    wanted = set(wanted)
+
+    def translate(keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
+        for key in keys:
+            name = key.removeprefix(prefix)
+            if key.startswith(prefix) and name in wanted:
+                yield name, get_tensor(key)
+
+    files = dict.fromkeys(file for key, file in stored.items() if key.removeprefix(prefix) in wanted)
+    return [TensorSource(file, translate) for file in files]
 
 
 class MLLMTextEncoder(nn.Module):
@@ -137,10 +129,10 @@ class MLLMTextEncoder(nn.Module):
         with torch.device("meta"):
             model = Qwen2_5_VLTextModel(config)
         model.norm = nn.Identity()
-        names = list(model.state_dict())
-        model.load_state_dict(read_text_model_weights(path, names, dtype=dtype, device=device), assign=True)
         with torch.device(device):
-            model.rotary_emb = type(model.rotary_emb)(config=config)
+            model.rotary_emb = type(model.rotary_emb)(config=config)  # computed buffers, not stored
+        wanted = model.state_dict().keys()
+        load_safetensors_into(model, text_model_sources(path, wanted), dtype=dtype, device=device)
         model.requires_grad_(False).eval()
         logger.info(f"MLLM text encoder: {config.num_hidden_layers} decoder layers from {path}, {dtype}, {device}")
 
