@@ -114,9 +114,10 @@ def test_default_guidance_is_official_6016(name: str) -> None:
     assert max_rel_error(model(**inputs), reference) <= TOLERANCE
 
 
+@pytest.mark.parametrize("name, patch_size", [("hunyuanimage-v2.1", (2, 2)), ("hunyuanimage-refiner", (1, 2, 2))])
 @torch.no_grad()
-def test_patch_size_two_matches_diffusers() -> None:
-    config = replace(TINY_CONFIGS["hunyuanimage-v2.1"], patch_size=(2, 2), in_channels=4, out_channels=4)
+def test_larger_patches_match_diffusers(name: str, patch_size: tuple) -> None:
+    config = replace(TINY_CONFIGS[name], patch_size=patch_size, in_channels=4, out_channels=4)
     model = tiny_model(config)
     inputs = make_inputs(config)
     assert max_rel_error(model(**inputs), run_diffusers(diffusers_twin(model), inputs)) <= TOLERANCE

@@ -52,8 +52,29 @@ def test_diffusers_key_map_at_full_size(name: str) -> None:
     mapped = official_to_diffusers(state_dict)
     assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in reference.items()}
     assert is_diffusers_layout(mapped) and not is_diffusers_layout(state_dict)
-    back = dict(diffusers_to_official(list(mapped), mapped.__getitem__))
+    reads = []
+    back = dict(diffusers_to_official(list(mapped), lambda key: reads.append(key) or mapped[key]))
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in state_dict.items()}
+    assert sorted(reads) == sorted(mapped), "every diffusers tensor is read exactly once"
+
+
+def test_diffusers_key_map_round_trip_values() -> None:
+    state_dict = {
+        "txt_in.individual_token_refiner.blocks.0.self_attn_qkv.weight": torch.arange(24.0).reshape(6, 4),
+        "final_layer.adaLN_modulation.1.bias": torch.arange(8.0),
+        "double_blocks.3.txt_attn_q_norm.weight": torch.ones(4),
+        "single_blocks.1.linear2.fc.weight": torch.zeros(2, 3),
+    }
+    mapped = official_to_diffusers(state_dict)
+    assert torch.equal(
+        mapped["context_embedder.token_refiner.refiner_blocks.0.attn.to_k.weight"],
+        torch.arange(8.0, 16.0).reshape(2, 4),
+    )
+    assert torch.equal(mapped["norm_out.linear.bias"], torch.tensor([4.0, 5, 6, 7, 0, 1, 2, 3]))
+    assert "transformer_blocks.3.attn.norm_added_q.weight" in mapped
+    assert "single_transformer_blocks.1.proj_out.weight" in mapped
+    back = dict(diffusers_to_official(mapped, mapped.__getitem__))
+    assert back.keys() == state_dict.keys() and all(torch.equal(back[k], v) for k, v in state_dict.items())
 
 
 def test_resolve_dit_config_errors() -> None:
