@@ -88,7 +88,8 @@ def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
                 raise
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+        details = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = details[0].strip() if details else type(error).__name__
         raise CheckpointError(
             f"{path} holds pickled Python objects besides tensors ({reason}). hyimage reads checkpoints with "
             "torch.load(weights_only=True) only and refuses files that could run code when loaded; use the "
