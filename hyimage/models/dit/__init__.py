@@ -1,0 +1,1 @@
+"""The HunyuanImage-2.1 diffusion transformer: configs, layers, blocks, model."""
