@@ -247,6 +247,8 @@ class HunyuanImagePipeline:
             raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
         if refiner_handoff not in ("uint8", "float"):
             raise ValueError(f"refiner_handoff {refiner_handoff!r} is unknown; choose 'uint8' or 'float'")
+        if use_refiner and not self.parts.given("refiner_pipeline"):
+            raise ValueError("use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained")
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         dit, vae = self.dit, self.vae
@@ -512,8 +514,6 @@ class HunyuanImagePipeline:
         handoff: str,
     ) -> torch.Tensor:
         """The refiner stage on decoded images, handed over as 8-bit (official) or float images."""
-        if not self.parts.given("refiner_pipeline"):
-            raise ValueError("use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained")
         if any(p is None for p in prompts):
             raise ValueError("use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template")
         refiner = self.refiner_pipeline
