@@ -69,8 +69,8 @@ class DownloadConfig:
         if self.reprompt is not None and self.reprompt not in REPROMPT_DIRS:
             raise ValueError(f"reprompt {self.reprompt!r} is unknown; choose one of {', '.join(REPROMPT_DIRS)}")
 
-    def command(self) -> str:
-        """The `hyimage download` command line that fetches this configuration."""
+    def command(self, root: str | os.PathLike | None = None) -> str:
+        """The `hyimage download` command line that fetches this configuration (into `root` when given)."""
         parts = ["hyimage download", f"--variant {self.variant}"]
         if self.fp8:
             parts.append("--fp8")
@@ -78,7 +78,16 @@ class DownloadConfig:
             parts.append("--no-refiner")
         if self.reprompt:
             parts.append(f"--reprompt {self.reprompt}")
+        if root is not None:
+            parts.append(f"--model-root {root}")
         return " ".join(parts)
+
+    def describe(self) -> str:
+        """E.g. 'hunyuanimage-v2.1-distilled (FP8) with the refiner'."""
+        extras = ["the refiner"] if self.refiner else []
+        if self.reprompt:
+            extras.append(f"the {self.reprompt} reprompt model")
+        return self.variant + (" (FP8)" if self.fp8 else "") + (" with " + " and ".join(extras) if extras else "")
 
 
 @dataclass(frozen=True)
@@ -128,9 +137,8 @@ def sources(config: DownloadConfig) -> list[Source]:
         found.append(Source(QWEN_REPO, MODEL_FILES, "text_encoder/llm", "Qwen2.5-VL text encoder"))
     if config.glyph:
         found.append(Source(BYT5_REPO, ("*.json",), "text_encoder/byt5-small", "ByT5 configuration and tokenizer"))
-        found.append(
-            Source(GLYPH_REPO, ("text_encoder_2/*", "tokenizer_2/*"), "text_encoder/Glyph-SDXL-v2", "Glyph-SDXL-v2 ByT5")
-        )
+        glyph_files = ("text_encoder_2/*", "tokenizer_2/*")
+        found.append(Source(GLYPH_REPO, glyph_files, "text_encoder/Glyph-SDXL-v2", "Glyph-SDXL-v2 ByT5"))
     if config.reprompt == "32b":
         found.append(Source(REPROMPT_32B_REPO, MODEL_FILES, REPROMPT_DIRS["32b"], "PromptEnhancer-32B"))
     return found
@@ -227,7 +235,9 @@ def missing_files(files: list[RemoteFile]) -> list[RemoteFile]:
     return [f for f in files if not f.present]
 
 
-def fetch_file(file: RemoteFile, *, endpoint: str | None = None, token: str | None = None, progress: bool = True) -> Path:
+def fetch_file(
+    file: RemoteFile, *, endpoint: str | None = None, token: str | None = None, progress: bool = True
+) -> Path:
     """Download one file, resuming a partial one, and check it against the Hub's metadata."""
     file.destination.parent.mkdir(parents=True, exist_ok=True)
     partial = file.destination.with_name(file.destination.name + ".incomplete")

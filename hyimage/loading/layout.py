@@ -35,6 +35,10 @@ class CheckpointLayout:
     def dit_fp8_scale(self, variant: str) -> Path:
         return self.root / "dit" / f"{self._stem(variant)}_fp8_scale.safetensors"
 
+    def dit_config(self, variant: str) -> Path:
+        """Optional constructor arguments (JSON) for a DiT that is not the released size, e.g. a tiny test model."""
+        return self.root / "dit" / f"{self._stem(variant)}.json"
+
     @property
     def vae(self) -> Path:
         return self.root / "vae" / "vae_2_1"
@@ -54,6 +58,20 @@ class CheckpointLayout:
     @property
     def glyph(self) -> Path:
         return self.root / "text_encoder" / "Glyph-SDXL-v2"
+
+    @property
+    def glyph_checkpoint(self) -> Path:
+        """The official (ModelScope) Glyph-SDXL-v2 weights."""
+        return self.glyph / "checkpoints" / "byt5_model.pt"
+
+    @property
+    def glyph_assets(self) -> tuple[Path, Path]:
+        return self.glyph / "assets" / "color_idx.json", self.glyph / "assets" / "multilingual_10-lang_idx.json"
+
+    @property
+    def glyph_diffusers(self) -> tuple[Path, Path]:
+        """The same encoder in the diffusers layout (the Hub route `hyimage download` takes)."""
+        return self.glyph / "text_encoder_2", self.glyph / "tokenizer_2"
 
     def reprompt(self, size: str = "32b") -> Path:
         if size not in REPROMPT_DIRS:

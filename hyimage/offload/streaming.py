@@ -52,6 +52,10 @@ class _Slot:
     is_parameter: bool
     host: torch.Tensor
 
+    def current(self) -> torch.Tensor:
+        """The tensor attached now."""
+        return self.owner._parameters[self.name].data if self.is_parameter else self.owner._buffers[self.name]
+
     def attach(self, tensor: torch.Tensor) -> None:
         if self.is_parameter:
             self.owner._parameters[self.name].data = tensor
@@ -80,25 +84,13 @@ def _slots(module: nn.Module, skip: set[int] = frozenset()) -> list[_Slot]:
 
 
 def _move(slots: list[_Slot], device: torch.device) -> None:
-    """Attach a copy of each slot on `device`; shared tensors stay shared."""
+    """Attach a copy on `device` of each slot's current tensor; shared tensors stay shared."""
     moved: dict[int, torch.Tensor] = {}
     for slot in slots:
-        key = id(slot.host)
-        if key not in moved:
-            moved[key] = slot.host.to(device, non_blocking=True)
-        slot.attach(moved[key])
-
-
-def _restore(slots: list[_Slot], device: torch.device) -> None:
-    """Bring each slot back to `device` and make that its host copy."""
-    moved: dict[int, torch.Tensor] = {}
-    for slot in slots:
-        current = slot.owner._parameters[slot.name] if slot.is_parameter else slot.owner._buffers[slot.name]
-        key = id(slot.host)
-        if key not in moved:
-            moved[key] = current.data.to(device)
-        slot.host = moved[key]
-        slot.attach(slot.host)
+        current = slot.current()
+        if id(current) not in moved:
+            moved[id(current)] = current.to(device, non_blocking=True)
+        slot.attach(moved[id(current)])
 
 
 @dataclass
@@ -110,6 +102,11 @@ class _StreamedBlock:
     slots: list[_Slot]
     on_device: list[torch.Tensor] | None = None
     ready: "torch.cuda.Event | None" = None
+
+    def refresh(self) -> None:
+        """Take the tensors attached now (in host memory) as this block's host copies."""
+        for slot in self.slots:
+            slot.host = slot.current()
 
     def pin(self) -> None:
         pinned: dict[int, torch.Tensor] = {}
@@ -226,6 +223,7 @@ class BlockStreamer:
         """Move the rest and the resident blocks to the device and install the streaming hooks."""
         _move(self._rest + self._resident, self.device)
         for block in self._streamed:
+            block.refresh()
             if self._stream is not None:
                 block.pin()
             self._hooks.append(block.module.register_forward_pre_hook(self._before(block)))
@@ -248,7 +246,7 @@ class BlockStreamer:
         self._hooks.clear()
         for block in self._streamed:
             block.release()
-        _restore(self._rest + self._resident, self.offload_device)
+        _move(self._rest + self._resident, self.offload_device)
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
@@ -266,8 +264,8 @@ class BlockStreamer:
                 self.counts["late_copy"] += 1
             block.activate()
             self.counts["load"] += 1
-            following = block.index + 1
-            self._prefetch(self._streamed[following] if following < len(self._streamed) else self._streamed[self._first_run])
+            following = block.index + 1 if block.index + 1 < len(self._streamed) else self._first_run
+            self._prefetch(self._streamed[following])
 
         return hook
 

@@ -1,0 +1,339 @@
+"""`from_pretrained` for both pipelines: the official `ckpts/` layout to a pipeline whose parts load on first use.
+
+Nothing heavy is read here. Each part is handed to the pipeline as a zero-argument factory and is
+built when its stage first runs, so a part that a call never needs (the refiner, the reprompt model)
+never occupies memory. The files the core parts need are checked up front, so a missing file is
+reported before anything runs, with the `hyimage download` command that fetches it.
+
+A DiT that is not the released size (a tiny test model, a fine-tune with another depth) is described
+by `dit_config=` (a variant name, a dict of constructor arguments or a DiTConfig), or by a JSON file of
+constructor arguments next to the checkpoint (`dit/hunyuanimage2.1.json` for `dit/hunyuanimage2.1*.safetensors`).
+Without either, the named variant's released configuration is used.
+"""
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from loguru import logger
+
+from hyimage.loading.download import DownloadConfig
+from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
+from hyimage.offload import MemoryManager
+
+VARIANTS = ("hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled")
+REFINER = "hunyuanimage-refiner"
+REPROMPT_SIZES = {"32b": "32b", "7b": "7b", "hunyuanimage-reprompt-32b": "32b", "hunyuanimage-reprompt": "7b"}
+BASE_TEMPLATE = "dit-llm-encode-v2"
+REFINER_TEMPLATE = "dit-llm-encode"
+
+T = TypeVar("T")
+
+
+class MissingCheckpointError(FileNotFoundError):
+    """A file of the official layout that the chosen configuration needs is not there."""
+
+
+def once(factory: Callable[[], T]) -> Callable[[], T]:
+    """A zero-argument factory that builds on the first call and returns the same object afterwards."""
+    built: list[T] = []
+
+    def get() -> T:
+        if not built:
+            built.append(factory())
+        return built[0]
+
+    return get
+
+
+def load_pipeline(
+    cls: type,
+    model_name: str = "hunyuanimage-v2.1",
+    use_fp8: bool = False,
+    *,
+    model_root: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
+    memory_mode: str | None = None,
+    gpu_budget_gb: float | None = None,
+    memory: MemoryManager | None = None,
+    reprompt_model: str = "32b",
+    trust_remote_code: bool = False,
+    refiner: bool = True,
+    dit_config: Any = None,
+    refiner_dit_config: Any = None,
+    use_distilled: bool = False,
+    progress_bar: bool = True,
+) -> Any:
+    """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
+
+    `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16 file
+    quantized while loading. `memory_mode` "none" | "model" | "block" (default "model", the official
+    offloading; "block" when only `gpu_budget_gb` is given). `device` is where parts run (default CPU
+    until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to the official bf16 and fp16 when the
+    pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after `pipe.to`).
+    `reprompt_model` "32b" or "7b" (the official names work too); the 7B's
+    tokenizer is remote code and needs `trust_remote_code=True`. `refiner=False` drops the refiner.
+    """
+    if use_distilled:
+        model_name = "hunyuanimage-v2.1-distilled"
+    if model_name not in VARIANTS:
+        raise ValueError(f"model_name {model_name!r} is unknown; choose one of {', '.join(VARIANTS)}")
+    if reprompt_model not in REPROMPT_SIZES:
+        raise ValueError(f"reprompt_model {reprompt_model!r} is unknown; choose one of {', '.join(REPROMPT_SIZES)}")
+    root = model_root_for(model_root)
+    layout = CheckpointLayout(root)
+    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
+    needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner)
+    command_root = None if model_root is None else root
+
+    config = _dit_config(layout, model_name, dit_config)
+    dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root)
+    vae_dir = _require(layout.vae / "config.json", "VAE", needs, command_root).parent
+    _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
+    uses_glyph = bool(_config_value(config, "glyph_byT5_v2", True))
+    if uses_glyph:
+        _check_glyph(layout, needs, command_root)
+
+    text_encoder = once(lambda: _text_encoder(layout, BASE_TEMPLATE, text_encoder_dtype, memory))
+    refiner_pipeline = None
+    if refiner:
+        refiner_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=True)
+        refiner_pipeline = once(
+            lambda: _refiner_pipeline(
+                layout, use_fp8, dtype, memory, refiner_dit_config, refiner_needs, command_root,
+                text_encoder=lambda: _with_template(text_encoder(), REFINER_TEMPLATE), progress_bar=progress_bar,
+            )
+        )
+    size = REPROMPT_SIZES[reprompt_model]
+    reprompt_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner, reprompt=size)
+    return cls(
+        dit=dit,
+        vae=once(lambda: _vae("HunyuanVAE2D", vae_dir, memory)),
+        text_encoder=text_encoder,
+        glyph_encoder=(lambda: _glyph_encoder(layout, memory)) if uses_glyph else None,
+        reprompt_model=lambda: _reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root),
+        refiner_pipeline=refiner_pipeline,
+        memory=memory,
+        progress_bar=progress_bar,
+    )
+
+
+def load_refiner_pipeline(
+    cls: type,
+    use_fp8: bool = False,
+    *,
+    model_root: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    text_encoder_dtype: torch.dtype | None = None,
+    memory_mode: str | None = None,
+    gpu_budget_gb: float | None = None,
+    memory: MemoryManager | None = None,
+    dit_config: Any = None,
+    progress_bar: bool = True,
+    model_name: str = REFINER,
+) -> Any:
+    """Build `cls` (HunyuanImageRefinerPipeline) alone, e.g. to refine existing images; arguments as `load_pipeline`."""
+    if model_name != REFINER:
+        raise ValueError(f"model_name {model_name!r} is not the refiner; use {REFINER!r}")
+    root = model_root_for(model_root)
+    layout = CheckpointLayout(root)
+    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
+    needs = DownloadConfig(fp8=use_fp8, refiner=True)
+    command_root = None if model_root is None else root
+    _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
+    return _refiner_pipeline(
+        layout, use_fp8, dtype, memory, dit_config, needs, command_root,
+        text_encoder=once(lambda: _text_encoder(layout, REFINER_TEMPLATE, text_encoder_dtype, memory)),
+        progress_bar=progress_bar, cls=cls,
+    )
+
+
+def model_root_for(root: str | os.PathLike | None) -> Path:
+    """The checkpoint root, which must exist."""
+    path = model_root(root)
+    if not path.is_dir():
+        source = "model_root" if root is not None else f"${MODEL_ROOT_ENV}, default ./ckpts"
+        raise MissingCheckpointError(
+            f"checkpoint folder {path} (from {source}) does not exist; fetch the checkpoints with "
+            f"`hyimage download --model-root {path}`, or point ${MODEL_ROOT_ENV} at the folder that holds them"
+        )
+    return path
+
+
+def make_memory(device: str | torch.device | None, mode: str | None, gpu_budget_gb: float | None) -> MemoryManager:
+    """The memory manager for a mode name; a budget alone means block streaming."""
+    if mode is None:
+        mode = "block" if gpu_budget_gb is not None else "model"
+    return MemoryManager(device if device is not None else "cpu", mode, gpu_budget_gb=gpu_budget_gb)
+
+
+def compute_dtype(memory: MemoryManager, cuda_dtype: torch.dtype) -> torch.dtype:
+    """`cuda_dtype` when parts run on CUDA; float32 elsewhere (half precision on CPU is slow and partly unsupported)."""
+    return cuda_dtype if memory.device.type == "cuda" else torch.float32
+
+
+def _load_device(memory: MemoryManager) -> torch.device:
+    """Parts are read straight onto the device only when they stay there; else into host memory."""
+    return memory.device if memory.mode == "none" else memory.offload_device
+
+
+def _require(path: Path, what: str, needs: DownloadConfig, command_root: Path | None) -> Path:
+    if not path.exists():
+        raise MissingCheckpointError(
+            f"{path} not found: the {what} of {needs.describe()} needs it. "
+            f"Fetch it with `{needs.command(command_root)}`, or set $HUNYUANIMAGE_V2_1_MODEL_ROOT to the folder "
+            "that holds the official ckpts/ layout (see ckpts/README.md)"
+        )
+    return path
+
+
+def _dit_config(layout: CheckpointLayout, variant: str, override: Any) -> Any:
+    """The override, else the JSON next to the checkpoint, else the variant's released configuration."""
+    if override is not None:
+        return override
+    config_file = layout.dit_config(variant)
+    if config_file.is_file():
+        logger.info(f"DiT configuration from {config_file}")
+        try:
+            return json.loads(config_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{config_file} is not valid JSON ({error}); fix or remove it") from error
+    return variant
+
+
+def _config_value(config: Any, key: str, default: Any) -> Any:
+    if isinstance(config, str):
+        from hyimage.models.dit.configs import resolve_dit_config
+
+        return getattr(resolve_dit_config(config), key)
+    if isinstance(config, dict):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def _dit_factory(
+    layout: CheckpointLayout,
+    variant: str,
+    config: Any,
+    use_fp8: bool,
+    dtype: torch.dtype | None,
+    memory: MemoryManager,
+    needs: DownloadConfig,
+    command_root: Path | None,
+) -> Callable[[], torch.nn.Module]:
+    """Pick the DiT file now (so a missing one fails early); read it on first use."""
+    bf16, fp8, scale = layout.dit(variant), layout.dit_fp8(variant), layout.dit_fp8_scale(variant)
+    what = f"{variant} DiT"
+    if use_fp8 and fp8.is_file():
+        _require(scale, f"{what} (FP8 scales)", needs, command_root)
+        kwargs = dict(path=fp8, fp8_scale=scale)
+    elif use_fp8 and bf16.is_file():
+        logger.info(f"{fp8.name} not found: quantizing {bf16.name} to FP8 while loading")
+        kwargs = dict(path=bf16, quantize_fp8=True)
+    else:
+        if not use_fp8 and not bf16.is_file() and fp8.is_file():
+            raise MissingCheckpointError(
+                f"{bf16} not found, but its FP8 version {fp8.name} is there: pass use_fp8=True "
+                f"(CLI: --fp8), or fetch the bf16 file with `{needs.command(command_root)}`"
+            )
+        _require(fp8 if use_fp8 else bf16, what, needs, command_root)
+        kwargs = dict(path=bf16)
+
+    def load() -> torch.nn.Module:
+        from hyimage.models.dit.model import HYImageDiffusionTransformer
+
+        options = {k: v for k, v in kwargs.items() if k != "path"}
+        chosen = dtype if dtype is not None else compute_dtype(memory, torch.bfloat16)
+        return HYImageDiffusionTransformer.from_single_file(
+            kwargs["path"], config, dtype=chosen, device=_load_device(memory), **options
+        ).eval()
+
+    return once(load)
+
+
+def _check_glyph(layout: CheckpointLayout, needs: DownloadConfig, command_root: Path | None) -> None:
+    """Either format of Glyph-SDXL-v2 will do: the official (ModelScope) one or the diffusers one."""
+    encoder_dir, tokenizer_dir = layout.glyph_diffusers
+    if (encoder_dir / "config.json").is_file() and tokenizer_dir.is_dir():
+        return
+    if layout.glyph_checkpoint.is_file():
+        _require(layout.byt5 / "config.json", "ByT5 glyph encoder (configuration)", needs, command_root)
+        for asset in layout.glyph_assets:
+            _require(asset, "ByT5 glyph encoder (Glyph-SDXL-v2 assets)", needs, command_root)
+        return
+    _require(encoder_dir / "config.json", "ByT5 glyph encoder (Glyph-SDXL-v2)", needs, command_root)
+
+
+def _glyph_encoder(layout: CheckpointLayout, memory: MemoryManager) -> Any:
+    from hyimage.text_encoders.glyph import GlyphByT5Encoder
+
+    device = _load_device(memory)
+    encoder_dir, _ = layout.glyph_diffusers
+    if (encoder_dir / "config.json").is_file():
+        return GlyphByT5Encoder.from_diffusers(layout.glyph, device=device)
+    return GlyphByT5Encoder.from_pretrained(layout.byt5, layout.glyph, device=device)
+
+
+def _text_encoder(layout: CheckpointLayout, template: str, dtype: torch.dtype | None, memory: MemoryManager) -> Any:
+    from hyimage.text_encoders.mllm import MLLMTextEncoder
+
+    chosen = dtype if dtype is not None else compute_dtype(memory, torch.float16)
+    device = _load_device(memory)
+    return MLLMTextEncoder.from_pretrained(layout.text_encoder, template=template, dtype=chosen, device=device)
+
+
+def _with_template(encoder: Any, template: str) -> Any:
+    """The same language model (no second copy) read with another prompt template."""
+    return type(encoder)(encoder.model, encoder.tokenizer, template)
+
+
+def _vae(name: str, directory: Path, memory: MemoryManager) -> torch.nn.Module:
+    import hyimage.models as models
+
+    return getattr(models, name).from_pretrained(directory, device=_load_device(memory)).eval()
+
+
+def _reprompter(
+    layout: CheckpointLayout,
+    size: str,
+    memory: MemoryManager,
+    trust_remote_code: bool,
+    needs: DownloadConfig,
+    command_root: Path | None,
+) -> Any:
+    from hyimage.reprompt import Reprompter
+
+    path = _require(layout.reprompt(size) / "config.json", f"{size} reprompt model", needs, command_root).parent
+    return Reprompter.from_pretrained(path, size, memory=memory, trust_remote_code=trust_remote_code)
+
+
+def _refiner_pipeline(
+    layout: CheckpointLayout,
+    use_fp8: bool,
+    dtype: torch.dtype | None,
+    memory: MemoryManager,
+    dit_config: Any,
+    needs: DownloadConfig,
+    command_root: Path | None,
+    *,
+    text_encoder: Callable[[], Any],
+    progress_bar: bool,
+    cls: type | None = None,
+) -> Any:
+    if cls is None:
+        from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline as cls
+    vae_dir = _require(layout.refiner_vae / "config.json", "refiner VAE", needs, command_root).parent
+    config = _dit_config(layout, REFINER, dit_config)
+    return cls(
+        dit=_dit_factory(layout, REFINER, config, use_fp8, dtype, memory, needs, command_root),
+        vae=once(lambda: _vae("AutoencoderKLConv3D", vae_dir, memory)),
+        text_encoder=text_encoder,
+        memory=memory,
+        progress_bar=progress_bar,
+    )
