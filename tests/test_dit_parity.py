@@ -155,3 +155,15 @@ def test_glyph_model_requires_byt5_inputs() -> None:
     inputs.pop("byt5_text_states")
     with pytest.raises(ValueError, match="byt5_text_states"):
         model(**inputs)
+
+
+def test_glyph_tokens_reordered_valid_first() -> None:
+    """The official order per sample: valid glyph, valid text, padded glyph, padded text tokens."""
+    from hyimage.models.dit.model import valid_tokens_first
+
+    # token ids as features: glyph tokens 10.., text tokens 20..
+    tokens = torch.tensor([[10, 11, 12, 20, 21, 22, 23], [10, 11, 12, 20, 21, 22, 23]]).float().unsqueeze(-1)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1, 0]]).bool()
+    reordered, new_mask = valid_tokens_first(tokens, mask)
+    assert reordered.squeeze(-1).tolist() == [[10, 11, 20, 22, 12, 21, 23], [20, 21, 22, 10, 11, 12, 23]]
+    assert new_mask.tolist() == [[True] * 4 + [False] * 3, [True] * 3 + [False] * 4]
