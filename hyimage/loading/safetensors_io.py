@@ -36,7 +36,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-RELEASE_EVERY_BYTES = 64 * 2**20
+RELEASE_EVERY_BYTES = 32 * 2**20
 SHOWN_KEYS = 5
 
 

@@ -85,7 +85,7 @@ def quantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     if torch.isnan(amax) or amax <= 0:
         raise ValueError(f"cannot quantize a weight whose largest magnitude is {amax.item()} (all zero or NaN)")
     multiplier = FP8_MAX / amax.clamp(min=1e-12)
-    quantized = (weight * multiplier).clamp(min=-FP8_MAX, max=FP8_MAX).to(FP8_DTYPE)
+    quantized = (weight * multiplier).clamp_(min=-FP8_MAX, max=FP8_MAX).to(FP8_DTYPE)
     return quantized, multiplier.float().reciprocal()
 
 

@@ -1,0 +1,136 @@
+"""Peak host memory while loading a DiT checkpoint, as a multiple of the file size.
+
+Writes a synthetic bf16 checkpoint of about --gb GB (a DiT with the released layout, fewer blocks),
+then loads it in fresh subprocesses, each measuring its own peak RSS (resource.getrusage):
+  hyimage            load_dit (meta build, tensors streamed from the memory-mapped file)
+  hyimage fp8        load_dit(quantize_fp8=True) (quantized per tensor while loading)
+  load_file          the official way: model allocated on the CPU, safetensors.torch.load_file, load_state_dict
+The parent imports no torch and writes the file from a subprocess too: on Linux a child's ru_maxrss starts
+at its parent's RSS at fork time, so a lean parent keeps each child's figure its own.
+
+    python benchmarks/bench_dit_load_memory.py --gb 3
+"""
+
+import argparse
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HIDDEN = 2048
+# Parameters of one double plus one single stream block, in units of hidden_size^2 (see models/dit/blocks.py).
+PAIR_PARAMS = 51 * HIDDEN**2
+
+
+def config_for(gigabytes: float) -> dict:
+    pairs = max(1, round(gigabytes * 1e9 / 2 / PAIR_PARAMS))
+    return dict(
+        patch_size=[1, 1],
+        in_channels=64,
+        out_channels=64,
+        hidden_size=HIDDEN,
+        heads_num=16,
+        mlp_width_ratio=4,
+        mm_double_blocks_depth=pairs,
+        mm_single_blocks_depth=pairs,
+        rope_dim_list=[64, 64],
+        text_states_dim=HIDDEN,
+        glyph_byT5_v2=True,
+    )
+
+
+def write_checkpoint(path: Path, config: dict) -> None:
+    """A safetensors file of random bf16 tensors, written one tensor at a time."""
+    import torch
+
+    from hyimage.models import HYImageDiffusionTransformer
+
+    model = HYImageDiffusionTransformer.from_config(config, device="meta")
+    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    header, offset = {}, 0
+    for key, shape in shapes.items():
+        nbytes = torch.Size(shape).numel() * 2
+        header[key] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    generator = torch.Generator().manual_seed(0)
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        for shape in shapes.values():
+            tensor = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+            file.write(tensor.view(torch.uint8).numpy().tobytes())
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(method: str, path: str, config: dict) -> None:
+    """Load once with `method` and print peak RSS figures as JSON."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hyimage.loading.dit_loader import load_dit
+    from hyimage.models import HYImageDiffusionTransformer
+
+    torch.set_num_threads(2)
+    before = peak_rss()
+    start = time.perf_counter()
+    if method == "write":
+        write_checkpoint(Path(path), config)
+        return
+    if method == "hyimage":
+        model = load_dit(path, config)
+    elif method == "hyimage fp8":
+        model = load_dit(path, config, quantize_fp8=True)
+    else:
+        model = HYImageDiffusionTransformer.from_config(config, dtype=torch.bfloat16, device="meta")
+        model = model.to_empty(device="cpu")
+        model.load_state_dict(load_file(path), strict=True)
+    seconds = time.perf_counter() - start
+    held = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
+    print(json.dumps({"peak": peak_rss(), "before": before, "seconds": seconds, "held": held}))
+
+
+def run_child(method: str, path: Path, gigabytes: float) -> str:
+    command = [sys.executable, __file__, "--gb", str(gigabytes), "--child", method, str(path)]
+    result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, LOGURU_LEVEL="WARNING"))
+    if result.returncode:
+        sys.exit(f"{method} failed:\n{result.stderr}")
+    return result.stdout.strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=3.0, help="checkpoint size in GB (default 3)")
+    parser.add_argument("--dir", type=Path, default=None, help="where to write it (default: a temporary folder)")
+    parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    config = config_for(args.gb)
+    if args.child:
+        child(args.child[0], args.child[1], config)
+        return
+
+    with tempfile.TemporaryDirectory(dir=args.dir) as folder:
+        path = Path(folder) / "synthetic_dit.safetensors"
+        start = time.perf_counter()
+        run_child("write", path, args.gb)
+        size = path.stat().st_size
+        blocks = config["mm_double_blocks_depth"]
+        print(f"checkpoint: {size / 1e9:.2f} GB, {blocks} double + {blocks} single blocks of width {HIDDEN}, "
+              f"written in {time.perf_counter() - start:.0f} s")
+        print(f"{'method':<12} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}")
+        for method in ("hyimage", "hyimage fp8", "load_file"):
+            r = json.loads(run_child(method, path, args.gb).splitlines()[-1])
+            print(f"{method:<12} {r['peak'] / 1e9:>11.2f} {r['peak'] / size:>9.3f} "
+                  f"{(r['peak'] - r['before']) / size:>17.3f} {r['held'] / size:>9.3f} {r['seconds']:>5.1f}")
+
+
+if __name__ == "__main__":
+    main()
