@@ -15,7 +15,6 @@ from hyimage.text_encoders.glyph_prompt import extract_glyph_texts, format_glyph
 from tests.fixtures.glyph_fixtures import (
     GLYPH_VOCAB,
     write_glyph_assets,
-    write_glyph_checkpoint,
     write_glyph_release,
     write_tiny_byt5,
 )

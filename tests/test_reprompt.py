@@ -2,7 +2,6 @@
 models with Qwen2.5's real tokenizer; each model's output is scripted through
 `generate(prefix_allowed_tokens_fn=...)`, so the parsing sees a chosen text."""
 
-import functools
 import json
 import os
 from pathlib import Path
@@ -10,16 +9,23 @@ from pathlib import Path
 import pytest
 import torch
 from loguru import logger
-from transformers import AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    GenerationConfig,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
+from hyimage.offload.manager import MemoryManager
 from hyimage.reprompt import Reprompter, normalize_quotes
 from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, SYSTEM_PROMPT_32B
 from tests.fixtures.qwen_tokenizer import copy_qwen_tokenizer, qwen_tokenizer_dir  # noqa: F401 (fixture)
 
 IM_END = 151645
 VOCAB = 151680
-TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+TEXT = {"hidden_size": 16, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 1}
 
 
 def _save(model: torch.nn.Module, directory: Path, tokenizer_dir: Path) -> Path:
@@ -42,10 +48,20 @@ def model_32b_dir(tmp_path_factory: pytest.TempPathFactory, qwen_tokenizer_dir: 
     """A tiny Qwen2.5-VL, the architecture of PromptEnhancer-32B."""
     torch.manual_seed(0)
     config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, **TEXT),
-        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=16),
+        text_config={"vocab_size": VOCAB, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}, **TEXT},
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16},
     )
     return _save(Qwen2_5_VLForConditionalGeneration(config), tmp_path_factory.mktemp("reprompt_32b"), qwen_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def reprompter_7b(model_7b_dir: Path) -> Reprompter:
+    return Reprompter.from_pretrained(model_7b_dir, size="7b", dtype=torch.float32, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def reprompter_32b(model_32b_dir: Path) -> Reprompter:
+    return Reprompter.from_pretrained(model_32b_dir, size="32b", dtype=torch.float32, device="cpu")
 
 
 def _script(reprompter: Reprompter, text: str, monkeypatch: pytest.MonkeyPatch) -> list[dict]:
@@ -76,8 +92,8 @@ def warnings_logged() -> list[str]:
     logger.remove(sink)
 
 
-def test_7b_parses_the_answer(model_7b_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reprompter = Reprompter.from_pretrained(model_7b_dir, size="7b", dtype=torch.float32, device="cpu")
+def test_7b_parses_the_answer(reprompter_7b: Reprompter, monkeypatch: pytest.MonkeyPatch) -> None:
+    reprompter = reprompter_7b
     calls = _script(reprompter, "<think>\n\n</think>\n<answer>\n A shop sign reading 'OPEN' and ‘营业中’. </answer> trailing", monkeypatch)
     assert reprompter.rewrite("a shop sign") == 'A shop sign reading "OPEN" and “营业中”.'
 
@@ -98,12 +114,12 @@ def test_official_7b_call_breaks_on_transformers_5(model_7b_dir: Path) -> None:
     tokenized_chat = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_tensors="pt")
     if isinstance(tokenized_chat, torch.Tensor):
         pytest.skip("this transformers returns a tensor (4.x behaviour)")
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, TypeError, ValueError)):
         model.generate(tokenized_chat, max_new_tokens=2)
 
 
-def test_32b_parses_the_answer(model_32b_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    reprompter = Reprompter.from_pretrained(model_32b_dir, size="32b", dtype=torch.float32, device="cpu")
+def test_32b_parses_the_answer(reprompter_32b: Reprompter, monkeypatch: pytest.MonkeyPatch) -> None:
+    reprompter = reprompter_32b
     calls = _script(reprompter, "<think>\nThe user wants a poster.\n</think>\nA poster with 'SALE' in ‘red’.\n", monkeypatch)
     assert reprompter.rewrite("a poster") == 'A poster with "SALE" in “red”.\n'
     (call,) = calls
@@ -125,10 +141,9 @@ def test_32b_parses_the_answer(model_32b_dir: Path, monkeypatch: pytest.MonkeyPa
     ],
 )
 def test_unusable_output_falls_back(
-    size: str, output: str, model_7b_dir: Path, model_32b_dir: Path, monkeypatch: pytest.MonkeyPatch, warnings_logged: list[str]
+    size: str, output: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, warnings_logged: list[str]
 ) -> None:
-    directory = model_7b_dir if size == "7b" else model_32b_dir
-    reprompter = Reprompter.from_pretrained(directory, size=size, dtype=torch.float32, device="cpu")
+    reprompter = request.getfixturevalue(f"reprompter_{size}")
     _script(reprompter, output, monkeypatch)
     assert reprompter.rewrite_batch(["keep 'me'", "and me"]) == ["keep 'me'", "and me"]
     assert len(warnings_logged) == 2 and all("using the prompt as given" in m for m in warnings_logged)
@@ -169,3 +184,13 @@ def test_released_32b_rewrites() -> None:
         pytest.skip(f"{path} is not there")
     reprompter = Reprompter.from_pretrained(path, size="32b", max_new_tokens=512)
     assert reprompter.rewrite("一只猫") != "一只猫"
+
+
+def test_32b_runs_under_block_streaming(reprompter_32b: Reprompter, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The offload streamer finds the decoder layers and generation still gives the scripted answer."""
+    memory = MemoryManager("cpu", mode="block", gpu_budget_gb=1e-6)
+    reprompter = Reprompter(reprompter_32b.model, reprompter_32b.tokenizer, "32b", memory=memory)
+    streamer = memory.streamer(reprompter.model)
+    assert any(name.startswith("model.language_model.layers.") for name in streamer.plan.streamed)
+    _script(reprompter, "<think>x</think>\nA cat.", monkeypatch)
+    assert reprompter.rewrite("a cat") == "A cat."

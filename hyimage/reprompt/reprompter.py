@@ -3,22 +3,28 @@
 Both decode greedily, read the answer as the official code does, normalise the quotes, and give
 the user's prompt back, with a logged warning, when anything fails. The model sits in host
 memory and is on the execution device only while it generates (`MemoryManager.running`); in
-memory mode "block" its decoder layers are streamed, which keeps the 32B within a 24 GB GPU.
+memory mode "block" its decoder layers are streamed from host memory, so the 32B (about 65 GB in
+bf16) runs with `gpu_budget_gb` of resident weights.
 """
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from loguru import logger
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase, Qwen2_5_VLForConditionalGeneration
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+    Qwen2_5_VLForConditionalGeneration,
+)
 
 from hyimage.offload.manager import MemoryManager
-from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, extract_answer_32b, extract_answer_7b, user_message_32b
+from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, extract_answer_7b, extract_answer_32b, user_message_32b
 
 MAX_NEW_TOKENS = 2048
 
@@ -147,7 +153,7 @@ class Reprompter(nn.Module):
         try:
             generated = self._generate(prompt)
             answer = self.spec.extract_answer(generated)
-        except Exception as error:  # the official pipeline falls back on any failure; so do we, loudly
+        except Exception as error:  # noqa: BLE001 (the official code falls back on any failure; so do we, with a warning)
             logger.warning(f"reprompt ({self.size}) failed, using the prompt as given: {type(error).__name__}: {error}")
             return prompt
         logger.info(f"reprompt ({self.size}): {answer}")
