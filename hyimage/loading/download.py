@@ -62,6 +62,7 @@ class DownloadConfig:
     reprompt: str | None = None
     text_encoder: bool = True
     glyph: bool = True
+    base: bool = True  # False: the refiner alone (`hyimage refine`), without the variant's DiT and image VAE
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -71,10 +72,10 @@ class DownloadConfig:
 
     def command(self, root: str | os.PathLike | None = None) -> str:
         """The `hyimage download` command line that fetches this configuration (into `root` when given)."""
-        parts = ["hyimage download", f"--variant {self.variant}"]
+        parts = ["hyimage download", f"--variant {self.variant}" if self.base else "--refiner-only"]
         if self.fp8:
             parts.append("--fp8")
-        if not self.refiner:
+        if not self.refiner and self.base:
             parts.append("--no-refiner")
         if self.reprompt:
             parts.append(f"--reprompt {self.reprompt}")
@@ -84,10 +85,13 @@ class DownloadConfig:
 
     def describe(self) -> str:
         """E.g. 'hunyuanimage-v2.1-distilled (FP8) with the refiner'."""
+        fp8 = " (FP8)" if self.fp8 else ""
+        if not self.base:
+            return "the refiner" + fp8
         extras = ["the refiner"] if self.refiner else []
         if self.reprompt:
             extras.append(f"the {self.reprompt} reprompt model")
-        return self.variant + (" (FP8)" if self.fp8 else "") + (" with " + " and ".join(extras) if extras else "")
+        return self.variant + fp8 + (" with " + " and ".join(extras) if extras else "")
 
 
 @dataclass(frozen=True)
@@ -127,15 +131,15 @@ def _dit_files(variant: str, fp8: bool) -> tuple[str, ...]:
 
 def sources(config: DownloadConfig) -> list[Source]:
     """The repositories and file patterns `config` needs."""
-    official = [*_dit_files(config.variant, config.fp8), "vae/vae_2_1/*"]
-    if config.refiner:
+    official = [*_dit_files(config.variant, config.fp8), "vae/vae_2_1/*"] if config.base else []
+    if config.refiner or not config.base:
         official += [*_dit_files("hunyuanimage-refiner", config.fp8), "vae/vae_refiner/*"]
     if config.reprompt == "7b":
         official.append("reprompt/*")
-    found = [Source(OFFICIAL_REPO, tuple(official), "", f"{config.variant} DiT and VAEs")]
+    found = [Source(OFFICIAL_REPO, tuple(official), "", f"{config.describe()} DiT and VAE files")]
     if config.text_encoder:
         found.append(Source(QWEN_REPO, MODEL_FILES, "text_encoder/llm", "Qwen2.5-VL text encoder"))
-    if config.glyph:
+    if config.glyph and config.base:
         found.append(Source(BYT5_REPO, ("*.json",), "text_encoder/byt5-small", "ByT5 configuration and tokenizer"))
         glyph_files = ("text_encoder_2/*", "tokenizer_2/*")
         found.append(Source(GLYPH_REPO, glyph_files, "text_encoder/Glyph-SDXL-v2", "Glyph-SDXL-v2 ByT5"))

@@ -144,7 +144,7 @@ def load_refiner_pipeline(
     root = model_root_for(model_root)
     layout = CheckpointLayout(root)
     memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
-    needs = DownloadConfig(fp8=use_fp8, refiner=True)
+    needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
     command_root = None if model_root is None else root
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
