@@ -122,7 +122,7 @@ class Reprompter(nn.Module):
             )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model_class = Qwen2_5_VLForConditionalGeneration if size == "32b" else AutoModelForCausalLM
-        model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
         return cls(
             model,
             tokenizer,
