@@ -123,13 +123,19 @@ def main() -> None:
         run_child("write", path, args.gb)
         size = path.stat().st_size
         blocks = config["mm_double_blocks_depth"]
-        print(f"checkpoint: {size / 1e9:.2f} GB, {blocks} double + {blocks} single blocks of width {HIDDEN}, "
-              f"written in {time.perf_counter() - start:.0f} s")
-        print(f"{'method':<12} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}")
+        print(
+            f"checkpoint: {size / 1e9:.2f} GB, {blocks} double + {blocks} single blocks of width {HIDDEN}, "
+            f"written in {time.perf_counter() - start:.0f} s"
+        )
+        print(
+            f"{'method':<12} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}"
+        )
         for method in ("hyimage", "hyimage fp8", "load_file"):
             r = json.loads(run_child(method, path, args.gb).splitlines()[-1])
-            print(f"{method:<12} {r['peak'] / 1e9:>11.2f} {r['peak'] / size:>9.3f} "
-                  f"{(r['peak'] - r['before']) / size:>17.3f} {r['held'] / size:>9.3f} {r['seconds']:>5.1f}")
+            print(
+                f"{method:<12} {r['peak'] / 1e9:>11.2f} {r['peak'] / size:>9.3f} "
+                f"{(r['peak'] - r['before']) / size:>17.3f} {r['held'] / size:>9.3f} {r['seconds']:>5.1f}"
+            )
 
 
 if __name__ == "__main__":

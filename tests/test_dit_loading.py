@@ -132,7 +132,9 @@ def test_wrong_shape_is_named(reference, tmp_path):
     state = reference.state_dict()
     state["img_in.proj.weight"] = torch.zeros(32, 4, 2, 2)
     path = save(state, tmp_path / "shape.safetensors")
-    with pytest.raises(CheckpointError, match=r"(?s)shape.safetensors.*wrong shape.*img_in\.proj\.weight.*\(32, 4, 2, 2\)"):
+    with pytest.raises(
+        CheckpointError, match=r"(?s)shape.safetensors.*wrong shape.*img_in\.proj\.weight.*\(32, 4, 2, 2\)"
+    ):
         load_dit(path, TINY)
 
 

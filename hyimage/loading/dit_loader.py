@@ -102,9 +102,7 @@ def _scale_sources(
     return [TensorSource(Path(fp8_scale), partial(_scales_as_model_keys, Path(fp8_scale)))]
 
 
-def _scales_as_model_keys(
-    path: Path, keys: Iterable[str], get_tensor: GetTensor
-) -> Iterator[tuple[str, torch.Tensor]]:
+def _scales_as_model_keys(path: Path, keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
     """The released scale file maps `<name>` to a one-element scale: yield `<name>.weight_scale`, 0-dim."""
     for key in keys:
         scale = get_tensor(key)

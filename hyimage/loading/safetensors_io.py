@@ -87,7 +87,10 @@ def read_tensor_infos(path: PathLike) -> dict[str, TensorInfo]:
         infos = {}
         for key in handle.keys():
             view = handle.get_slice(key)
-            infos[key] = TensorInfo(tuple(view.get_shape()), SAFETENSORS_DTYPES[view.get_dtype()])
+            stored = view.get_dtype()
+            if stored not in SAFETENSORS_DTYPES:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {stored}, which hyimage does not read")
+            infos[key] = TensorInfo(tuple(view.get_shape()), SAFETENSORS_DTYPES[stored])
     return infos
 
 
@@ -170,20 +173,40 @@ def _converted(
     dtype: Optional[torch.dtype],
     device: torch.device,
     keep_dtype: Collection[str],
-    origins: dict[str, Path],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor copied into fresh memory in its target dtype on `device` (recording its file)."""
-    for key, tensor, path in stream:
-        origins[key] = path
+    """Each tensor copied into fresh memory in its target dtype on `device` (nothing copied on meta)."""
+    for key, tensor, _ in stream:
         target = torch.empty(tensor.shape, dtype=_target_dtype(key, tensor, dtype, keep_dtype), device=device)
         if device.type != "meta":
             target.copy_(tensor)
         yield key, target
 
 
+def _dry_run(
+    readers: Sequence[tuple[TensorSource, SafetensorsReader]],
+    dtype: Optional[torch.dtype],
+    keep_dtype: Collection[str],
+    transform: Transform,
+) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
+    """What loading would produce, as meta tensors by key, and the file each source key comes from."""
+    origins: dict[str, Path] = {}
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor, Path]]:
+        for key, tensor, path in _stream(readers, meta=True):
+            origins[key] = path
+            yield key, tensor, path
+
+    produced = dict(transform(_converted(recorded(), dtype, torch.device("meta"), keep_dtype)))
+    return produced, origins
+
+
 def _listing(items: list[str], what: str) -> str:
     shown = ", ".join(items[:SHOWN_KEYS]) + (", ..." if len(items) > SHOWN_KEYS else "")
     return f"  {len(items)} {what}: {shown}"
+
+
+def _with_origin(key: str, origins: dict[str, Path]) -> str:
+    return f"{key} (in {origins[key].name})" if key in origins else key
 
 
 def _check(
@@ -196,7 +219,7 @@ def _check(
     """Raise CheckpointError listing missing, unexpected, wrongly shaped and wrongly typed keys."""
     expected = model.state_dict(keep_vars=True)
     missing = [key for key in expected if key not in produced]
-    unexpected = [f"{key} (in {origins[key].name})" for key in produced if key not in expected] if strict else []
+    unexpected = [_with_origin(key, origins) for key in produced if key not in expected] if strict else []
     shapes, kinds = [], []
     for key, tensor in produced.items():
         if key not in expected:
@@ -254,14 +277,12 @@ def load_safetensors_into(
     readers = [(source, SafetensorsReader(source.path)) for source in sources]
     transform = transform or (lambda stream: stream)
 
-    origins: dict[str, Path] = {}
-    meta = torch.device("meta")
-    dry_run = dict(transform(_converted(_stream(readers, True), dtype, meta, keep_dtype, origins)))
-    _check(model, dry_run, origins, files, strict)
+    produced, origins = _dry_run(readers, dtype, keep_dtype, transform)
+    _check(model, produced, origins, files, strict)
 
     expected = model.state_dict(keep_vars=True)
     try:
-        stream = transform(_converted(_stream(readers, False), dtype, device, keep_dtype, origins))
+        stream = transform(_converted(_stream(readers, meta=False), dtype, device, keep_dtype))
         for key, tensor in stream:
             if key in expected:
                 _assign(model, key, tensor)
@@ -269,7 +290,7 @@ def load_safetensors_into(
         for _, reader in readers:
             reader.close()
     assert_materialized(model, files)
-    logger.debug("loaded {} tensors from {}", len(dry_run), " + ".join(map(str, files)))
+    logger.debug("loaded {} tensors from {}", len(produced), " + ".join(map(str, files)))
     return model
 
 
