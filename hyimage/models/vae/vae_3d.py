@@ -103,7 +103,7 @@ class ResnetBlock(nn.Module):
         h = self.conv2(swish(self.norm2(h)))
         if hasattr(self, "nin_shortcut"):
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x)
 
 
 def _space_to_channels(x: torch.Tensor, time: int) -> torch.Tensor:
