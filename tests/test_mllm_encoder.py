@@ -134,7 +134,7 @@ def test_matches_diffusers_encode_prompt(encoder, reference_model, tokenizer):
 
 
 def test_layer_choice_by_hook(encoder, reference_model, tokenizer):
-    """The embedding is the output of decoder layer N-3 (0-based, the third from last), caught by forward hooks."""
+    """The embedding is the output of decoder layer N-3 (0-based: the third from last), caught by forward hooks."""
     caught = {}
     layers = reference_model.model.language_model.layers
     handles = [
@@ -151,7 +151,11 @@ def test_layer_choice_by_hook(encoder, reference_model, tokenizer):
     )
     try:
         with torch.no_grad():
-            reference_model.model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask)
+            # padding at position 1, as transformers 4.56 (the official pin) numbers it for text-only input
+            positions = (tokens.attention_mask.cumsum(-1) - 1).masked_fill(tokens.attention_mask == 0, 1)
+            reference_model.model(
+                input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, position_ids=positions
+            )
     finally:
         for handle in handles:
             handle.remove()
@@ -161,6 +165,7 @@ def test_layer_choice_by_hook(encoder, reference_model, tokenizer):
     embeds, mask = encoder.encode(PROMPTS)
     valid = mask.bool()
     assert max_rel_error(embeds[valid], hooked[TINY_LAYERS - 3][valid]) <= TOLERANCE
+    assert max_rel_error(embeds, hooked[TINY_LAYERS - 3]) <= TOLERANCE  # padding positions too
     assert max_rel_error(embeds[valid], hooked[TINY_LAYERS - 2][valid]) > 0.01
 
 

@@ -7,7 +7,11 @@ the last two, before the final norm. Only that much is built here: the token emb
 LM head are never read from the checkpoint. Everything else follows the official encoder: the template, right
 padding to `text_length + crop_start` tokens, the instruction tokens cropped from the output and the mask alike.
 
-Supported: transformers 5.x (tested with 5.23), whose `Qwen2_5_VLTextModel` runs the decoder stack.
+Position ids are given explicitly as the official code computes them with its pinned transformers (4.56):
+0, 1, 2, ... on the prompt and 1 on padding. Valid positions do not depend on this; padding positions then match
+the official run on every transformers version (transformers 5 itself would count on through the padding).
+
+Supported: transformers 4.56 to 5.x (tested with 4.56.0, 4.57.1 and 5.23.0).
 """
 
 import copy
@@ -33,7 +37,7 @@ def _require_transformers():
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
     except ImportError as error:
         raise ImportError(
-            "the MLLM text encoder needs transformers with Qwen2.5-VL support: pip install 'transformers>=5'"
+            "the MLLM text encoder needs transformers with Qwen2.5-VL support: pip install 'transformers>=4.56'"
         ) from error
     return AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel
 
@@ -78,6 +82,15 @@ def text_model_sources(path: Path, wanted: Iterable[str]) -> list[TensorSource]:
 
     files = dict.fromkeys(file for key, file in stored.items() if key.removeprefix(prefix) in wanted)
     return [TensorSource(file, translate) for file in files]
+
+
+def _rebuild_rotary_embeddings(model: nn.Module, config, device: torch.device) -> None:
+    """Create the RoPE modules for real: their buffers are computed from the config, never stored."""
+    for name, module in list(model.named_modules()):
+        if name.endswith("rotary_emb"):
+            parent, _, attr = name.rpartition(".")
+            with torch.device(device):
+                setattr(model.get_submodule(parent), attr, type(module)(config=config))
 
 
 class MLLMTextEncoder(nn.Module):
@@ -129,8 +142,7 @@ class MLLMTextEncoder(nn.Module):
         with torch.device("meta"):
             model = Qwen2_5_VLTextModel(config)
         model.norm = nn.Identity()
-        with torch.device(device):
-            model.rotary_emb = type(model.rotary_emb)(config=config)  # computed buffers, not stored
+        _rebuild_rotary_embeddings(model, config, device)
         wanted = model.state_dict().keys()
         load_safetensors_into(model, text_model_sources(path, wanted), dtype=dtype, device=device)
         model.requires_grad_(False).eval()
@@ -192,7 +204,10 @@ class MLLMTextEncoder(nn.Module):
         tokens = self.tokenize(prompts)
         input_ids = tokens["input_ids"].to(self.device)
         attention_mask = tokens["attention_mask"].to(self.device)
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         crop = self.template.crop_start
         return hidden[:, crop:], attention_mask[:, crop:].long()
 
