@@ -1,0 +1,189 @@
+"""End to end on CPU: a complete tiny checkpoint tree in the official layout, the official README snippet, the CLI.
+
+The snippet runs as the official README prints it with three substitutions, each stated here:
+"cuda" -> "cpu" (no GPU in the suite); every (width, height) preset divided by 8 (2048x2048 through the
+tiny VAEs would cost minutes of CPU per image and tests nothing the small size does not: the sizes stay
+multiples of the VAE factor 32, aspect ratios unchanged); 2 sampling steps instead of 50/8 (the loop is
+tested step by step against the official one in the pipeline tests; here it only has to run).
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from hyimage.cli import main
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout
+from hyimage.loading.pipeline_loader import MissingCheckpointError
+from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
+from tests.fixtures.tiny_tree import write_tiny_tree
+
+OFFICIAL_SNIPPET = '''
+import os
+os.environ['PYTORCH_CUDA_ALLOC_CONF'] = 'expandable_segments:True'
+import torch
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+
+# Supported model_name: hunyuanimage-v2.1, hunyuanimage-v2.1-distilled
+model_name = "hunyuanimage-v2.1"
+pipe = HunyuanImagePipeline.from_pretrained(model_name=model_name, use_fp8=True)
+pipe = pipe.to("cuda")
+
+# The input prompt
+prompt = "A cute, cartoon-style anthropomorphic penguin plush toy with fluffy fur, standing in a painting studio, wearing a red knitted scarf and a red beret with the word \\"Tencent\\" on it, holding a paintbrush with a focused expression as it paints an oil painting of the Mona Lisa, rendered in a photorealistic photographic style."
+
+
+# Generate with different aspect ratios
+aspect_ratios = {
+    "16:9": (2560, 1536),
+    "4:3": (2304, 1792),
+    "1:1": (2048, 2048),
+    "3:4": (1792, 2304),
+    "9:16": (1536, 2560),
+}
+
+width, height = aspect_ratios["1:1"]
+
+image = pipe(
+    prompt=prompt,
+    width=width,
+    height=height,
+    # disable the reprompt if you already use the prompt enhancement to enhance the prompt
+    use_reprompt=False,  # Enable prompt enhancement (which may result in higher GPU memory usage)
+    use_refiner=True,   # Enable refiner model
+    # For the distilled model, use 8 steps for faster inference.
+    # For the non-distilled model, use 50 steps for better quality.
+    num_inference_steps=8 if "distilled" in model_name else 50, 
+    guidance_scale=3.25 if "distilled" in model_name else 3.5,
+    shift=4 if "distilled" in model_name else 5,
+    seed=649151,
+)
+
+image.save("generated_image.png")
+'''
+
+
+def cpu_snippet(model_name: str, ratio: str) -> str:
+    """The snippet with the substitutions of the module docstring (and the variant and preset to run)."""
+    code = OFFICIAL_SNIPPET.replace('pipe.to("cuda")', 'pipe.to("cpu")')
+    code = re.sub(r"\((\d+), (\d+)\)", lambda m: f"({int(m[1]) // 8}, {int(m[2]) // 8})", code)
+    code = code.replace("num_inference_steps=8 if", "num_inference_steps=2 if").replace("else 50,", "else 2,")
+    code = code.replace('model_name = "hunyuanimage-v2.1"', f'model_name = "{model_name}"')
+    return code.replace('aspect_ratios["1:1"]', f'aspect_ratios["{ratio}"]')
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tokenizer = build_qwen_tokenizer_once(str(tmp_path_factory.getbasetemp()))
+    return write_tiny_tree(tmp_path_factory.mktemp("ckpts"), tokenizer)
+
+
+@pytest.fixture
+def in_tree(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """$HUNYUANIMAGE_V2_1_MODEL_ROOT at the tree, working directory a fresh folder."""
+    monkeypatch.setenv(MODEL_ROOT_ENV, str(tree))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_official_snippet_runs_on_the_tiny_tree(in_tree: Path) -> None:
+    """The base model with the official FP8 pair and the refiner (quantized while loading: no FP8 file for it)."""
+    namespace: dict = {}
+    exec(compile(cpu_snippet("hunyuanimage-v2.1", "16:9"), "README snippet", "exec"), namespace)
+    image = Image.open(in_tree / "generated_image.png")
+    assert image.size == (320, 192) and image.mode == "RGB"
+    assert len(set(image.getdata())) > 1  # not a blank image
+
+    pipe = namespace["pipe"]
+    assert torch.float8_e4m3fn in {p.dtype for p in pipe.dit.parameters()}
+    assert not pipe.is_distilled
+    refiner = pipe.parts.loaded("refiner_pipeline")
+    assert torch.float8_e4m3fn in {p.dtype for p in refiner.dit.parameters()}
+    assert refiner.text_encoder.model is pipe.text_encoder.model  # one language model for both templates
+    assert pipe.parts.loaded("reprompt_model") is None  # never asked for, never loaded
+
+
+def test_parts_load_only_when_needed(in_tree: Path) -> None:
+    pipe = HunyuanImagePipeline.from_pretrained(
+        model_name="hunyuanimage-v2.1-distilled", use_fp8=False, memory_mode="block"
+    )
+    assert all(pipe.parts.loaded(name) is None for name in ("dit", "vae", "text_encoder", "glyph_encoder"))
+    latents = pipe(prompt="a red fox", width=64, height=64, num_inference_steps=1, seed=1, output_type="latent")
+    assert latents.shape == (1, 64, 2, 2)
+    assert pipe.parts.loaded("refiner_pipeline") is None and pipe.parts.loaded("reprompt_model") is None
+    assert {p.dtype for p in pipe.dit.parameters()} == {torch.float32}  # bf16 file, float32 compute on CPU
+    streamer = pipe.memory.streamer(pipe.dit)
+    assert streamer.counts["load"] == len(streamer.plan.streamed) > 0  # block streaming ran in the pipeline
+
+
+def test_cli_generate_writes_sized_images_with_settings(in_tree: Path) -> None:
+    args = ["generate", 'a shop sign that reads "OPEN"', "--variant", "distilled", "--fp8", "--width", "128",
+            "--height", "96", "--steps", "2", "--seed", "11", "--num-images", "2", "--device", "cpu", "-o", "out.png"]
+    assert main(args) == 0
+    for i in range(2):
+        image = Image.open(in_tree / f"out-{i}.png")
+        assert image.size == (128, 96)
+        assert image.text["seed"] == str(11 + i)
+        settings = json.loads(image.text["hyimage"])
+        assert settings["variant"] == "hunyuanimage-v2.1-distilled" and settings["fp8"] is True
+        assert settings["steps"] == 2 and settings["shift"] == 4 and settings["refiner"] is True
+
+    assert main(args) == 1  # refuses to overwrite
+    assert main(["refine", "out-0.png", "--prompt", "a shop sign", "--seed", "3", "--device", "cpu"]) == 0
+    refined = Image.open(in_tree / "out-0-refined.png")
+    assert refined.size == (128, 96) and refined.text["seed"] == "3"
+
+
+def partial_tree(tree: Path, target: Path, leave_out: str) -> Path:
+    """A copy of `tree` (as symlinks) without the file or folder `leave_out`."""
+    for path in tree.rglob("*"):
+        relative = path.relative_to(tree)
+        if path.is_file() and not relative.as_posix().startswith(leave_out):
+            (target / relative).parent.mkdir(parents=True, exist_ok=True)
+            (target / relative).symlink_to(path)
+    return target
+
+
+@pytest.mark.parametrize(
+    "leave_out, use_fp8, named, command",
+    [
+        ("dit/hunyuanimage2.1-distilled.safetensors", False, "dit/hunyuanimage2.1-distilled.safetensors",
+         "hyimage download --variant hunyuanimage-v2.1-distilled"),
+        ("dit/hunyuanimage2.1_fp8_scale", True, "dit/hunyuanimage2.1_fp8_scale.safetensors",
+         "hyimage download --variant hunyuanimage-v2.1 --fp8"),
+        ("vae/vae_2_1", False, "vae/vae_2_1/config.json", "hyimage download --variant hunyuanimage-v2.1"),
+        ("text_encoder/llm", False, "text_encoder/llm/config.json", "hyimage download --variant hunyuanimage-v2.1"),
+        ("text_encoder/Glyph-SDXL-v2", False, "text_encoder/Glyph-SDXL-v2", "hyimage download"),
+    ],
+)
+def test_missing_checkpoint_names_file_configuration_and_command(
+    tree: Path, tmp_path: Path, leave_out: str, use_fp8: bool, named: str, command: str
+) -> None:
+    root = partial_tree(tree, tmp_path / "ckpts", leave_out)
+    variant = "hunyuanimage-v2.1-distilled" if "distilled" in leave_out else "hunyuanimage-v2.1"
+    with pytest.raises(MissingCheckpointError) as error:
+        HunyuanImagePipeline.from_pretrained(model_name=variant, use_fp8=use_fp8, model_root=root)
+    message = str(error.value)
+    assert str(root / named) in message and variant in message and command in message
+
+
+def test_missing_refiner_fails_when_the_refiner_is_first_needed(tree: Path, tmp_path: Path) -> None:
+    root = partial_tree(tree, tmp_path / "ckpts", "dit/hunyuanimage-refiner")
+    pipe = HunyuanImagePipeline.from_pretrained(model_name="hunyuanimage-v2.1-distilled", model_root=root)
+    with pytest.raises(MissingCheckpointError, match=r"hunyuanimage-refiner\.safetensors.*hyimage download"):
+        pipe(prompt="a fox", width=64, height=64, num_inference_steps=1, seed=0, use_refiner=True)
+
+
+def test_fp8_bf16_mixup_and_missing_root_are_explained(tree: Path, tmp_path: Path) -> None:
+    root = partial_tree(tree, tmp_path / "ckpts", "dit/hunyuanimage2.1.safetensors")
+    with pytest.raises(MissingCheckpointError, match=r"use_fp8=True"):
+        HunyuanImagePipeline.from_pretrained(model_name="hunyuanimage-v2.1", use_fp8=False, model_root=root)
+    with pytest.raises(MissingCheckpointError, match=r"does not exist.*hyimage download"):
+        HunyuanImagePipeline.from_pretrained(model_root=tmp_path / "nowhere")
+    assert CheckpointLayout(root).dit_fp8("hunyuanimage-v2.1").exists()
+    shutil.rmtree(root)
