@@ -354,3 +354,22 @@ def test_plain_cfg_mode_is_cfg_at_every_step(base_dit, vae) -> None:
     cfg_only = AdaptiveProjectedMixGuidance(guidance_scale=3.5, adaptive_projected_guidance_start_step=100)
     ref = run_diffusers(diffusers_pipeline(base_dit, 5, cfg_only, cfg_only), inputs, slice(0, 2), num_inference_steps=3)
     assert max_rel_error(ours, ref) <= TOLERANCE
+
+
+def test_ascii_single_quotes_are_not_glyph_text(tmp_path) -> None:
+    """Official: only "..." and the Chinese quotes mark text to render; diffusers also takes '...' (a deviation).
+    With the real glyph encoder a single-quoted prompt has no valid glyph token, so MIX_mode_0 treats it as general."""
+    from diffusers.pipelines.hunyuan_image.pipeline_hunyuanimage import extract_glyph_text
+
+    from hyimage.diffusion.guidance import Guidance
+    from hyimage.text_encoders.glyph import GlyphByT5Encoder
+    from tests.fixtures.glyph_fixtures import write_glyph_release
+
+    write_glyph_release(tmp_path)
+    encoder = GlyphByT5Encoder.from_pretrained(tmp_path / "byt5-small", tmp_path / "Glyph-SDXL-v2")
+    prompts = ["a shop sign saying 'OPEN'", 'a shop sign saying "OPEN"']
+    _, mask = encoder.encode(prompts)
+    ocr = mask.bool().any(dim=1)
+    assert ocr.tolist() == [False, True]
+    assert extract_glyph_text(prompts[0]) is not None  # diffusers would render it
+    assert Guidance(GuidanceConfig(), 3.5, ocr).uses_apg(6).tolist() == [True, False]

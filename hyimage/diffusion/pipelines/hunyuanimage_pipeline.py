@@ -241,7 +241,8 @@ class HunyuanImagePipeline:
         image) or `generator` (one, or one per image) fix the noise; the same seed gives the same image.
         `callback(step, timestep, latents)` runs after each step and may return replacement latents.
         `refiner_handoff` "uint8" passes the refiner an 8-bit image as the official pipeline does; "float" the
-        decoded image unrounded.
+        decoded image unrounded. Precomputed embeddings replace the encoders' output; a DiT with glyph input
+        given neither `glyph_embeds` nor prompt text gets zeros (no text to render).
         """
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
@@ -517,6 +518,8 @@ class HunyuanImagePipeline:
         if any(p is None for p in prompts):
             raise ValueError("use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template")
         refiner = self.refiner_pipeline
+        if refiner.device != self.device:
+            refiner.to(self.device)
         handed = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255 if handoff == "uint8" else images
         use_seeds = all(s is not None for s in seeds)
         refined = refiner(
