@@ -125,7 +125,9 @@ class FakeHub:
             request.wfile.write(body)
             return
         match = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", path)
-        assert match and match[2] == COMMIT, request.path
+        if match is None or match[2] != COMMIT:
+            request.send_error(404)
+            return
         repo, name = match[1], match[3]
         data = REPOS[repo][name]
         if name in self.corrupt:

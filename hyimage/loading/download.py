@@ -24,8 +24,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
-from huggingface_hub import HfApi, hf_hub_url
+from huggingface_hub import HfApi, constants
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import build_hf_headers
 from loguru import logger
@@ -161,6 +162,7 @@ def list_files(
 ) -> list[RemoteFile]:
     """Every file `config` needs, with its size and hash from the Hub's metadata."""
     root = model_root(root)
+    endpoint = hub_endpoint(endpoint)
     api = HfApi(endpoint=endpoint, token=token)
     files = []
     for source in sources(config):
@@ -206,10 +208,14 @@ def _is_network_error(error: Exception) -> bool:
     return isinstance(error, OSError) or type(error).__module__.split(".")[0] in NETWORK_ERROR_MODULES
 
 
+def hub_endpoint(endpoint: str | None = None) -> str:
+    """`endpoint`, else the one huggingface_hub uses ($HF_ENDPOINT or https://huggingface.co)."""
+    return (endpoint or constants.ENDPOINT).rstrip("/")
+
+
 def _unreachable(endpoint: str | None, error: Exception) -> HubUnreachableError:
-    where = endpoint or os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     return HubUnreachableError(
-        f"could not reach the Hugging Face Hub at {where} ({type(error).__name__}: {error}). "
+        f"could not reach the Hugging Face Hub at {hub_endpoint(endpoint)} ({type(error).__name__}: {error}). "
         "Check the network connection, or set HF_ENDPOINT to a reachable mirror "
         "(e.g. HF_ENDPOINT=https://hf-mirror.com), then run the command again: it resumes where it stopped."
     )
@@ -258,7 +264,7 @@ def fetch_file(
 
 
 def _stream(file: RemoteFile, partial: Path, done: int, *, endpoint, token, progress: bool) -> None:
-    url = hf_hub_url(file.repo_id, file.path, revision=file.revision, endpoint=endpoint)
+    url = f"{hub_endpoint(endpoint)}/{file.repo_id}/resolve/{quote(file.revision, safe='')}/{quote(file.path)}"
     request = urllib.request.Request(url)
     for key, value in build_hf_headers(token=token).items():
         request.add_unredirected_header(key, value)
