@@ -245,7 +245,9 @@ def output_paths(stem: Path, count: int) -> list[Path]:
 def refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
     existing = [str(p) for p in paths if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"{', '.join(existing)} already exists; pass --overwrite to replace it or choose --output")
+        raise FileExistsError(
+            f"{', '.join(existing)} already exists; pass --overwrite to replace it or choose another --output"
+        )
 
 
 def save_png(image: Any, path: Path, settings: dict) -> None:
