@@ -1,5 +1,8 @@
 """Loading a DiT from one safetensors file: official and diffusers layouts, strict checks, damaged files."""
 
+import json
+import os
+import struct
 from pathlib import Path
 
 import pytest
@@ -8,8 +11,10 @@ from safetensors.torch import save_file
 
 from hyimage.loading.dit_diffusers_keys import official_to_diffusers
 from hyimage.loading.dit_loader import load_dit
-from hyimage.loading.safetensors_io import CheckpointError, read_tensor_infos
+from hyimage.loading.layout import CheckpointLayout
+from hyimage.loading.safetensors_io import CheckpointError, SafetensorsReader, read_tensor_infos
 from hyimage.models import HYImageDiffusionTransformer
+from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
 from tests.utils import TOLERANCE, max_rel_error
 
 TINY = dict(
@@ -143,13 +148,37 @@ def test_wrong_config_lists_all_problems(official_file):
         load_dit(official_file, dict(TINY, mm_double_blocks_depth=1, hidden_size=48, heads_num=3))
 
 
-@pytest.mark.parametrize("keep", [0.5, 0.999])
+@pytest.mark.parametrize("keep", [5, 40, 0.5, 0.999])
 def test_truncated_file_says_incomplete(official_file, tmp_path, keep):
     data = official_file.read_bytes()
     path = tmp_path / "truncated.safetensors"
-    path.write_bytes(data[: int(len(data) * keep)])
+    path.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
     with pytest.raises(CheckpointError, match=r"truncated.safetensors is incomplete.*download it again"):
         load_dit(path, TINY)
+
+
+def test_other_file_types_are_named(tmp_path):
+    path = tmp_path / "model.safetensors"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(CheckpointError, match="model.safetensors is incomplete or damaged"):
+        load_dit(path, TINY)
+
+
+def test_files_larger_than_memory_are_read_without_mapping_them(tmp_path):
+    """A sparse 64 GB file: its last tensor is read without mapping (or reading) the rest."""
+    header = {
+        "huge": {"dtype": "BF16", "shape": [2**35], "data_offsets": [0, 2**36]},
+        "last": {"dtype": "F32", "shape": [2], "data_offsets": [2**36, 2**36 + 8]},
+    }
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "sparse.safetensors"
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        file.seek(8 + len(encoded) + 2**36)
+        file.write(struct.pack("<2f", 1.5, -2.0))
+    with SafetensorsReader(path) as reader:
+        assert reader.infos["huge"].shape == (2**35,)
+        assert reader.get("last").tolist() == [1.5, -2.0]
 
 
 def test_missing_file_is_named(tmp_path):
@@ -163,3 +192,26 @@ def test_header_gives_every_shape_and_dtype(official_file):
     assert {key: (tuple(t.shape), t.dtype) for key, t in state.items()} == {
         key: (info.shape, info.dtype) for key, info in infos.items()
     }
+
+
+RELEASED = ["hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled", "hunyuanimage-refiner"]
+
+
+@pytest.mark.skipif(not os.environ.get("HYIMAGE_CKPTS"), reason="set HYIMAGE_CKPTS to a ckpts/ folder to run")
+@pytest.mark.parametrize("variant", RELEASED)
+def test_released_files_fit_the_model(variant):
+    """Header check of the released bf16 and FP8 files against the meta-built model (no weights read)."""
+    layout = CheckpointLayout(Path(os.environ["HYIMAGE_CKPTS"]))
+    if not layout.dit(variant).is_file():
+        pytest.skip(f"{layout.dit(variant)} is not there")
+    model = HYImageDiffusionTransformer.from_config(variant, device="meta")
+    stored = {key: info.shape for key, info in read_tensor_infos(layout.dit(variant)).items()}
+    assert stored == {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    if layout.dit_fp8(variant).is_file():
+        names = fp8_linear_modules(model)
+        convert_to_fp8_linear(model, names)
+        infos = read_tensor_infos(layout.dit_fp8(variant))
+        scales = read_tensor_infos(layout.dit_fp8_scale(variant))
+        assert set(scales) == set(names)
+        assert all(infos[name + ".weight"].dtype == torch.float8_e4m3fn for name in names)
+        assert set(infos) | {name + ".weight_scale" for name in names} == set(model.state_dict())

@@ -1,19 +1,24 @@
 """Stream tensors from safetensors files into a model built on the `meta` device.
 
-Tensors are read one at a time through `safe_open` (memory-mapped), converted to the requested
-dtype on the requested device and assigned in place of the meta placeholders; the file's pages
-are unmapped every few tens of MB so host memory never holds a second copy of the checkpoint.
+Tensors are read one at a time straight from the file into fresh memory, converted to the
+requested dtype on the requested device and assigned in place of the meta placeholders, so host
+memory holds the model plus one tensor in flight, never a second copy of the checkpoint.
+
+The header is parsed here (8-byte little-endian length, JSON, then the data) and each tensor is
+read with `readinto`: `safe_open(framework="pt")` of safetensors 0.8 maps the whole file
+copy-on-write, which the kernel refuses (ENOMEM) for a 35 GB DiT on a machine with less RAM.
 """
 
+import json
 import os
+import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import BinaryIO, Optional, Union
 
 import torch
 from loguru import logger
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 PathLike = Union[str, os.PathLike]
@@ -36,7 +41,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 FLOAT8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-RELEASE_EVERY_BYTES = 32 * 2**20
+MAX_HEADER_BYTES = 100 * 2**20
 SHOWN_KEYS = 5
 
 
@@ -46,10 +51,11 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Shape and dtype of one stored tensor, read from the file header."""
+    """Shape and dtype of one stored tensor, and where its bytes lie in the file."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    offset: int = 0
 
     @property
     def nbytes(self) -> int:
@@ -68,41 +74,74 @@ def is_float8(dtype: torch.dtype) -> bool:
     return dtype in FLOAT8_DTYPES
 
 
-def _open(path: Path):
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file {path} does not exist; check the path or download it")
+def _damaged(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path} is incomplete or damaged ({problem}); the download was probably interrupted: "
+        "delete the file and download it again"
+    )
+
+
+def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> TensorInfo:
     try:
-        return safe_open(str(path), framework="pt")
-    except SafetensorError as error:
-        raise CheckpointError(
-            f"{path} is incomplete or not a safetensors file ({error}); "
-            "the download was probably interrupted: delete the file and download it again"
-        ) from None
+        stored, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise _damaged(path, f"header entry {key!r} is malformed") from None
+    if stored not in SAFETENSORS_DTYPES:
+        raise CheckpointError(f"{path}: tensor {key!r} has dtype {stored}, which hyimage does not read")
+    info = TensorInfo(shape, SAFETENSORS_DTYPES[stored], data_start + begin)
+    if end - begin != info.nbytes:
+        raise _damaged(
+            path, f"tensor {key!r} spans {end - begin} bytes, but {stored} {list(shape)} needs {info.nbytes}"
+        )
+    return info
 
 
 def read_tensor_infos(path: PathLike) -> dict[str, TensorInfo]:
-    """Every tensor's shape and dtype from the header of `path`, without reading any data."""
+    """Every tensor's shape, dtype and offset from the header of `path`; checks the file is complete."""
     path = Path(path)
-    with _open(path) as handle:
-        infos = {}
-        for key in handle.keys():
-            view = handle.get_slice(key)
-            stored = view.get_dtype()
-            if stored not in SAFETENSORS_DTYPES:
-                raise CheckpointError(f"{path}: tensor {key!r} has dtype {stored}, which hyimage does not read")
-            infos[key] = TensorInfo(tuple(view.get_shape()), SAFETENSORS_DTYPES[stored])
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file {path} does not exist; check the path or download it")
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            raise _damaged(path, f"{size} bytes, shorter than a safetensors header")
+        (header_size,) = struct.unpack("<Q", prefix)
+        if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+            raise _damaged(path, f"the header claims {header_size} bytes, the file has {size}")
+        try:
+            header = json.loads(file.read(header_size))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise _damaged(path, "the header is not valid JSON; is it a safetensors file?") from None
+    if not isinstance(header, dict):
+        raise _damaged(path, "the header is not a JSON object")
+    header.pop("__metadata__", None)
+    data_start = 8 + header_size
+    infos = {key: _parse_entry(path, key, entry, data_start) for key, entry in header.items()}
+    needed = max((info.offset + info.nbytes for info in infos.values()), default=data_start)
+    if needed > size:
+        raise _damaged(path, f"the header describes {needed} bytes, the file has only {size}")
     return infos
 
 
-class SafetensorsReader:
-    """Reads tensors of one file as memory-mapped views, re-opening the file to release pages already read."""
+def _read_exactly(file: BinaryIO, offset: int, buffer: memoryview) -> int:
+    file.seek(offset)
+    done = 0
+    while done < len(buffer):
+        count = file.readinto(buffer[done:])
+        if not count:
+            break
+        done += count
+    return done
 
-    def __init__(self, path: PathLike, release_every_bytes: int = RELEASE_EVERY_BYTES) -> None:
+
+class SafetensorsReader:
+    """Reads the tensors of one safetensors file, each into fresh CPU memory in its stored dtype."""
+
+    def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         self.infos = read_tensor_infos(self.path)
-        self._release_every = release_every_bytes
-        self._handle = None
-        self._mapped = 0
+        self._file: Optional[BinaryIO] = None
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -114,19 +153,18 @@ class SafetensorsReader:
         return list(self.infos)
 
     def get(self, key: str) -> torch.Tensor:
-        """The tensor `key`, backed by the file mapping: copy it before the next calls release that mapping."""
+        """The tensor `key`, newly read from the file (owned by the caller)."""
         if key not in self.infos:
             raise KeyError(f"{self.path} has no tensor {key!r}")
-        if self._handle is None or self._mapped >= self._release_every:
-            self.close()
-            self._handle = _open(self.path).__enter__()
-        self._mapped += self.infos[key].nbytes
-        try:
-            return self._handle.get_tensor(key)
-        except SafetensorError as error:
-            raise CheckpointError(
-                f"{self.path}: tensor {key!r} cannot be read ({error}); the file is damaged: download it again"
-            ) from None
+        info = self.infos[key]
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        if info.nbytes:
+            if self._file is None:
+                self._file = open(self.path, "rb", buffering=0)
+            buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+            if _read_exactly(self._file, info.offset, buffer) != info.nbytes:
+                raise _damaged(self.path, f"tensor {key!r} ends past the end of the file")
+        return tensor
 
     def get_meta(self, key: str) -> torch.Tensor:
         """A `meta` stand-in for `key` with its stored shape and dtype (reads nothing)."""
@@ -134,10 +172,9 @@ class SafetensorsReader:
         return torch.empty(info.shape, dtype=info.dtype, device="meta")
 
     def close(self) -> None:
-        if self._handle is not None:
-            self._handle.__exit__(None, None, None)
-            self._handle = None
-            self._mapped = 0
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def _identity(keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
@@ -174,12 +211,19 @@ def _converted(
     device: torch.device,
     keep_dtype: Collection[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Each tensor copied into fresh memory in its target dtype on `device` (nothing copied on meta)."""
+    """Each tensor in its target dtype on `device`, in memory of its own (a view is copied out)."""
     for key, tensor, _ in stream:
-        target = torch.empty(tensor.shape, dtype=_target_dtype(key, tensor, dtype, keep_dtype), device=device)
-        if device.type != "meta":
-            target.copy_(tensor)
-        yield key, target
+        target = _target_dtype(key, tensor, dtype, keep_dtype)
+        if device.type == "meta":
+            yield key, torch.empty(tensor.shape, dtype=target, device=device)
+        elif tensor.device == device and tensor.dtype == target and _owns_storage(tensor):
+            yield key, tensor
+        else:
+            yield key, torch.empty(tensor.shape, dtype=target, device=device).copy_(tensor)
+
+
+def _owns_storage(tensor: torch.Tensor) -> bool:
+    return tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes
 
 
 def _dry_run(
