@@ -75,7 +75,8 @@ def load_pipeline(
     quantized while loading. `memory_mode` "none" | "model" | "block" (default "model", the official
     offloading; "block" when only `gpu_budget_gb` is given). `device` is where parts run (default CPU
     until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to the official bf16 and fp16 when the
-    pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after `pipe.to`).
+    pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after `pipe.to`);
+    an FP8 DiT keeps its other weights in bf16 everywhere.
     `reprompt_model` "32b" or "7b" (the official names work too); the 7B's
     tokenizer is remote code and needs `trust_remote_code=True`. `refiner=False` drops the refiner.
     """
@@ -249,7 +250,8 @@ def _dit_factory(
         from hyimage.models.dit.model import HYImageDiffusionTransformer
 
         options = {k: v for k, v in kwargs.items() if k != "path"}
-        chosen = dtype if dtype is not None else compute_dtype(memory, torch.bfloat16)
+        # FP8 weights dequantize into bf16, the dtype the rest of an FP8 model is kept in (as the official)
+        chosen = dtype if dtype is not None else torch.bfloat16 if use_fp8 else compute_dtype(memory, torch.bfloat16)
         return HYImageDiffusionTransformer.from_single_file(
             kwargs["path"], config, dtype=chosen, device=_load_device(memory), **options
         ).eval()
