@@ -226,9 +226,19 @@ def test_errors_name_the_path(tmp_path, tiny_qwen25vl_dir):  # noqa: F811
 
 
 @pytest.mark.skipif(not os.environ.get("HYIMAGE_CKPTS"), reason="set HYIMAGE_CKPTS to a ckpts/ folder")
-def test_real_text_encoder_loads():
+def test_real_text_encoder_matches_transformers():
+    """Real Qwen2.5-VL-7B-Instruct: ours vs the whole model loaded by transformers, bf16, a short length."""
     path = Path(os.environ["HYIMAGE_CKPTS"]) / "text_encoder" / "llm"
-    encoder = MLLMTextEncoder.from_pretrained(path, dtype=torch.bfloat16)
-    embeds, mask = encoder.encode(["描述这张图片的内容。"])
-    assert embeds.shape == (1, 1000, 3584) and mask.sum().item() == 6
-    assert torch.isfinite(embeds[mask.bool()].float()).all()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = MLLMTextEncoder.from_pretrained(path, dtype=torch.bfloat16, device=device, max_length=16)
+    prompt = "描述这张图片的内容。"
+    embeds, mask = encoder.encode([prompt])
+    assert embeds.shape == (1, 16, 3584) and mask.sum().item() == 6  # 5 prompt tokens and <|im_end|>
+    assert encoder.tokenize([prompt])["input_ids"][0, 34:39].tolist() == [53481, 108893, 45930, 104597, 1773]
+
+    full = transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16).to(device).eval()
+    tokens = encoder.tokenize([prompt]).to(device)
+    with torch.no_grad():
+        ref = full(**tokens, output_hidden_states=True).hidden_states[-3][:, 34:]
+    valid = mask.bool()
+    assert max_rel_error(embeds[valid].float(), ref[valid].float()) <= 1e-2  # bfloat16

@@ -19,6 +19,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from loguru import logger
@@ -26,6 +27,9 @@ from torch import nn
 
 from ..loading.safetensors_io import CheckpointError, GetTensor, TensorSource, load_safetensors_into, read_tensor_infos
 from .templates import PromptTemplate, get_template
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 HIDDEN_STATE_SKIP_LAYER = 2
 """Decoder layers skipped at the end of the stack (the official `hidden_state_skip_layer`)."""
@@ -84,7 +88,7 @@ def text_model_sources(path: Path, wanted: Iterable[str]) -> list[TensorSource]:
     return [TensorSource(file, translate) for file in files]
 
 
-def _rebuild_rotary_embeddings(model: nn.Module, config, device: torch.device) -> None:
+def _rebuild_rotary_embeddings(model: nn.Module, config: "PretrainedConfig", device: torch.device) -> None:
     """Create the RoPE modules for real: their buffers are computed from the config, never stored."""
     for name, module in list(model.named_modules()):
         if name.endswith("rotary_emb"):
@@ -99,7 +103,7 @@ class MLLMTextEncoder(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        tokenizer,
+        tokenizer: "PreTrainedTokenizerBase",
         template: str | PromptTemplate = "dit-llm-encode-v2",
         *,
         max_length: int | None = None,
@@ -139,16 +143,16 @@ class MLLMTextEncoder(nn.Module):
         config._attn_implementation = "sdpa"
         device = torch.device(device)
 
+        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+
         with torch.device("meta"):
             model = Qwen2_5_VLTextModel(config)
-        model.norm = nn.Identity()
+        model.norm = nn.Identity()  # hidden_states[-3] is read before the final norm
         _rebuild_rotary_embeddings(model, config, device)
         wanted = model.state_dict().keys()
         load_safetensors_into(model, text_model_sources(path, wanted), dtype=dtype, device=device)
         model.requires_grad_(False).eval()
         logger.info(f"MLLM text encoder: {config.num_hidden_layers} decoder layers from {path}, {dtype}, {device}")
-
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
         return cls(model, tokenizer, template, max_length=max_length, cache_size=cache_size)
 
     @property
