@@ -1,5 +1,6 @@
 """The MLLM prompt encoder against the real Qwen2.5 tokenizer, diffusers and transformers on a tiny Qwen2.5-VL."""
 
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,10 @@ PROMPTS = [
     "",
 ]
 TINY_LAYERS = 4
+PUBLISHED_SHA256 = {
+    "vocab.json": "ca10d7e9fb3ed18575dd1e277a2579c16d108e32f27439684afa0e10b1440910",
+    "merges.txt": "8831e4f1a044471340f7c0a83d7bd71306a5b867e95fd870f74d0c5308a904d5",
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,6 +60,12 @@ def test_real_qwen_tokenizer_facts(tokenizer, qwen_tokenizer_dir):  # noqa: F811
     merges = (qwen_tokenizer_dir / "merges.txt").read_text("utf-8").splitlines()
     assert merges[0] == "#version: 0.2" and len(merges) - 1 == 151643 - 256
     assert len(json.loads((qwen_tokenizer_dir / "vocab.json").read_text("utf-8"))) == 151643
+
+
+def test_tokenizer_files_equal_the_published_ones(qwen_tokenizer_dir):  # noqa: F811
+    """SHA-256 of Qwen2's published vocab.json and merges.txt (LF line ends), taken from a public copy of them."""
+    digest = {name: hashlib.sha256((qwen_tokenizer_dir / name).read_bytes()).hexdigest() for name in PUBLISHED_SHA256}
+    assert digest == PUBLISHED_SHA256
 
 
 def test_tokenizer_agrees_with_tiktoken(tokenizer, qwen_tokenizer_dir):  # noqa: F811
