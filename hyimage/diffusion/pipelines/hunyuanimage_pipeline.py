@@ -22,6 +22,7 @@ from hyimage.diffusion.pipelines.parts import (
     check_embeds,
     format_images,
     module_dtype,
+    run_dit,
     running,
     to_uint8,
 )
@@ -464,17 +465,18 @@ class HunyuanImagePipeline:
                 guidance = (
                     guidance_embedding_input(guidance_scale, n, device, model_input.dtype) if dit.config.guidance_embed else None
                 )
-                with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
-                    pred = dit(
-                        model_input,
-                        t.repeat(n),
-                        c.text,
-                        c.text_mask,
-                        byt5_text_states=c.glyph,
-                        byt5_text_mask=c.glyph_mask,
-                        guidance=guidance,
-                        timesteps_r=None if timesteps_r is None else timesteps_r[i].repeat(n),
-                    )
+                pred = run_dit(
+                    dit,
+                    compute_dtype,
+                    model_input,
+                    t.repeat(n),
+                    c.text,
+                    c.text_mask,
+                    byt5_text_states=c.glyph,
+                    byt5_text_mask=c.glyph_mask,
+                    guidance=guidance,
+                    timesteps_r=None if timesteps_r is None else timesteps_r[i].repeat(n),
+                )
                 if guider is not None:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = guider(pred_cond, pred_uncond, i)

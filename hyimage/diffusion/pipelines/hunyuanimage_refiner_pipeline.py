@@ -15,7 +15,15 @@ from PIL import Image
 from tqdm import tqdm
 
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput
-from hyimage.diffusion.pipelines.parts import Parts, as_list, autocast_dtype, format_images, module_dtype, running
+from hyimage.diffusion.pipelines.parts import (
+    Parts,
+    as_list,
+    autocast_dtype,
+    format_images,
+    module_dtype,
+    run_dit,
+    running,
+)
 from hyimage.diffusion.sampling import (
     euler_step,
     guidance_embedding_input,
@@ -233,11 +241,10 @@ class HunyuanImageRefinerPipeline:
         condition = condition.to(device)
         with running(self.memory, dit):
             for i, t in enumerate(tqdm(timesteps, desc="Refining", disable=not self.progress_bar)):
-                model_input = torch.cat([latents, condition.to(latents.dtype)], dim=1)
+                model_input = torch.cat([latents, condition], dim=1)
                 n = model_input.shape[0]
                 guidance = guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
-                with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
-                    pred = dit(model_input, t.repeat(n), text, text_mask, guidance=guidance)
+                pred = run_dit(dit, compute_dtype, model_input, t.repeat(n), text, text_mask, guidance=guidance)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
                 if callback is not None:
                     replaced = callback(i, float(t), latents)

@@ -57,6 +57,31 @@ def autocast_dtype(module: torch.nn.Module) -> torch.dtype | None:
     return None
 
 
+def run_dit(
+    dit: torch.nn.Module,
+    compute_dtype: torch.dtype | None,
+    hidden_states: torch.Tensor,
+    timestep: torch.Tensor,
+    text_states: torch.Tensor,
+    text_mask: torch.Tensor,
+    byt5_text_states: torch.Tensor | None = None,
+    byt5_text_mask: torch.Tensor | None = None,
+    guidance: torch.Tensor | None = None,
+    timesteps_r: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DiT forward. A half-precision DiT runs under autocast on CUDA as the official pipeline does; on
+    other devices (whose autocast does not cover mixed-dtype norms) its float inputs are cast to its dtype.
+    Timesteps and guidance stay float32 either way."""
+    kwargs = dict(byt5_text_states=byt5_text_states, byt5_text_mask=byt5_text_mask, guidance=guidance, timesteps_r=timesteps_r)
+    if compute_dtype is None:
+        return dit(hidden_states, timestep, text_states, text_mask, **kwargs)
+    if hidden_states.device.type == "cuda":
+        with torch.autocast("cuda", dtype=compute_dtype):
+            return dit(hidden_states, timestep, text_states, text_mask, **kwargs)
+    kwargs["byt5_text_states"] = None if byt5_text_states is None else byt5_text_states.to(compute_dtype)
+    return dit(hidden_states.to(compute_dtype), timestep, text_states.to(compute_dtype), text_mask, **kwargs)
+
+
 def module_dtype(module: Any) -> torch.dtype:
     """The floating dtype of a module's first floating parameter (float32 if none)."""
     for p in module.parameters():
