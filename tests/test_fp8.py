@@ -153,6 +153,8 @@ def test_scales_come_from_the_scale_file_when_the_checkpoint_lacks_them(bf16_mod
     assert all(torch.equal(from_scale_file[k].float(), with_scales[k].float()) for k in with_scales)
     with pytest.raises(CheckpointError, match=r"tiny_fp8.safetensors holds float8 weights.*fp8_scale"):
         load_dit(main_only, TINY)
+    with pytest.raises(FileNotFoundError, match=r"absent_scale.safetensors does not exist"):
+        load_dit(main_only, TINY, fp8_scale=tmp_path / "absent_scale.safetensors")
 
 
 def as_bytes(tensor: torch.Tensor) -> torch.Tensor:

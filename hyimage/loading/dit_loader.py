@@ -45,6 +45,10 @@ def load_dit(
     infos = read_tensor_infos(path)
     diffusers = is_diffusers_layout(list(infos))
     stored_fp8 = any(is_float8(info.dtype) for info in infos.values())
+    if fp8_scale is not None and not Path(fp8_scale).is_file():
+        raise FileNotFoundError(
+            f"FP8 scale file {fp8_scale} does not exist; download the *_fp8_scale.safetensors released with {path.name}"
+        )
     if fp8_scale is not None and not stored_fp8:
         raise CheckpointError(
             f"{path} holds no float8 weights, but fp8_scale={fp8_scale} was given: pass the matching "
