@@ -313,7 +313,8 @@ def load_safetensors_into(
 
     Floating tensors become `dtype` (None: as stored) except float8 tensors and the keys in `keep_dtype`.
     An earlier source wins when two give the same key. `transform` may rewrite the converted
-    (key, tensor) stream (e.g. quantize). Keys and shapes are checked on `meta` before any data is read.
+    (key, tensor) stream (e.g. quantize). Keys and shapes are checked on `meta` before any data is read;
+    `strict=False` tolerates keys the model lacks, but every tensor of the model must come from the files.
     """
     device = torch.device(device)
     sources = [_as_source(source) for source in sources]
