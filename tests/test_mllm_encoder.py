@@ -22,6 +22,7 @@ PROMPTS = [
     "A cat sits on a red sofa.",
     "描述这张图片的内容。一只橘猫在窗台上晒太阳，窗外是雪山，招牌上写着“欢迎光临”。",
     "",
+    "a very long prompt " * 300,  # cut to 1000 tokens, "<|im_end|>" included, as the official tokenizer call does
 ]
 TINY_LAYERS = 4
 PUBLISHED_SHA256 = {
@@ -139,7 +140,7 @@ def test_matches_diffusers_encode_prompt(encoder, reference_model, tokenizer):
     embeds, mask = encoder.encode(PROMPTS)
     assert embeds.shape == ref_embeds.shape == (len(PROMPTS), 1000, 32)
     assert mask.dtype == torch.int64 and torch.equal(mask, ref_mask)
-    assert mask.sum(dim=1).tolist()[2] == 1 and mask[0, 0] == 1  # the empty prompt keeps "<|im_end|>"
+    assert mask.sum(dim=1).tolist()[2:] == [1, 1000]  # the empty prompt keeps "<|im_end|>"
     valid = mask.bool()
     assert max_rel_error(embeds[valid], ref_embeds[valid]) <= TOLERANCE
 
@@ -234,6 +235,9 @@ def test_errors_name_the_path(tmp_path, tiny_qwen25vl_dir):  # noqa: F811
         MLLMTextEncoder.from_pretrained(partial)
     with pytest.raises(ValueError, match="dit-llm-encode-v2"):
         get_template("nope")
+    encoder = MLLMTextEncoder.from_pretrained(tiny_qwen25vl_dir, dtype=torch.float32)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        encoder.encode([])
 
 
 @pytest.mark.skipif(not os.environ.get("HYIMAGE_CKPTS"), reason="set HYIMAGE_CKPTS to a ckpts/ folder")

@@ -182,6 +182,8 @@ class MLLMTextEncoder(nn.Module):
         """Embeddings (B, max_length, hidden_size) and mask (B, max_length, int64) of `prompts`."""
         if isinstance(prompts, str):
             prompts = [prompts]
+        if not prompts:
+            raise ValueError('encode() needs at least one prompt (use "" for the empty negative prompt)')
         results = {}
         for prompt in dict.fromkeys(prompts):
             key = (prompt, self.dtype)
@@ -208,6 +210,9 @@ class MLLMTextEncoder(nn.Module):
         tokens = self.tokenize(prompts)
         input_ids = tokens["input_ids"].to(self.device)
         attention_mask = tokens["attention_mask"].to(self.device)
+        for prompt, last in zip(prompts, tokens["attention_mask"][:, -1].tolist()):
+            if last:
+                logger.warning(f"prompt cut to {self.max_length} tokens (the model's limit): {prompt[:80]!r}...")
         position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)
         hidden = self.model(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
