@@ -81,8 +81,12 @@ def worker(mode: str, size: int, tile: int, overlap: int, threads: int, out: Pat
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (multiple of 32)")
-    parser.add_argument("--tile", type=int, default=12, help="tile side in latent pixels (default: the model default, 384 px)")
-    parser.add_argument("--overlap", type=int, default=3, help="tile overlap in latent pixels (default: the model default)")
+    parser.add_argument(
+        "--tile", type=int, default=12, help="tile side in latent pixels (default: the model default, 384 px)"
+    )
+    parser.add_argument(
+        "--overlap", type=int, default=3, help="tile overlap in latent pixels (default: the model default)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--worker", choices=["whole", "sliced", "tiled"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -113,10 +117,14 @@ def main() -> None:
             ]
 
     print(f"HunyuanVAE2D full size (32x, 64 latent channels), random weights, float32, CPU, {args.threads} threads")
-    print(f"decode 2 images of {args.size}x{args.size} (latent {args.size // 32}x{args.size // 32}); tiles "
-          f"{args.tile}x{args.tile} latent px, overlap {args.overlap}")
+    print(
+        f"decode 2 images of {args.size}x{args.size} (latent {args.size // 32}x{args.size // 32}); tiles "
+        f"{args.tile}x{args.tile} latent px, overlap {args.overlap}"
+    )
     whole_result = results["whole"]
-    print(f"{'mode':8} {'time s':>8} {'x whole':>8} {'peak MiB':>9} {'x whole':>8}  max error vs whole (smooth, random)")
+    print(
+        f"{'mode':8} {'time s':>8} {'x whole':>8} {'peak MiB':>9} {'x whole':>8}  max error vs whole (smooth, random)"
+    )
     for mode, result in results.items():
         error = "-" if mode == "whole" else ", ".join(f"{e:.2e}" for e in errors[mode])
         print(

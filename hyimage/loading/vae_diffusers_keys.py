@@ -63,9 +63,15 @@ def refiner_vae_key_map(keys: Iterable[str]) -> dict[str, str]:
     return {key: rename(key) for key in keys}
 
 
-_DIFFUSERS_CONFIG_RENAMES = {"spatial_compression_ratio": "ffactor_spatial", "temporal_compression_ratio": "ffactor_temporal"}
+_DIFFUSERS_CONFIG_RENAMES = {
+    "spatial_compression_ratio": "ffactor_spatial",
+    "temporal_compression_ratio": "ffactor_temporal",
+}
 
-DIFFUSERS_CLASS_NAMES = {"AutoencoderKLHunyuanImage": "HunyuanVAE2D", "AutoencoderKLHunyuanImageRefiner": "AutoencoderKLConv3D"}
+DIFFUSERS_CLASS_NAMES = {
+    "AutoencoderKLHunyuanImage": "HunyuanVAE2D",
+    "AutoencoderKLHunyuanImageRefiner": "AutoencoderKLConv3D",
+}
 
 # Keys a diffusers config may omit (they size tiles only, or are diffusers' constructor defaults).
 _DIFFUSERS_CONFIG_DEFAULTS = {
@@ -87,5 +93,7 @@ _DIFFUSERS_CONFIG_DEFAULTS = {
 
 def config_from_diffusers(config: dict[str, Any], model_name: str) -> dict[str, Any]:
     """A diffusers VAE config.json -> the official constructor keys of `model_name`."""
-    renamed = {_DIFFUSERS_CONFIG_RENAMES.get(key, key): value for key, value in config.items() if not key.startswith("_")}
+    renamed = {
+        _DIFFUSERS_CONFIG_RENAMES.get(key, key): value for key, value in config.items() if not key.startswith("_")
+    }
     return {**_DIFFUSERS_CONFIG_DEFAULTS[model_name], **renamed}

@@ -25,6 +25,7 @@ from hyimage.loading.vae_diffusers_keys import (
     refiner_vae_key_map,
     vae_2d_key_map,
 )
+from hyimage.models.vae.base import num_resample_levels
 
 CONFIG_FILE = "config.json"
 RELEASE_FILES = ("pytorch_model.ckpt", "pytorch_model.pt")
@@ -60,7 +61,9 @@ def read_vae_config(path: Path, model_cls: type) -> tuple[dict[str, Any], bool]:
             )
         config = config_from_diffusers(config, name)
     elif class_name in RELEASE_FOLDERS and class_name != name:
-        raise CheckpointError(f"{path} describes a {class_name}, not a {name}; load it with {class_name}.from_pretrained")
+        raise CheckpointError(
+            f"{path} describes a {class_name}, not a {name}; load it with {class_name}.from_pretrained"
+        )
 
     parameters = inspect.signature(model_cls.__init__).parameters.values()
     required = [p.name for p in parameters if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD][1:]
@@ -141,7 +144,7 @@ def _fit_to_model(
 def _diffusers_key_map(model: nn.Module) -> dict[str, str]:
     keys = model.state_dict().keys()
     if type(model).__name__ == "HunyuanVAE2D":
-        levels = model.config.ffactor_spatial.bit_length() - 1
+        levels = num_resample_levels(model.config.ffactor_spatial)
         return vae_2d_key_map(keys, model.config.layers_per_block, levels)
     return refiner_vae_key_map(keys)
 
@@ -163,7 +166,11 @@ def _from_diffusers_keys(model: nn.Module):
 
 
 def load_vae(
-    model_cls: type, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+    model_cls: type,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
 ) -> nn.Module:
     """Build `model_cls` from `directory`/config.json on meta and fill it from the folder's checkpoint."""
     directory = Path(directory)
@@ -188,7 +195,9 @@ def load_vae(
         model.load_state_dict(state, strict=True, assign=True)
         source = release[0]
     elif diffusers_file.is_file():
-        load_safetensors_into(model, [TensorSource(diffusers_file, _from_diffusers_keys(model))], dtype=dtype, device=device)
+        load_safetensors_into(
+            model, [TensorSource(diffusers_file, _from_diffusers_keys(model))], dtype=dtype, device=device
+        )
         source = diffusers_file
     else:
         expected = " or ".join(RELEASE_FILES) if not is_diffusers else DIFFUSERS_FILE

@@ -78,6 +78,30 @@ def tiled_decode(
     return (out / weight_sum).to(out_dtype)
 
 
+def num_resample_levels(ffactor: int) -> int:
+    """How many x2 resamplings give a compression factor of `ffactor` (a power of two)."""
+    levels = ffactor.bit_length() - 1
+    if ffactor < 1 or 1 << levels != ffactor:
+        raise ValueError(f"compression factors must be powers of two, got {ffactor}")
+    return levels
+
+
+class Level(nn.Module):
+    """One resolution level: resnet blocks (`block`), then optionally `downsample` or `upsample`."""
+
+    def __init__(self, blocks: list[nn.Module]):
+        super().__init__()
+        self.block = nn.ModuleList(blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            x = block(x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
 class VAEBase(nn.Module):
     """Slicing, tiling and loading shared by `HunyuanVAE2D` and `AutoencoderKLConv3D`.
 

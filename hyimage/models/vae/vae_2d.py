@@ -13,7 +13,7 @@ from loguru import logger
 from torch import nn
 from torch.nn import functional as F
 
-from hyimage.models.vae.base import VAEBase, swish
+from hyimage.models.vae.base import Level, VAEBase, num_resample_levels, swish
 from hyimage.models.vae.distributions import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 
 
@@ -33,14 +33,6 @@ class HunyuanVAE2DConfig:
     shift_factor: float | None = None
     downsample_match_channel: bool = True
     upsample_match_channel: bool = True
-
-
-def num_spatial_levels(ffactor: int) -> int:
-    """How many x2 resamplings give a compression factor of `ffactor` (a power of two)."""
-    levels = ffactor.bit_length() - 1
-    if ffactor < 1 or 1 << levels != ffactor:
-        raise ValueError(f"ffactor_spatial must be a power of two, got {ffactor}")
-    return levels
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
@@ -130,22 +122,6 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class Level(nn.Module):
-    """One resolution level: resnet blocks (`block`), then optionally `downsample` or `upsample`."""
-
-    def __init__(self, blocks: list[nn.Module]):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
-        return x
-
-
 class Encoder(nn.Module):
     def __init__(self, config: HunyuanVAE2DConfig):
         super().__init__()
@@ -154,7 +130,7 @@ class Encoder(nn.Module):
         if channels[-1] % (2 * latent):
             raise ValueError(f"block_out_channels[-1]={channels[-1]} must be a multiple of 2*latent_channels")
         self.group_size = channels[-1] // (2 * latent)
-        levels = num_spatial_levels(config.ffactor_spatial)
+        levels = num_resample_levels(config.ffactor_spatial)
         if levels >= len(channels):
             raise ValueError(f"ffactor_spatial={config.ffactor_spatial} needs more than {len(channels)} levels")
 
@@ -162,7 +138,9 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = channels[0]
         for i, block_out in enumerate(channels):
-            level = Level([ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block)])
+            level = Level(
+                [ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block)]
+            )
             block_in = block_out
             if i < levels:
                 block_out = channels[i + 1] if config.downsample_match_channel else block_in
@@ -190,14 +168,16 @@ class Decoder(nn.Module):
         if channels[0] % latent:
             raise ValueError(f"block_out_channels[-1]={channels[0]} must be a multiple of latent_channels={latent}")
         self.repeats = channels[0] // latent
-        levels = num_spatial_levels(config.ffactor_spatial)
+        levels = num_resample_levels(config.ffactor_spatial)
 
         block_in = channels[0]
         self.conv_in = nn.Conv2d(latent, block_in, kernel_size=3, padding=1)
         self.mid = MidBlock(block_in)
         self.up = nn.ModuleList()
         for i, block_out in enumerate(channels):
-            level = Level([ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block + 1)])
+            level = Level(
+                [ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block + 1)]
+            )
             block_in = block_out
             if i < levels:
                 block_out = channels[i + 1] if config.upsample_match_channel else block_in

@@ -14,9 +14,8 @@ from loguru import logger
 from torch import nn
 from torch.nn import functional as F
 
-from hyimage.models.vae.base import VAEBase, swish
+from hyimage.models.vae.base import Level, VAEBase, num_resample_levels, swish
 from hyimage.models.vae.distributions import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
-from hyimage.models.vae.vae_2d import num_spatial_levels
 
 
 @dataclass
@@ -133,7 +132,9 @@ class DownsampleDCAE(nn.Module):
         super().__init__()
         factor = 8 if temporal else 4
         if out_channels % factor or (factor * in_channels) % out_channels:
-            raise ValueError(f"DownsampleDCAE {in_channels} -> {out_channels} channels: need {factor}*in divisible by out")
+            raise ValueError(
+                f"DownsampleDCAE {in_channels} -> {out_channels} channels: need {factor}*in divisible by out"
+            )
         self.temporal = temporal
         self.out_channels = out_channels
         self.conv = CausalConv3d(in_channels, out_channels // factor)
@@ -159,7 +160,9 @@ class UpsampleDCAE(nn.Module):
         super().__init__()
         factor = 8 if temporal else 4
         if (factor * out_channels) % in_channels:
-            raise ValueError(f"UpsampleDCAE {in_channels} -> {out_channels} channels: need {factor}*out divisible by in")
+            raise ValueError(
+                f"UpsampleDCAE {in_channels} -> {out_channels} channels: need {factor}*out divisible by in"
+            )
         self.temporal = temporal
         self.repeats = factor * out_channels // in_channels
         self.conv = CausalConv3d(in_channels, out_channels * factor)
@@ -186,22 +189,6 @@ class MidBlock(nn.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class Level(nn.Module):
-    """One resolution level: resnet blocks (`block`), then optionally `downsample` or `upsample`."""
-
-    def __init__(self, blocks: list[nn.Module]):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
-        return x
-
-
 class Encoder(nn.Module):
     def __init__(self, config: AutoencoderKLConv3DConfig):
         super().__init__()
@@ -210,8 +197,8 @@ class Encoder(nn.Module):
         if channels[-1] % (2 * latent):
             raise ValueError(f"block_out_channels[-1]={channels[-1]} must be a multiple of 2*latent_channels")
         self.group_size = channels[-1] // (2 * latent)
-        spatial = num_spatial_levels(config.ffactor_spatial)
-        spatial_only = num_spatial_levels(config.ffactor_spatial // config.ffactor_temporal)
+        spatial = num_resample_levels(config.ffactor_spatial)
+        spatial_only = num_resample_levels(config.ffactor_spatial // config.ffactor_temporal)
         if spatial >= len(channels):
             raise ValueError(f"ffactor_spatial={config.ffactor_spatial} needs more than {len(channels)} levels")
 
@@ -219,7 +206,9 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         block_in = channels[0]
         for i, block_out in enumerate(channels):
-            level = Level([ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block)])
+            level = Level(
+                [ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block)]
+            )
             block_in = block_out
             if i < spatial:
                 block_out = channels[i + 1] if config.downsample_match_channel else block_in
@@ -247,15 +236,17 @@ class Decoder(nn.Module):
         if channels[0] % latent:
             raise ValueError(f"block_out_channels[-1]={channels[0]} must be a multiple of latent_channels={latent}")
         self.repeats = channels[0] // latent
-        spatial = num_spatial_levels(config.ffactor_spatial)
-        temporal = num_spatial_levels(config.ffactor_temporal)
+        spatial = num_resample_levels(config.ffactor_spatial)
+        temporal = num_resample_levels(config.ffactor_temporal)
 
         block_in = channels[0]
         self.conv_in = CausalConv3d(latent, block_in)
         self.mid = MidBlock(block_in)
         self.up = nn.ModuleList()
         for i, block_out in enumerate(channels):
-            level = Level([ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block + 1)])
+            level = Level(
+                [ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block + 1)]
+            )
             block_in = block_out
             if i < max(spatial, temporal):
                 block_out = channels[i + 1] if config.upsample_match_channel else block_in
