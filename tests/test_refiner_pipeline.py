@@ -15,8 +15,9 @@ from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import (
     frames_to_channel_pairs,
 )
 from hyimage.models.vae.vae_3d import AutoencoderKLConv3D
-from tests.test_dit_parity import TINY_CONFIGS, tiny_model
+from tests.test_dit_parity import TINY_CONFIGS, diffusers_twin, tiny_model
 from tests.test_pipeline import FakeTextEncoder, make_pipe, tiny_vae
+from tests.utils import TOLERANCE, max_rel_error
 
 REFINER = "hunyuanimage-refiner"
 
@@ -79,6 +80,41 @@ def test_refines_any_image_to_the_requested_size_and_same_seed_same_image(refine
     assert torch.allclose(batch.images[:1], refiner(image=image, prompt="a cat", seed=3, output_type="pt").images, atol=1e-5)
     latents = refiner(image=image, prompt="a cat", seed=3, output_type="latent", num_inference_steps=2)
     assert latents.shape == (1, 6, 1, 2, 3)
+
+
+@torch.no_grad()
+def test_refiner_matches_diffusers_given_the_same_draws(refiner) -> None:
+    """Condition (VAE sample, frame pairs, scaling, 25% augmentation) and the 4-step loop (shift 4, guidance
+    3.25 x 1000 embedded) against diffusers' refiner fed the same random draws: the VAE-sample noise and the
+    augmentation noise come, in that order, from a generator seeded with the seed; the initial noise from another
+    one with the same seed (the official pipeline's global RNG and its seeded generator, on the CPU)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import HunyuanImageRefinerPipeline as DiffusersRefiner
+
+    image = random_image(48, 32)
+    ours = refiner(image=image, prompt="a cat", seed=3, guidance_scale=3.25, output_type="latent")
+
+    pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+    dist = refiner.vae.encode((pixels * 2 - 1).unsqueeze(2)).latent_dist
+    draws = torch.Generator().manual_seed(3)
+    sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=draws)
+    image_latents = DiffusersRefiner._reorder_image_tokens(sample) * refiner.vae.config.scaling_factor
+    noise = torch.randn(ours.shape, generator=torch.Generator().manual_seed(3))
+    text, mask = FakeTextEncoder().encode(["a cat"])
+    reference = DiffusersRefiner(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=4.0),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        transformer=diffusers_twin(refiner.dit),
+    )
+    reference.set_progress_bar_config(disable=True)
+    expected = reference(
+        image=image_latents, latents=noise, generator=draws, prompt_embeds=text, prompt_embeds_mask=mask,
+        height=32, width=48, num_inference_steps=4, distilled_guidance_scale=3.25, output_type="latent",
+    ).images
+    error = max_rel_error(ours, expected)
+    assert error <= TOLERANCE, error
 
 
 @torch.no_grad()
