@@ -178,3 +178,27 @@ def test_checkpoint_of_another_shape_lists_the_keys(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit HunyuanVAE2D") as error:
         HunyuanVAE2D.from_pretrained(folder)
     assert "wrong shapes" in str(error.value) and "pytorch_model.ckpt" in str(error.value)
+
+
+@pytest.mark.skipif(not os.environ.get("HYIMAGE_CKPTS"), reason="set HYIMAGE_CKPTS to a ckpts/ folder to run")
+@pytest.mark.parametrize("model_cls,manifest_name", [(HunyuanVAE2D, "vae_2_1"), (AutoencoderKLConv3D, "vae_refiner")])
+def test_released_vae_loads_and_reconstructs(model_cls, manifest_name):
+    from pathlib import Path
+
+    from hyimage.loading.layout import CheckpointLayout
+    from tests.utils import load_manifest
+
+    layout = CheckpointLayout(Path(os.environ["HYIMAGE_CKPTS"]))
+    folder = layout.vae if model_cls is HunyuanVAE2D else layout.refiner_vae
+    vae = model_cls.from_pretrained(folder)
+    manifest = load_manifest(manifest_name)
+    assert {k: list(v.shape) for k, v in vae.state_dict().items()} == {
+        k: shape for k, (shape, _) in manifest["state_dict"].items()
+    }
+    side = torch.linspace(-1, 1, 64)
+    image = torch.stack([side[None, :].expand(64, 64), side[:, None].expand(64, 64), side.outer(side)])[None]
+    if model_cls is AutoencoderKLConv3D:
+        image = image.unsqueeze(2)
+    with torch.no_grad():
+        reconstruction = vae.decode(vae.encode(image).latent_dist.mode()).sample
+    assert (reconstruction - image).abs().mean() < 0.05
