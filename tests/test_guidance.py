@@ -15,13 +15,18 @@ from tests.utils import TOLERANCE, max_rel_error
 def predictions(steps: int, batch: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per step (cond, uncond), large enough for APG's norm threshold (10) to clip."""
     g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(batch, 8, 4, 3, generator=g) * 3, torch.randn(batch, 8, 4, 3, generator=g) * 3) for _ in range(steps)]
+    return [
+        (torch.randn(batch, 8, 4, 3, generator=g) * 3, torch.randn(batch, 8, 4, 3, generator=g) * 3)
+        for _ in range(steps)
+    ]
 
 
 def diffusers_guidance(start_step: int, scale: float = 3.5, **kwargs):
     from diffusers.guiders import AdaptiveProjectedMixGuidance
 
-    return AdaptiveProjectedMixGuidance(guidance_scale=scale, adaptive_projected_guidance_start_step=start_step, **kwargs)
+    return AdaptiveProjectedMixGuidance(
+        guidance_scale=scale, adaptive_projected_guidance_start_step=start_step, **kwargs
+    )
 
 
 def run_diffusers(guider, preds: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
@@ -37,8 +42,8 @@ def _batches(cond: torch.Tensor, uncond: torch.Tensor) -> list:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
     first, second = BlockState(noise_pred=cond), BlockState(noise_pred=uncond)
-    setattr(first, "__guidance_identifier__", "pred_cond")
-    setattr(second, "__guidance_identifier__", "pred_uncond")
+    first.__guidance_identifier__ = "pred_cond"
+    second.__guidance_identifier__ = "pred_uncond"
     return [first, second]
 
 

@@ -178,8 +178,12 @@ def test_base_loop_matches_diffusers_per_sample(base_dit, vae) -> None:
 def test_distilled_meanflow_loop_matches_diffusers(distilled_dit, vae) -> None:
     """Distilled model: no CFG, guidance 3.25 x 1000 embedded, MeanFlow timesteps_r, shift 4, both samples in one batch."""
     inputs = fixed_inputs()
-    ours = make_pipe(distilled_dit, vae)(**inputs, num_inference_steps=8, guidance_scale=3.25, shift=4, output_type="latent")
-    ref = run_diffusers(diffusers_pipeline(distilled_dit, 4), inputs, slice(0, 2), num_inference_steps=8, distilled_guidance_scale=3.25)
+    ours = make_pipe(distilled_dit, vae)(
+        **inputs, num_inference_steps=8, guidance_scale=3.25, shift=4, output_type="latent"
+    )
+    ref = run_diffusers(
+        diffusers_pipeline(distilled_dit, 4), inputs, slice(0, 2), num_inference_steps=8, distilled_guidance_scale=3.25
+    )
     assert max_rel_error(ours, ref) <= TOLERANCE
 
 
@@ -212,8 +216,13 @@ def test_same_seed_same_image_and_output_types(distilled_dit, vae) -> None:
     alone = pipe("a dog", seed=6, output_type="np", **common).images
     assert abs(result.images[1] - alone[0]).max() <= 1e-5
 
-    many = pipe("a cat", num_images_per_prompt=2, generator=[torch.Generator().manual_seed(5)] * 1 + [torch.Generator().manual_seed(9)],
-                output_type="pt", **common)
+    many = pipe(
+        "a cat",
+        num_images_per_prompt=2,
+        generator=[torch.Generator().manual_seed(5)] * 1 + [torch.Generator().manual_seed(9)],
+        output_type="pt",
+        **common,
+    )
     assert many.images.shape == (2, 3, 96, 64) and many.seeds == [None, None]
     latents = pipe("a cat", seed=5, output_type="latent", **common)
     assert latents.shape == (1, LATENT_CHANNELS, 3, 2)
@@ -223,8 +232,16 @@ def test_noise_is_the_official_per_seed_draw(distilled_dit, vae) -> None:
     """The official pipeline draws torch.randn(latent shape, generator=Generator('cpu').manual_seed(seed))."""
     seen = []
     pipe = make_pipe(distilled_dit, vae)
-    pipe("a cat", "", width=64, height=96, num_inference_steps=1, seed=[3], output_type="latent",
-         callback=lambda i, t, x: seen.append(x))
+    pipe(
+        "a cat",
+        "",
+        width=64,
+        height=96,
+        num_inference_steps=1,
+        seed=[3],
+        output_type="latent",
+        callback=lambda i, t, x: seen.append(x),
+    )
     noise = torch.randn((1, LATENT_CHANNELS, 3, 2), generator=torch.Generator("cpu").manual_seed(3))
     direct = make_pipe(distilled_dit, vae)("a cat", latents=noise, num_inference_steps=1, output_type="latent")
     assert torch.equal(seen[0], direct)
@@ -320,7 +337,10 @@ def test_aspect_ratio_presets() -> None:
         (dict(negative_prompt_embeds=torch.zeros(1, 4, TEXT_DIM)), "without `negative_prompt_embeds_mask`"),
         (dict(glyph_embeds=torch.zeros(1, 4, 1472)), "without `glyph_embeds_mask`"),
         (dict(negative_glyph_embeds=torch.zeros(1, 4, 1472)), "without `negative_glyph_embeds_mask`"),
-        (dict(prompt=["a", "b"], prompt_embeds=torch.zeros(3, 4, TEXT_DIM), prompt_embeds_mask=torch.ones(3, 4)), "`prompt` has 2"),
+        (
+            dict(prompt=["a", "b"], prompt_embeds=torch.zeros(3, 4, TEXT_DIM), prompt_embeds_mask=torch.ones(3, 4)),
+            "`prompt` has 2",
+        ),
         (dict(output_type="jpeg"), "output_type"),
         (dict(latents=torch.zeros(1, LATENT_CHANNELS + 1, 2, 2)), "`latents` must be"),
         (dict(use_refiner=True), "refiner_pipeline"),

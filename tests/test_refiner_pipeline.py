@@ -41,7 +41,10 @@ def tiny_refiner_vae(latent_channels: int = 3) -> AutoencoderKLConv3D:
 @pytest.fixture(scope="module")
 def refiner() -> HunyuanImageRefinerPipeline:
     return HunyuanImageRefinerPipeline(
-        dit=tiny_model(TINY_CONFIGS[REFINER]), vae=tiny_refiner_vae(), text_encoder=FakeTextEncoder(), progress_bar=False
+        dit=tiny_model(TINY_CONFIGS[REFINER]),
+        vae=tiny_refiner_vae(),
+        text_encoder=FakeTextEncoder(),
+        progress_bar=False,
     )
 
 
@@ -77,7 +80,9 @@ def test_refines_any_image_to_the_requested_size_and_same_seed_same_image(refine
     assert resized.size == (64, 48)
     batch = refiner(image=[image, random_image(48, 32, 1)], prompt=["a cat", "a dog"], seed=3, output_type="pt")
     assert isinstance(batch, HunyuanImageOutput) and batch.images.shape == (2, 3, 32, 48) and batch.seeds == [3, 4]
-    assert torch.allclose(batch.images[:1], refiner(image=image, prompt="a cat", seed=3, output_type="pt").images, atol=1e-5)
+    assert torch.allclose(
+        batch.images[:1], refiner(image=image, prompt="a cat", seed=3, output_type="pt").images, atol=1e-5
+    )
     latents = refiner(image=image, prompt="a cat", seed=3, output_type="latent", num_inference_steps=2)
     assert latents.shape == (1, 6, 1, 2, 3)
 
@@ -110,8 +115,16 @@ def test_refiner_matches_diffusers_given_the_same_draws(refiner) -> None:
     )
     reference.set_progress_bar_config(disable=True)
     expected = reference(
-        image=image_latents, latents=noise, generator=draws, prompt_embeds=text, prompt_embeds_mask=mask,
-        height=32, width=48, num_inference_steps=4, distilled_guidance_scale=3.25, output_type="latent",
+        image=image_latents,
+        latents=noise,
+        generator=draws,
+        prompt_embeds=text,
+        prompt_embeds_mask=mask,
+        height=32,
+        width=48,
+        num_inference_steps=4,
+        distilled_guidance_scale=3.25,
+        output_type="latent",
     ).images
     error = max_rel_error(ours, expected)
     assert error <= TOLERANCE, error
@@ -139,8 +152,13 @@ def test_base_then_refiner_and_float_handoff(refiner) -> None:
     via_uint8 = base(use_refiner=True, **common).images
     assert via_uint8.shape == (1, 3, 96, 64)
     stage_one = base(**common).images
-    by_hand = refiner(image=Image.fromarray((stage_one[0].permute(1, 2, 0) * 255).byte().numpy()), prompt="a cat",
-                      seed=5, guidance_scale=3.25, output_type="pt").images
+    by_hand = refiner(
+        image=Image.fromarray((stage_one[0].permute(1, 2, 0) * 255).byte().numpy()),
+        prompt="a cat",
+        seed=5,
+        guidance_scale=3.25,
+        output_type="pt",
+    ).images
     assert torch.allclose(via_uint8, by_hand, atol=1e-6)
     via_float = base(use_refiner=True, refiner_handoff="float", **common).images
     assert via_float.shape == via_uint8.shape
@@ -153,6 +171,8 @@ def test_refiner_errors(refiner) -> None:
         refiner(image=random_image(48, 32), prompt=["a", "b"])
     with pytest.raises(ValueError, match="without `prompt_embeds_mask`"):
         refiner(image=random_image(48, 32), prompt_embeds=torch.zeros(1, 4, 40))
-    mismatched = HunyuanImageRefinerPipeline(dit=refiner.dit, vae=tiny_refiner_vae(latent_channels=4), text_encoder=FakeTextEncoder())
+    mismatched = HunyuanImageRefinerPipeline(
+        dit=refiner.dit, vae=tiny_refiner_vae(latent_channels=4), text_encoder=FakeTextEncoder()
+    )
     with pytest.raises(ValueError, match="vae/vae_refiner"):
         mismatched(image=random_image(48, 32), prompt="a cat")

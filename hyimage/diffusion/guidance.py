@@ -22,7 +22,9 @@ def rescale_noise_cfg(guided: torch.Tensor, pred_cond: torch.Tensor, guidance_re
     return guidance_rescale * rescaled + (1 - guidance_rescale) * guided
 
 
-def cfg(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0) -> torch.Tensor:
+def cfg(
+    pred_cond: torch.Tensor, pred_uncond: torch.Tensor, guidance_scale: float, guidance_rescale: float = 0.0
+) -> torch.Tensor:
     """Classifier-free guidance: uncond + scale * (cond - uncond), optionally rescaled."""
     guided = pred_uncond + guidance_scale * (pred_cond - pred_uncond)
     if guidance_rescale > 0.0:

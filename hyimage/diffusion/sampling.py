@@ -27,12 +27,16 @@ def meanflow_timesteps_r(timesteps: torch.Tensor) -> torch.Tensor:
     return torch.cat([timesteps[1:], timesteps.new_zeros(1)])
 
 
-def euler_step(latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+def euler_step(
+    latents: torch.Tensor, velocity: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
+) -> torch.Tensor:
     """One Euler step of the flow from `sigma` to `sigma_next`, in float32."""
     return latents.float() - (sigma - sigma_next) * velocity.float()
 
 
-def guidance_embedding_input(guidance_scale: float, batch_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def guidance_embedding_input(
+    guidance_scale: float, batch_size: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """The `guidance` input of a guidance-distilled DiT: the scale times 1000, one per sample."""
     scale = torch.full((batch_size,), guidance_scale, dtype=torch.float32, device=device)
     return scale.to(dtype) * 1000
@@ -51,7 +55,9 @@ def latent_shape(
 
 
 def make_generators(
-    batch_size: int, seed: int | Sequence[int] | None = None, generator: torch.Generator | Sequence[torch.Generator] | None = None
+    batch_size: int,
+    seed: int | Sequence[int] | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> tuple[list[torch.Generator], list[int | None]]:
     """One generator per image and the seed behind each (None where the caller passed generators).
 

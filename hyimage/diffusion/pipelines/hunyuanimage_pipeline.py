@@ -87,9 +87,7 @@ class _Conditioning:
     ocr_mask: torch.Tensor
 
 
-def resolve_size(
-    width: int | None, height: int | None, aspect_ratio: str | None, factor: int
-) -> tuple[int, int]:
+def resolve_size(width: int | None, height: int | None, aspect_ratio: str | None, factor: int) -> tuple[int, int]:
     """Width and height from explicit sizes or an aspect-ratio preset, checked against the VAE factor."""
     if aspect_ratio is not None:
         if width is not None or height is not None:
@@ -145,7 +143,9 @@ class HunyuanImagePipeline:
         self.progress_bar = progress_bar
 
     @classmethod
-    def from_pretrained(cls, model_name: str = "hunyuanimage-v2.1", use_fp8: bool = False, **kwargs: Any) -> "HunyuanImagePipeline":
+    def from_pretrained(
+        cls, model_name: str = "hunyuanimage-v2.1", use_fp8: bool = False, **kwargs: Any
+    ) -> "HunyuanImagePipeline":
         """Build the pipeline from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts)."""
         from hyimage.loading.pipeline_loader import load_pipeline
 
@@ -250,7 +250,9 @@ class HunyuanImagePipeline:
         if refiner_handoff not in ("uint8", "float"):
             raise ValueError(f"refiner_handoff {refiner_handoff!r} is unknown; choose 'uint8' or 'float'")
         if use_refiner and not self.parts.given("refiner_pipeline"):
-            raise ValueError("use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained")
+            raise ValueError(
+                "use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained"
+            )
         if num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
         dit, vae = self.dit, self.vae
@@ -323,17 +325,31 @@ class HunyuanImagePipeline:
 
         images = self._decode(vae, latents)
         if use_refiner:
-            images = self._refine(images, image_prompts, negative_prompts, num_images_per_prompt, width, height,
-                                  guidance_scale, seeds, generators, refiner_handoff)
+            images = self._refine(
+                images,
+                image_prompts,
+                negative_prompts,
+                num_images_per_prompt,
+                width,
+                height,
+                guidance_scale,
+                seeds,
+                generators,
+                refiner_handoff,
+            )
         images = format_images(images, output_type)
         if output_type == "pil" and batch == 1:
             return images[0]
         return HunyuanImageOutput(images=images, prompts=image_prompts, seeds=seeds)
 
     # Inputs.
-    def _prompts(self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None, use_reprompt: bool) -> list[str | None]:
+    def _prompts(
+        self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None, use_reprompt: bool
+    ) -> list[str | None]:
         if prompt is None and prompt_embeds is None:
-            raise ValueError("pass `prompt` (a string or a list of strings) or `prompt_embeds` with `prompt_embeds_mask`")
+            raise ValueError(
+                "pass `prompt` (a string or a list of strings) or `prompt_embeds` with `prompt_embeds_mask`"
+            )
         if use_reprompt and prompt is None:
             raise ValueError("use_reprompt=True rewrites `prompt` text; it cannot rewrite precomputed `prompt_embeds`")
         if prompt is None:
@@ -342,12 +358,20 @@ class HunyuanImagePipeline:
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("`prompt` must be a string or a non-empty list of strings")
         if prompt_embeds is not None and prompt_embeds.shape[0] != len(prompts):
-            raise ValueError(f"`prompt` has {len(prompts)} entries but `prompt_embeds` has batch {prompt_embeds.shape[0]}")
+            raise ValueError(
+                f"`prompt` has {len(prompts)} entries but `prompt_embeds` has batch {prompt_embeds.shape[0]}"
+            )
         return prompts
 
     @staticmethod
     def _size_from_latents(
-        latents: torch.Tensor, batch: int, width: int | None, height: int | None, aspect_ratio: str | None, factor: int, dit_cfg: Any
+        latents: torch.Tensor,
+        batch: int,
+        width: int | None,
+        height: int | None,
+        aspect_ratio: str | None,
+        factor: int,
+        dit_cfg: Any,
     ) -> tuple[int, int]:
         expected_ndim = 2 + len(dit_cfg.patch_size)
         if latents.ndim != expected_ndim or latents.shape[0] != batch or latents.shape[1] != dit_cfg.in_channels:
@@ -359,12 +383,16 @@ class HunyuanImagePipeline:
         if aspect_ratio is not None or width is not None or height is not None:
             asked = resolve_size(width, height, aspect_ratio, factor)
             if asked != size:
-                raise ValueError(f"`latents` are for {size[0]}x{size[1]} images but {asked[0]}x{asked[1]} was asked for")
+                raise ValueError(
+                    f"`latents` are for {size[0]}x{size[1]} images but {asked[0]}x{asked[1]} was asked for"
+                )
         return size
 
     def _reprompt(self, prompts: list[str]) -> list[str]:
         if not self.parts.given("reprompt_model"):
-            raise ValueError("use_reprompt=True needs a `reprompt_model`; pass one to the pipeline or load it with from_pretrained")
+            raise ValueError(
+                "use_reprompt=True needs a `reprompt_model`; pass one to the pipeline or load it with from_pretrained"
+            )
         model = self.reprompt_model
         with running(self.memory, model):
             rewritten = [model.rewrite(p) for p in prompts]
@@ -397,7 +425,9 @@ class HunyuanImagePipeline:
         if not use_glyph:
             glyph = glyph_mask = None
         ocr_mask = (
-            glyph_mask.bool().any(dim=1).cpu() if glyph_mask is not None else torch.zeros(len(prompts), dtype=torch.bool)
+            glyph_mask.bool().any(dim=1).cpu()
+            if glyph_mask is not None
+            else torch.zeros(len(prompts), dtype=torch.bool)
         )
         return _Conditioning(
             text=embeds.to(device),
@@ -463,7 +493,9 @@ class HunyuanImagePipeline:
                 model_input = torch.cat([latents] * copies)
                 n = model_input.shape[0]
                 guidance = (
-                    guidance_embedding_input(guidance_scale, n, device, model_input.dtype) if dit.config.guidance_embed else None
+                    guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
+                    if dit.config.guidance_embed
+                    else None
                 )
                 pred = run_dit(
                     dit,
@@ -518,7 +550,9 @@ class HunyuanImagePipeline:
     ) -> torch.Tensor:
         """The refiner stage on decoded images, handed over as 8-bit (official) or float images."""
         if any(p is None for p in prompts):
-            raise ValueError("use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template")
+            raise ValueError(
+                "use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template"
+            )
         refiner = self.refiner_pipeline
         if refiner.device != self.device:
             refiner.to(self.device)

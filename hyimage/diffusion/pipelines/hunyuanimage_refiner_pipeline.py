@@ -69,7 +69,9 @@ def images_to_tensor(image: Any) -> torch.Tensor:
         if tensor.ndim != 4 or tensor.shape[1] != 3:
             raise ValueError(f"an image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
         return tensor.float()
-    raise TypeError(f"`image` must be a PIL image, a list of them, a uint8 array or a tensor, got {type(image).__name__}")
+    raise TypeError(
+        f"`image` must be a PIL image, a list of them, a uint8 array or a tensor, got {type(image).__name__}"
+    )
 
 
 class HunyuanImageRefinerPipeline:
@@ -83,7 +85,14 @@ class HunyuanImageRefinerPipeline:
     default_shift = 4
     default_guidance_scale = 3.5
 
-    def __init__(self, dit: Any, vae: Any, text_encoder: Any = None, memory: MemoryManager | None = None, progress_bar: bool = True) -> None:
+    def __init__(
+        self,
+        dit: Any,
+        vae: Any,
+        text_encoder: Any = None,
+        memory: MemoryManager | None = None,
+        progress_bar: bool = True,
+    ) -> None:
         if dit is None or vae is None:
             raise ValueError("HunyuanImageRefinerPipeline needs `dit` and `vae` (objects or zero-argument factories)")
         self.parts = Parts(dit=dit, vae=vae, text_encoder=text_encoder)
@@ -128,7 +137,9 @@ class HunyuanImageRefinerPipeline:
                 f"{vae_cfg.latent_channels} latent channels needs {2 * pair} and {pair}; use vae/vae_refiner with the refiner DiT"
             )
         if not dit_cfg.guidance_embed:
-            raise ValueError("the refiner DiT must be guidance-distilled (guidance_embed=True); load the hunyuanimage-refiner DiT")
+            raise ValueError(
+                "the refiner DiT must be guidance-distilled (guidance_embed=True); load the hunyuanimage-refiner DiT"
+            )
 
     @torch.no_grad()
     def __call__(
@@ -167,20 +178,28 @@ class HunyuanImageRefinerPipeline:
             if value < factor or value % factor:
                 raise ValueError(f"`{name}`={value} must be a positive multiple of {factor} (the refiner VAE's factor)")
         if (height, width) != tuple(pixels.shape[-2:]):
-            pixels = torch.nn.functional.interpolate(pixels, size=(height, width), mode="bicubic", align_corners=False).clamp(0, 1)
+            pixels = torch.nn.functional.interpolate(
+                pixels, size=(height, width), mode="bicubic", align_corners=False
+            ).clamp(0, 1)
 
         if prompt_embeds is None:
             if prompt is None:
-                raise ValueError("pass `prompt` (one per image or one for all) or `prompt_embeds` with `prompt_embeds_mask`")
+                raise ValueError(
+                    "pass `prompt` (one per image or one for all) or `prompt_embeds` with `prompt_embeds_mask`"
+                )
             prompts = as_list(prompt, batch, "prompt")
             if not self.parts.given("text_encoder"):
-                raise ValueError("no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`")
+                raise ValueError(
+                    "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`"
+                )
             encoder = self.text_encoder
             with running(self.memory, encoder):
                 prompt_embeds, prompt_embeds_mask = encoder.encode(prompts)
         else:
             if prompt_embeds_mask is None:
-                raise ValueError("`prompt_embeds` was given without `prompt_embeds_mask`; pass the mask the encoder returned")
+                raise ValueError(
+                    "`prompt_embeds` was given without `prompt_embeds_mask`; pass the mask the encoder returned"
+                )
             if prompt_embeds.shape[0] != batch:
                 raise ValueError(f"`prompt_embeds` has batch {prompt_embeds.shape[0]} but {batch} images were given")
             prompts = as_list(prompt, batch, "prompt")
@@ -198,8 +217,18 @@ class HunyuanImageRefinerPipeline:
         shape = (batch, dit.config.out_channels, 1, height // factor, width // factor)
         latents = initial_noise(shape, noise_generators, compute_dtype or torch.float32, self.device)
         condition = self._condition(vae, pixels, condition_generators)
-        latents = self._denoise(dit, latents, condition, prompt_embeds, prompt_embeds_mask, steps, shift,
-                                guidance_scale, compute_dtype, callback)
+        latents = self._denoise(
+            dit,
+            latents,
+            condition,
+            prompt_embeds,
+            prompt_embeds_mask,
+            steps,
+            shift,
+            guidance_scale,
+            compute_dtype,
+            callback,
+        )
         if output_type == "latent":
             return latents
         images = format_images(self._decode(vae, latents), output_type)
@@ -207,7 +236,9 @@ class HunyuanImageRefinerPipeline:
             return images[0]
         return HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
 
-    def _condition(self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
+    def _condition(
+        self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]
+    ) -> torch.Tensor:
         """Condition latents: VAE sample, frame pairs on channels, shift and scale, then condition augmentation."""
         cfg = vae.config
         with running(self.memory, vae):

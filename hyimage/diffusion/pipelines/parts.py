@@ -72,7 +72,9 @@ def run_dit(
     """One DiT forward. A half-precision DiT runs under autocast on CUDA as the official pipeline does; on
     other devices (whose autocast does not cover mixed-dtype norms) its float inputs are cast to its dtype.
     Timesteps and guidance stay float32 either way."""
-    kwargs = dict(byt5_text_states=byt5_text_states, byt5_text_mask=byt5_text_mask, guidance=guidance, timesteps_r=timesteps_r)
+    kwargs = dict(
+        byt5_text_states=byt5_text_states, byt5_text_mask=byt5_text_mask, guidance=guidance, timesteps_r=timesteps_r
+    )
     if compute_dtype is None:
         return dit(hidden_states, timestep, text_states, text_mask, **kwargs)
     if hidden_states.device.type == "cuda":
@@ -96,7 +98,9 @@ def as_list(value: Any, n: int, name: str) -> list:
         return [value] * n
     values = list(value)
     if len(values) != n:
-        raise ValueError(f"`{name}` has {len(values)} entries but there are {n} prompts; pass one per prompt or a single string")
+        raise ValueError(
+            f"`{name}` has {len(values)} entries but there are {n} prompts; pass one per prompt or a single string"
+        )
     return values
 
 
@@ -129,7 +133,9 @@ def pad_tokens(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[t
     return embeds, mask
 
 
-def cat_padded(first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def cat_padded(
+    first: tuple[torch.Tensor, torch.Tensor], second: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate two (embeds, mask) batches, padding the shorter sequence."""
     length = max(first[0].shape[1], second[0].shape[1])
     e1, m1 = pad_tokens(*first, length)
