@@ -2,8 +2,8 @@
 
 Three memory modes, one switch:
 - "none":  every part moves to the device once and stays there (fastest, needs the most memory).
-- "model": each part is on the device only while it runs, then goes back to host memory
-           (the official pipeline's offloading).
+- "model": each part is on the device only while it runs (the official pipeline's offloading); its host
+           copy stays in place, so leaving the stage drops the device copy instead of copying back.
 - "block": like "model", and the parts made of block lists (the DiT, the text encoder) are
            streamed block by block from pinned host memory, keeping as many blocks resident
            as `gpu_budget_gb` allows (see `hyimage.offload.streaming`).
@@ -16,7 +16,7 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
-from hyimage.offload.streaming import BlockStreamer
+from hyimage.offload.streaming import BlockStreamer, DeviceCopy
 
 MEMORY_MODES = ("none", "model", "block")
 
@@ -62,19 +62,21 @@ class MemoryManager:
             module.to(self.device)
             yield module
             return
-        streamer = self.streamer(module) if self.mode == "block" else None
-        if streamer is None:
+        if not isinstance(module, nn.Module):
             module.to(self.device)
             try:
                 yield module
             finally:
                 module.to(self.offload_device)
             return
-        streamer.attach()
+        placer = self.streamer(module) if self.mode == "block" else None
+        if placer is None:
+            placer = DeviceCopy(module, self.device, self.offload_device)
+        placer.attach()
         try:
             yield module
         finally:
-            streamer.detach()
+            placer.detach()
 
     def streamer(self, module: Movable) -> BlockStreamer | None:
         """The block streamer of `module`, or None when it has no block lists to stream."""

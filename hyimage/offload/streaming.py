@@ -93,6 +93,33 @@ def _move(slots: list[_Slot], device: torch.device) -> None:
         slot.attach(moved[id(current)])
 
 
+class DeviceCopy:
+    """Runs a whole module on the device from a copy, keeping its host tensors for the way back.
+
+    Entering copies every parameter and buffer to the device; leaving points the module back at the
+    host tensors it had, so nothing is copied back (inference does not change weights) and host
+    memory is never reallocated. Tensors not in host memory on entry are moved there first.
+    """
+
+    def __init__(self, module: nn.Module, device: torch.device, offload_device: torch.device) -> None:
+        self.module = module
+        self.device = device
+        self.offload_device = offload_device
+        self._slots: list[_Slot] = []
+
+    def attach(self) -> None:
+        self._slots = _slots(self.module)
+        _move(self._slots, self.offload_device)
+        for slot in self._slots:
+            slot.host = slot.current()
+        _move(self._slots, self.device)
+
+    def detach(self) -> None:
+        for slot in self._slots:
+            slot.attach(slot.host)
+        self._slots = []
+
+
 @dataclass
 class _StreamedBlock:
     """A block that lives in host memory and visits the GPU while it runs."""
@@ -220,8 +247,12 @@ class BlockStreamer:
         return count
 
     def attach(self) -> None:
-        """Move the rest and the resident blocks to the device and install the streaming hooks."""
-        _move(self._rest + self._resident, self.device)
+        """Copy the rest and the resident blocks to the device and install the streaming hooks."""
+        fixed = self._rest + self._resident
+        _move(fixed, self.offload_device)
+        for slot in fixed:
+            slot.host = slot.current()
+        _move(fixed, self.device)
         for block in self._streamed:
             block.refresh()
             if self._stream is not None:
@@ -240,13 +271,14 @@ class BlockStreamer:
         )
 
     def detach(self) -> None:
-        """Remove the hooks and bring every tensor back to host memory."""
+        """Remove the hooks and point every tensor back at its host copy (nothing is copied back)."""
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
         for block in self._streamed:
             block.release()
-        _move(self._rest + self._resident, self.offload_device)
+        for slot in self._rest + self._resident:
+            slot.attach(slot.host)
         if self._stream is not None:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
 
