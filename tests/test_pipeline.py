@@ -345,6 +345,15 @@ def test_aspect_ratio_presets() -> None:
         (dict(latents=torch.zeros(1, LATENT_CHANNELS + 1, 2, 2)), "`latents` must be"),
         (dict(use_refiner=True), "refiner_pipeline"),
         (dict(use_reprompt=True), "reprompt_model"),
+        (
+            dict(
+                prompt=None,
+                prompt_embeds=torch.zeros(1, 4, TEXT_DIM),
+                prompt_embeds_mask=torch.ones(1, 4),
+                use_refiner=True,
+            ),
+            "needs `prompt` text",
+        ),
     ],
 )
 def test_bad_input_is_named(distilled_dit, vae, kwargs, message) -> None:

@@ -249,6 +249,10 @@ class HunyuanImagePipeline:
             raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
         if refiner_handoff not in ("uint8", "float"):
             raise ValueError(f"refiner_handoff {refiner_handoff!r} is unknown; choose 'uint8' or 'float'")
+        if use_refiner and prompt is None:
+            raise ValueError(
+                "use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template"
+            )
         if use_refiner and not self.parts.given("refiner_pipeline"):
             raise ValueError(
                 "use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained"
@@ -549,10 +553,6 @@ class HunyuanImagePipeline:
         handoff: str,
     ) -> torch.Tensor:
         """The refiner stage on decoded images, handed over as 8-bit (official) or float images."""
-        if any(p is None for p in prompts):
-            raise ValueError(
-                "use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template"
-            )
         refiner = self.refiner_pipeline
         if refiner.device != self.device:
             refiner.to(self.device)
