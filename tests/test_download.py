@@ -195,7 +195,8 @@ def test_base_configuration_fetches_exactly_its_files(hub: FakeHub, tmp_path: Pa
 
 def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path) -> None:
     config = DownloadConfig(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, reprompt="7b")
-    names = {f.destination.relative_to(tmp_path).as_posix() for f in list_files(config, tmp_path, endpoint=hub.endpoint)}
+    files = list_files(config, tmp_path, endpoint=hub.endpoint)
+    names = {f.destination.relative_to(tmp_path).as_posix() for f in files}
     official = {n for n in names if n.startswith(("dit/", "vae/", "reprompt/"))}
     assert official == {
         "dit/hunyuanimage2.1-distilled_fp8.safetensors",
@@ -206,7 +207,8 @@ def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path
         "reprompt/model.safetensors",
     }
     big = DownloadConfig(reprompt="32b", text_encoder=False, glyph=False, refiner=False)
-    names = {f.destination.relative_to(tmp_path).as_posix() for f in list_files(big, tmp_path, endpoint=hub.endpoint)}
+    files = list_files(big, tmp_path, endpoint=hub.endpoint)
+    names = {f.destination.relative_to(tmp_path).as_posix() for f in files}
     assert names == {
         "dit/hunyuanimage2.1.safetensors",
         "vae/vae_2_1/config.json",
@@ -217,7 +219,9 @@ def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path
 
 
 def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path) -> None:
-    config = DownloadConfig(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, text_encoder=False, glyph=False)
+    config = DownloadConfig(
+        variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, text_encoder=False, glyph=False
+    )
     name = "dit/hunyuanimage2.1-distilled_fp8.safetensors"
     full = REPOS["tencent/HunyuanImage-2.1"][name]
     hub.cut[name] = 1000
@@ -253,6 +257,7 @@ def test_unreachable_hub_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_download_command_names_the_configuration() -> None:
     config = DownloadConfig(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, reprompt="32b")
-    assert config.command() == "hyimage download --variant hunyuanimage-v2.1-distilled --fp8 --no-refiner --reprompt 32b"
+    expected = "hyimage download --variant hunyuanimage-v2.1-distilled --fp8 --no-refiner --reprompt 32b"
+    assert config.command() == expected
     with pytest.raises(ValueError, match="variant 'sdxl'"):
         DownloadConfig(variant="sdxl")

@@ -44,7 +44,8 @@ def run(model: nn.Module, memory: MemoryManager, x: torch.Tensor, steps: int = 2
 
 
 def block_bytes(model: Stack) -> int:
-    return sum(p.numel() * p.element_size() for p in (*model.double_blocks[0].parameters(), *model.double_blocks[0].buffers()))
+    block = model.double_blocks[0]
+    return sum(t.numel() * t.element_size() for t in (*block.parameters(), *block.buffers()))
 
 
 def test_block_lists_found_outermost_and_sizeable() -> None:
@@ -81,6 +82,17 @@ def test_block_hooks_run_and_follow_the_budget() -> None:
     assert streamer.counts["prefetch"] == 3 * 5 + 1  # one per block, plus the wrap-around after the last step
     assert not any(block._forward_pre_hooks or block._forward_hooks for block in model.single_blocks)
     assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode, budget_blocks", [("model", None), ("block", None), ("block", 4.5)])
+def test_parts_come_back_to_their_own_host_tensors(mode: str, budget_blocks: float | None) -> None:
+    """After a stage the module holds the very host tensors it had (nothing reallocated or copied back)."""
+    model = Stack()
+    before = {name: (t.data_ptr(), t.clone()) for name, t in model.state_dict().items()}
+    budget = None if budget_blocks is None else budget_blocks * block_bytes(model) / 1024**3
+    run(model, MemoryManager("cpu", mode, gpu_budget_gb=budget), torch.randn(1, 3, 8))
+    after = model.state_dict()
+    assert all(after[k].data_ptr() == ptr and torch.equal(after[k], value) for k, (ptr, value) in before.items())
 
 
 def test_budget_none_streams_all_and_large_budget_keeps_all() -> None:
