@@ -140,3 +140,24 @@ def test_tiny_dit_modes_agree() -> None:
     streamer = memory.streamer(dit)
     assert {"double_blocks.1", "single_blocks.2"} <= set(streamer.plan.streamed)
     assert streamer.counts["load"] == len(streamer.plan.streamed)
+
+
+def test_full_size_models_stream_their_block_lists() -> None:
+    """At the released sizes (on meta): the DiT streams double/single blocks, the text encoder its decoder layers."""
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+    from hyimage.models.dit.configs import resolve_dit_config
+    from hyimage.models.dit.model import HYImageDiffusionTransformer
+    from hyimage.text_encoders.mllm import MLLMTextEncoder
+
+    with torch.device("meta"):
+        dit = HYImageDiffusionTransformer(**resolve_dit_config("hunyuanimage-v2.1").to_dict())
+        qwen = Qwen2_5_VLTextModel(
+            Qwen2_5_VLTextConfig(hidden_size=3584, intermediate_size=18944, num_hidden_layers=26,
+                                 num_attention_heads=28, num_key_value_heads=4, vocab_size=152064)
+        )
+    assert [name for name, _ in find_block_lists(dit)] == ["double_blocks", "single_blocks"]
+    assert [name for name, _ in find_block_lists(MLLMTextEncoder(qwen, tokenizer=None))] == ["model.layers"]
+    plan = MemoryManager("cuda", "block", gpu_budget_gb=16).streamer(dit).plan
+    assert 0 < len(plan.resident) < 60 and plan.device_bytes <= 16 * 1024**3

@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-MIN_LIST_SHARE = 0.02
+MIN_LIST_SHARE = 0.05
 """A block list is streamed only when it holds at least this share of the model's bytes."""
 
 
@@ -210,7 +210,7 @@ class BlockStreamer:
         self.offload_device = offload_device
         self.counts: Counter[str] = Counter()
         self._hooks: list = []
-        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stream: "torch.cuda.Stream | None" = None
         self._first_run: int | None = None
 
         lists = find_block_lists(module)
@@ -248,6 +248,8 @@ class BlockStreamer:
 
     def attach(self) -> None:
         """Copy the rest and the resident blocks to the device and install the streaming hooks."""
+        if self.device.type == "cuda" and self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
         fixed = self._rest + self._resident
         _move(fixed, self.offload_device)
         for slot in fixed:
