@@ -18,7 +18,7 @@ import torch
 from loguru import logger
 from torch import nn
 
-from hyimage.loading.safetensors_io import CheckpointError, TensorSource, load_safetensors_into
+from hyimage.loading.safetensors_io import CheckpointError, GetTensor, TensorSource, Translate, load_safetensors_into
 from hyimage.loading.vae_diffusers_keys import (
     DIFFUSERS_CLASS_NAMES,
     config_from_diffusers,
@@ -26,6 +26,7 @@ from hyimage.loading.vae_diffusers_keys import (
     vae_2d_key_map,
 )
 from hyimage.models.vae.base import num_resample_levels
+from hyimage.models.vae.vae_2d import HunyuanVAE2D
 
 CONFIG_FILE = "config.json"
 RELEASE_FILES = ("pytorch_model.ckpt", "pytorch_model.pt")
@@ -117,6 +118,13 @@ def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     return checkpoint
 
 
+def _squeeze_single_frame(tensor: torch.Tensor, want: torch.Tensor | None) -> torch.Tensor:
+    """A 5-D conv weight with one frame, (O, I, 1, k, k), as the 4-D weight the 2D model holds."""
+    if want is not None and tensor.ndim == want.ndim + 1 == 5 and tensor.shape[2] == 1:
+        return tensor.squeeze(2)
+    return tensor
+
+
 def _fit_to_model(
     state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path, model_name: str
 ) -> dict[str, torch.Tensor]:
@@ -124,8 +132,7 @@ def _fit_to_model(
     fitted, wrong_shape = {}, []
     for key, tensor in state.items():
         want = expected.get(key)
-        if want is not None and tensor.ndim == want.ndim + 1 == 5 and tensor.shape[2] == 1:
-            tensor = tensor.squeeze(2)
+        tensor = _squeeze_single_frame(tensor, want)
         if want is not None and tensor.shape != want.shape:
             wrong_shape.append(f"{key}: file {tuple(tensor.shape)} vs model {tuple(want.shape)}")
         fitted[key] = tensor
@@ -143,24 +150,21 @@ def _fit_to_model(
 
 def _diffusers_key_map(model: nn.Module) -> dict[str, str]:
     keys = model.state_dict().keys()
-    if type(model).__name__ == "HunyuanVAE2D":
+    if isinstance(model, HunyuanVAE2D):
         levels = num_resample_levels(model.config.ffactor_spatial)
         return vae_2d_key_map(keys, model.config.layers_per_block, levels)
     return refiner_vae_key_map(keys)
 
 
-def _from_diffusers_keys(model: nn.Module):
+def _from_diffusers_keys(model: nn.Module) -> Translate:
+    """Renames a diffusers file's keys to the official ones while its tensors are streamed."""
     to_official = {diffusers: official for official, diffusers in _diffusers_key_map(model).items()}
     expected = model.state_dict()
 
-    def translate(keys: Iterable[str], get_tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    def translate(keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
         for key in keys:
             official = to_official.get(key, key)
-            tensor = get_tensor(key)
-            want = expected.get(official)
-            if want is not None and tensor.ndim == want.ndim + 1 == 5 and tensor.shape[2] == 1:
-                tensor = tensor.squeeze(2)
-            yield official, tensor
+            yield official, _squeeze_single_frame(get_tensor(key), expected.get(official))
 
     return translate
 
