@@ -167,3 +167,17 @@ def test_tiling_is_off_by_default_and_only_splits_large_latents(vae_2d_pair):
         assert ours.decode(torch.randn(1, 64, 6, 5)).sample.shape == (1, 3, 192, 160)
     finally:
         ours.disable_tiling()
+
+
+@torch.no_grad()
+def test_refiner_tiled_decode_covers_the_image(refiner_pair):
+    ours, reference = refiner_pair
+    latents = torch.randn(1, 32, 1, 5, 3)
+    ours.enable_tiling(tile_latent_size=3, tile_latent_overlap=1)
+    try:
+        tiled = ours.decode(latents).sample
+    finally:
+        ours.disable_tiling()
+    whole = reference.decode(latents).sample
+    assert tiled.shape == whole.shape == (1, 3, 1, 80, 48)
+    assert max_rel_error(ours.decode(latents).sample, whole) < TOLERANCE
