@@ -18,24 +18,27 @@ import torch
 from loguru import logger
 from torch import nn
 
-MIN_LIST_SHARE = 0.05
-"""A block list is streamed only when it holds at least this share of the model's bytes."""
+BLOCK_LIST_NAMES = ("double_blocks", "single_blocks", "layers", "blocks")
+"""Attribute names of transformer block lists: the DiT's, and a language model's decoder `layers`.
+A VAE's level lists (`down`, `up`) are not streamed: its activations, not its weights, fill the GPU."""
+
+MIN_LIST_SHARE = 0.1
+"""A block list is streamed only when it holds at least this share of the largest such list's bytes."""
 
 
 def find_block_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
-    """The outermost lists of two or more same-type blocks that hold a sizeable share of `module`."""
-    total = max(_nbytes(module), 1)
+    """The outermost transformer block lists of `module` (two or more same-type blocks) worth streaming."""
     found: list[tuple[str, nn.ModuleList]] = []
     for name, child in module.named_modules():
-        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+        if not isinstance(child, nn.ModuleList) or len(child) < 2 or name.rpartition(".")[2] not in BLOCK_LIST_NAMES:
             continue
         if len({type(block) for block in child}) != 1:
             continue
         if any(name.startswith(outer + ".") for outer, _ in found):
             continue
-        if _nbytes(child) / total >= MIN_LIST_SHARE:
-            found.append((name, child))
-    return found
+        found.append((name, child))
+    largest = max((_nbytes(blocks) for _, blocks in found), default=0)
+    return [(name, blocks) for name, blocks in found if _nbytes(blocks) >= MIN_LIST_SHARE * largest]
 
 
 def _nbytes(module: nn.Module) -> int:
