@@ -199,7 +199,8 @@ class HunyuanVAE2D(VAEBase):
     """The 32x image VAE. Images (B, 3, H, W) or (B, 3, 1, H, W) in [-1, 1]; latents (B, 64, H/32, W/32).
 
     Takes the keys of the released `config.json`; keys starting with "_" (file metadata) are ignored.
-    Latents are used as `(posterior.mode() - shift) * scaling_factor` by the pipeline (shift when set).
+    The pipelines, not the VAE, apply `config.scaling_factor` and `config.shift_factor` (when set): the DiT sees
+    `(z - shift_factor) * scaling_factor` and `decode` gets `latents / scaling_factor + shift_factor`.
     """
 
     def __init__(

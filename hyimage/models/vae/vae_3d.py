@@ -276,6 +276,8 @@ class AutoencoderKLConv3D(VAEBase):
     (B, 32, 1 + k, H/16, W/16).
 
     Takes the keys of the released `config.json`; keys starting with "_" (file metadata) are ignored.
+    The pipelines, not the VAE, apply `config.scaling_factor` and `config.shift_factor` (when set): the DiT sees
+    `(z - shift_factor) * scaling_factor` and `decode` gets `latents / scaling_factor + shift_factor`.
     """
 
     def __init__(
