@@ -82,9 +82,10 @@ def is_lfs(path: str) -> bool:
 
 
 class FakeHub:
-    """Serves REPOS; can cut one file's transfer short or serve wrong bytes for one file."""
+    """Serves `repos` (default REPOS); can cut one file's transfer short or serve wrong bytes for one file."""
 
-    def __init__(self) -> None:
+    def __init__(self, repos: dict[str, dict[str, bytes]] | None = None) -> None:
+        self.repos = REPOS if repos is None else repos
         self.requests: list[tuple[str, str | None]] = []
         self.cut: dict[str, int] = {}
         self.corrupt: set[str] = set()
@@ -104,7 +105,7 @@ class FakeHub:
 
     def listing(self, repo: str) -> bytes:
         siblings = []
-        for path, data in REPOS[repo].items():
+        for path, data in self.repos[repo].items():
             entry = {"rfilename": path, "size": len(data)}
             if is_lfs(path):
                 entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 130}
@@ -129,7 +130,7 @@ class FakeHub:
             request.send_error(404)
             return
         repo, name = match[1], match[3]
-        data = REPOS[repo][name]
+        data = self.repos[repo][name]
         if name in self.corrupt:
             data = bytes(len(data))
         range_header = request.headers.get("Range")

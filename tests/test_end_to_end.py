@@ -140,6 +140,51 @@ def test_cli_generate_writes_sized_images_with_settings(in_tree: Path) -> None:
     assert refined.size == (128, 96) and refined.text["seed"] == "3"
 
 
+def hub_repos(tree: Path, tmp_path: Path) -> dict[str, dict[str, bytes]]:
+    """The tiny tree as the Hub holds it: the Glyph encoder only in the diffusers format (the Hub route)."""
+    from hyimage.text_encoders.glyph import GlyphByT5Encoder
+
+    def files(folder: Path, prefix: str = "") -> dict[str, bytes]:
+        return {prefix + p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    layout = CheckpointLayout(tree)
+    glyph = GlyphByT5Encoder.from_pretrained(layout.byt5, layout.glyph)
+    diffusers_glyph = tmp_path / "diffusers"
+    glyph.text_tower.save_pretrained(diffusers_glyph / "text_encoder_2")
+    glyph.tokenizer.save_pretrained(diffusers_glyph / "tokenizer_2")
+    official = {k: v for k, v in files(tree).items() if k.startswith("vae/") or k.endswith(".safetensors")}
+    return {
+        "tencent/HunyuanImage-2.1": official,
+        "Qwen/Qwen2.5-VL-7B-Instruct": files(layout.text_encoder),
+        "google/byt5-small": files(layout.byt5),
+        "hunyuanvideo-community/HunyuanImage-2.1-Diffusers": files(diffusers_glyph),
+    }
+
+
+def test_generate_download_fetches_then_draws(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's first command: `hyimage generate --download` on an empty folder, against a local Hub."""
+    import huggingface_hub.constants
+
+    from tests.test_download import FakeHub
+
+    hub = FakeHub(hub_repos(tree, tmp_path))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+    root = tmp_path / "ckpts"
+    (root / "dit").mkdir(parents=True)
+    for config in (tree / "dit").glob("*.json"):  # the tiny sizes (the released sizes need no file)
+        shutil.copy(config, root / "dit")
+    try:
+        code = main(["generate", 'a sign that reads "HUB"', "--download", "--variant", "distilled", "--width", "64",
+                     "--height", "64", "--steps", "1", "--seed", "5", "--device", "cpu", "--model-root", str(root),
+                     "-o", str(tmp_path / "first.png")])
+    finally:
+        hub.close()
+    assert code == 0
+    assert Image.open(tmp_path / "first.png").size == (64, 64)
+    assert (root / "text_encoder/Glyph-SDXL-v2/text_encoder_2/config.json").is_file()
+    assert not (root / "dit/hunyuanimage2.1.safetensors").exists()  # the base model was not needed
+
+
 def partial_tree(tree: Path, target: Path, leave_out: str) -> Path:
     """A copy of `tree` (as symlinks) without the file or folder `leave_out`."""
     for path in tree.rglob("*"):
