@@ -71,14 +71,14 @@ def load_pipeline(
 ) -> Any:
     """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
 
-    `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16 file
-    quantized while loading. `memory_mode` "none" | "model" | "block" (default "model", the official
+    `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16
+    file quantized while loading. `memory_mode` "none" | "model" | "block" (default "model", the official
     offloading; "block" when only `gpu_budget_gb` is given). `device` is where parts run (default CPU
-    until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to the official bf16 and fp16 when the
-    pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after `pipe.to`);
-    an FP8 DiT keeps its other weights in bf16 everywhere.
-    `reprompt_model` "32b" or "7b" (the official names work too); the 7B's
-    tokenizer is remote code and needs `trust_remote_code=True`. `refiner=False` drops the refiner.
+    until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to the official bf16 and fp16
+    when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
+    `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
+    (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code=True`.
+    `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
     """
     if use_distilled:
         model_name = "hunyuanimage-v2.1-distilled"
