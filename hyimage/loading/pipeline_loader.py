@@ -74,8 +74,8 @@ def load_pipeline(
     `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16
     file quantized while loading. `memory_mode` "none" | "model" | "block" (default "model", the official
     offloading; "block" when only `gpu_budget_gb` is given). `device` is where parts run (default CPU
-    until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to the official bf16 and fp16
-    when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
+    until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to bf16 (the official
+    DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
     `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
     (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code=True`.
     `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
@@ -285,7 +285,7 @@ def _glyph_encoder(layout: CheckpointLayout, memory: MemoryManager) -> Any:
 def _text_encoder(layout: CheckpointLayout, template: str, dtype: torch.dtype | None, memory: MemoryManager) -> Any:
     from hyimage.text_encoders.mllm import MLLMTextEncoder
 
-    chosen = dtype if dtype is not None else compute_dtype(memory, torch.float16)
+    chosen = dtype if dtype is not None else compute_dtype(memory, torch.bfloat16)
     device = _load_device(memory)
     return MLLMTextEncoder.from_pretrained(layout.text_encoder, template=template, dtype=chosen, device=device)
 
@@ -295,10 +295,12 @@ def _with_template(encoder: Any, template: str) -> Any:
     return type(encoder)(encoder.model, encoder.tokenizer, template)
 
 
-def _vae(name: str, directory: Path, memory: MemoryManager) -> torch.nn.Module:
+def _vae(name: str, directory: Path, memory: MemoryManager, cuda_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A VAE in its stored dtype, or in `cuda_dtype` when the pipeline runs on CUDA (the official refiner VAE: fp16)."""
     import hyimage.models as models
 
-    return getattr(models, name).from_pretrained(directory, device=_load_device(memory)).eval()
+    dtype = cuda_dtype if memory.device.type == "cuda" else None
+    return getattr(models, name).from_pretrained(directory, dtype=dtype, device=_load_device(memory)).eval()
 
 
 def _reprompter(
@@ -334,7 +336,7 @@ def _refiner_pipeline(
     config = _dit_config(layout, REFINER, dit_config)
     return cls(
         dit=_dit_factory(layout, REFINER, config, use_fp8, dtype, memory, needs, command_root),
-        vae=once(lambda: _vae("AutoencoderKLConv3D", vae_dir, memory)),
+        vae=once(lambda: _vae("AutoencoderKLConv3D", vae_dir, memory, torch.float16)),
         text_encoder=text_encoder,
         memory=memory,
         progress_bar=progress_bar,
