@@ -77,7 +77,7 @@ def load_pipeline(
     until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to bf16 (the official
     DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
     `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
-    (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code=True`.
+    (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code` set to True.
     `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
     """
     if use_distilled:

@@ -105,8 +105,8 @@ class Reprompter(nn.Module):
     ) -> "Reprompter":
         """Load `ckpts/reprompt_32b` (size "32b") or `ckpts/reprompt` (size "7b") into host memory.
 
-        The 7B's tokenizer is custom code shipped with the checkpoint: it runs only with
-        `trust_remote_code=True`, which the caller must set after deciding to trust that folder.
+        The 7B's tokenizer is custom code shipped with the checkpoint: it runs only when
+        `trust_remote_code` is set to True, which the caller must do after deciding to trust that folder.
         The model itself always uses transformers' own implementation.
         """
         if size not in SPECS:
@@ -118,7 +118,7 @@ class Reprompter(nn.Module):
         if remote and not trust_remote_code:
             raise ValueError(
                 f"the tokenizer of {path} is code shipped in the checkpoint ({remote}); "
-                "pass trust_remote_code=True to run it if you trust that folder"
+                "pass trust_remote_code=True (CLI: --trust-remote-code) to run it if you trust that folder"
             )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model_class = Qwen2_5_VLForConditionalGeneration if size == "32b" else AutoModelForCausalLM
