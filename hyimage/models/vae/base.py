@@ -1,13 +1,16 @@
 """What both VAEs share: batch slicing, blended tiled decoding, the CUDA decode precision and loading."""
 
 import contextlib
+import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 from loguru import logger
 from torch import nn
 from torch.nn import functional as F
+
+ConfigT = TypeVar("ConfigT")
 
 
 def swish(x: torch.Tensor) -> torch.Tensor:
@@ -102,18 +105,31 @@ class Level(nn.Module):
         return x
 
 
-class VAEBase(nn.Module):
-    """Slicing, tiling and loading shared by `HunyuanVAE2D` and `AutoencoderKLConv3D`.
+def config_from_arguments(config_class: type[ConfigT], arguments: dict[str, Any], owner: str) -> ConfigT:
+    """Build a VAE config dataclass from its constructor's `locals()`, warning about unknown keys in `extra`.
 
-    Subclasses set `self.config`, `self.encoder` and `self.decoder`; the decoder maps latents whose spatial
-    axes come last to images `config.ffactor_spatial` times larger.
+    Keys starting with "_" (file metadata in the released `config.json`) are ignored silently.
+    """
+    unknown = sorted(key for key in arguments.get("extra", {}) if not key.startswith("_"))
+    if unknown:
+        logger.warning("{} ignores unknown config keys {}", owner, unknown)
+    values = {field.name: arguments[field.name] for field in dataclasses.fields(config_class)}
+    values["block_out_channels"] = tuple(values["block_out_channels"])
+    return config_class(**values)
+
+
+class VAEBase(nn.Module):
+    """Slicing, tiling, reconstruction and loading shared by `HunyuanVAE2D` and `AutoencoderKLConv3D`.
+
+    Subclasses pass their config, encoder and decoder and define `encode` and `decode`; the decoder maps latents
+    whose spatial axes come last to images `config.ffactor_spatial` times larger.
     """
 
-    config: Any
-    encoder: nn.Module
-    decoder: nn.Module
-
-    def _init_memory_options(self) -> None:
+    def __init__(self, config: Any, encoder: nn.Module, decoder: nn.Module):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.decoder = decoder
         self.use_slicing = False
         self.use_tiling = False
         self.tile_latent_size = max(1, self.config.sample_size // self.config.ffactor_spatial)
@@ -121,6 +137,11 @@ class VAEBase(nn.Module):
         # The official pipeline decodes under torch.autocast("cuda", dtype=torch.float16); None decodes in the
         # weights' own dtype instead.
         self.cuda_decode_dtype: torch.dtype | None = torch.float16
+
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False) -> torch.Tensor:
+        """Encode then decode (reconstruction)."""
+        posterior = self.encode(sample).latent_dist
+        return self.decode(posterior.sample() if sample_posterior else posterior.mode()).sample
 
     @property
     def dtype(self) -> torch.dtype:

@@ -10,11 +10,10 @@ from typing import Any
 
 import torch
 from einops import rearrange
-from loguru import logger
 from torch import nn
 from torch.nn import functional as F
 
-from hyimage.models.vae.base import Level, VAEBase, num_resample_levels, swish
+from hyimage.models.vae.base import Level, VAEBase, config_from_arguments, num_resample_levels, swish
 from hyimage.models.vae.distributions import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 
 
@@ -297,28 +296,8 @@ class AutoencoderKLConv3D(VAEBase):
         upsample_match_channel: bool = True,
         **extra: Any,
     ):
-        super().__init__()
-        unknown = sorted(key for key in extra if not key.startswith("_"))
-        if unknown:
-            logger.warning("AutoencoderKLConv3D ignores unknown config keys {}", unknown)
-        self.config = AutoencoderKLConv3DConfig(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            latent_channels=latent_channels,
-            block_out_channels=tuple(block_out_channels),
-            layers_per_block=layers_per_block,
-            ffactor_spatial=ffactor_spatial,
-            ffactor_temporal=ffactor_temporal,
-            sample_size=sample_size,
-            sample_tsize=sample_tsize,
-            scaling_factor=scaling_factor,
-            shift_factor=shift_factor,
-            downsample_match_channel=downsample_match_channel,
-            upsample_match_channel=upsample_match_channel,
-        )
-        self.encoder = Encoder(self.config)
-        self.decoder = Decoder(self.config)
-        self._init_memory_options()
+        config = config_from_arguments(AutoencoderKLConv3DConfig, locals(), "AutoencoderKLConv3D")
+        super().__init__(config, Encoder(config), Decoder(config))
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images/videos (B, C, T, H, W) -> posterior over latents (B, 2*latent split into mean/logvar)."""
@@ -344,8 +323,3 @@ class AutoencoderKLConv3D(VAEBase):
             raise ValueError(f"AutoencoderKLConv3D takes z as (B, C, T, H, W), got shape {tuple(z.shape)}")
         image = self._decode_latents(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
-
-    def forward(self, sample: torch.Tensor, sample_posterior: bool = False) -> torch.Tensor:
-        """Encode then decode (reconstruction)."""
-        posterior = self.encode(sample).latent_dist
-        return self.decode(posterior.sample() if sample_posterior else posterior.mode()).sample
