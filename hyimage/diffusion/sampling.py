@@ -1,9 +1,36 @@
 """Flow-matching sampling: the shifted schedule, the Euler step, MeanFlow and guidance inputs, initial noise."""
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+
+StepCallback = Callable[[int, float, torch.Tensor], torch.Tensor | None]
+"""`callback(step, timestep, latents)` run after each denoising step; it may return replacement latents."""
+
+
+def scale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+    """VAE latents to the DiT's space: `(z - shift_factor) * scaling_factor` (no shift when it is unset or 0)."""
+    shift = getattr(vae_config, "shift_factor", None)
+    if shift:
+        latents = latents - shift
+    return latents * vae_config.scaling_factor
+
+
+def unscale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+    """The DiT's latents back to the VAE's space: `z / scaling_factor + shift_factor`."""
+    latents = latents / vae_config.scaling_factor
+    shift = getattr(vae_config, "shift_factor", None)
+    return latents + shift if shift else latents
+
+
+def after_step(callback: StepCallback | None, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The latents after the user's per-step callback: what it returns, or the same latents if it returns None."""
+    if callback is None:
+        return latents
+    replaced = callback(step, float(timestep), latents)
+    return latents if replaced is None else replaced
 
 
 def shifted_sigmas(num_steps: int, shift: float) -> torch.Tensor:

@@ -4,7 +4,7 @@ Numbers follow the official pipeline (schedule, Euler step, MeanFlow, guidance e
 guidance); unlike it, a call takes batches of prompts and images, and the guidance state is per call.
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,13 +20,15 @@ from hyimage.diffusion.pipelines.parts import (
     autocast_dtype,
     cat_padded,
     check_embeds,
+    decode_to_images,
     format_images,
-    module_dtype,
     run_dit,
     running,
     to_uint8,
 )
 from hyimage.diffusion.sampling import (
+    StepCallback,
+    after_step,
     euler_step,
     guidance_embedding_input,
     initial_noise,
@@ -35,6 +37,7 @@ from hyimage.diffusion.sampling import (
     meanflow_timesteps_r,
     shifted_sigmas,
     timesteps_from_sigmas,
+    unscale_latents,
 )
 from hyimage.offload import MemoryManager
 
@@ -230,7 +233,7 @@ class HunyuanImagePipeline:
         negative_glyph_embeds_mask: torch.Tensor | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
-        callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None,
+        callback: StepCallback | None = None,
         use_reprompt: bool = False,
         use_refiner: bool = False,
         refiner_handoff: str = "uint8",
@@ -485,7 +488,7 @@ class HunyuanImagePipeline:
         guidance_scale: float,
         guider: Guidance | None,
         compute_dtype: torch.dtype | None,
-        callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None,
+        callback: StepCallback | None,
     ) -> torch.Tensor:
         device = self.device
         sigmas = shifted_sigmas(steps, shift).to(device)
@@ -517,27 +520,16 @@ class HunyuanImagePipeline:
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = guider(pred_cond, pred_uncond, i)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                if callback is not None:
-                    replaced = callback(i, float(t), latents)
-                    if replaced is not None:
-                        latents = replaced
+                latents = after_step(callback, i, t, latents)
         return latents
 
     # Output.
     def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the official does."""
-        cfg = vae.config
-        if getattr(cfg, "shift_factor", None):
-            latents = latents / cfg.scaling_factor + cfg.shift_factor
-        else:
-            latents = latents / cfg.scaling_factor
+        latents = unscale_latents(latents, vae.config)
         if latents.ndim == 4:
             latents = latents.unsqueeze(2)
-        with running(self.memory, vae):
-            image = vae.decode(latents.to(self.device, module_dtype(vae)), return_dict=False)[0]
-        if image.ndim == 5:
-            image = image[:, :, 0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return decode_to_images(self.memory, vae, latents)
 
     def _refine(
         self,

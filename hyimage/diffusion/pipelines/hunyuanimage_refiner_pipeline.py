@@ -6,7 +6,7 @@ latents] on the channel axis, the condition augmented with 25% of its own noise,
 through its guidance embedding (no classifier-free guidance).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -19,18 +19,23 @@ from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
+    decode_to_images,
     format_images,
     module_dtype,
     run_dit,
     running,
 )
 from hyimage.diffusion.sampling import (
+    StepCallback,
+    after_step,
     euler_step,
     guidance_embedding_input,
     initial_noise,
     make_generators,
     shifted_sigmas,
+    scale_latents,
     timesteps_from_sigmas,
+    unscale_latents,
 )
 from hyimage.offload import MemoryManager
 
@@ -157,7 +162,7 @@ class HunyuanImageRefinerPipeline:
         prompt_embeds: torch.Tensor | None = None,
         prompt_embeds_mask: torch.Tensor | None = None,
         output_type: str = "pil",
-        callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None,
+        callback: StepCallback | None = None,
     ) -> Image.Image | HunyuanImageOutput | torch.Tensor:
         """Refine `image` (one or a batch) guided by `prompt`; width/height default to the image's size.
 
@@ -240,15 +245,11 @@ class HunyuanImageRefinerPipeline:
         self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]
     ) -> torch.Tensor:
         """Condition latents: VAE sample, frame pairs on channels, shift and scale, then condition augmentation."""
-        cfg = vae.config
         with running(self.memory, vae):
             dist = vae.encode((pixels * 2 - 1).unsqueeze(2).to(self.device, module_dtype(vae))).latent_dist
         noise = initial_noise(tuple(dist.mean.shape), generators, dist.mean.dtype, dist.mean.device)
         latents = frames_to_channel_pairs(dist.mean + dist.std * noise)
-        if getattr(cfg, "shift_factor", None):
-            latents = (latents - cfg.shift_factor) * cfg.scaling_factor
-        else:
-            latents = latents * cfg.scaling_factor
+        latents = scale_latents(latents, vae.config)
         aug_noise = initial_noise(tuple(latents.shape), generators, latents.dtype, latents.device)
         return CONDITION_AUG_STRENGTH * aug_noise + (1 - CONDITION_AUG_STRENGTH) * latents
 
@@ -263,7 +264,7 @@ class HunyuanImageRefinerPipeline:
         shift: float,
         guidance_scale: float,
         compute_dtype: torch.dtype | None,
-        callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None,
+        callback: StepCallback | None,
     ) -> torch.Tensor:
         device = self.device
         sigmas = shifted_sigmas(steps, shift).to(device)
@@ -277,20 +278,9 @@ class HunyuanImageRefinerPipeline:
                 guidance = guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
                 pred = run_dit(dit, compute_dtype, model_input, t.repeat(n), text, text_mask, guidance=guidance)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                if callback is not None:
-                    replaced = callback(i, float(t), latents)
-                    if replaced is not None:
-                        latents = replaced
+                latents = after_step(callback, i, t, latents)
         return latents
 
     def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Final latents to images (B, 3, H, W) in [0, 1]."""
-        cfg = vae.config
-        if getattr(cfg, "shift_factor", None):
-            latents = latents / cfg.scaling_factor + cfg.shift_factor
-        else:
-            latents = latents / cfg.scaling_factor
-        latents = channel_pairs_to_frames(latents)
-        with running(self.memory, vae):
-            image = vae.decode(latents.to(self.device, module_dtype(vae)), return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)[:, :, 0]
+        return decode_to_images(self.memory, vae, channel_pairs_to_frames(unscale_latents(latents, vae.config)))

@@ -84,6 +84,16 @@ def run_dit(
     return dit(hidden_states.to(compute_dtype), timestep, text_states.to(compute_dtype), text_mask, **kwargs)
 
 
+def decode_to_images(memory: MemoryManager, vae: Any, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-space latents (B, C, T, h, w) through `vae.decode` on the execution device to images (B, 3, H, W) in
+    [0, 1] (the first frame)."""
+    with running(memory, vae):
+        image = vae.decode(latents.to(memory.device, module_dtype(vae)), return_dict=False)[0]
+    if image.ndim == 5:
+        image = image[:, :, 0]
+    return (image.float() / 2 + 0.5).clamp(0, 1)
+
+
 def module_dtype(module: Any) -> torch.dtype:
     """The floating dtype of a module's first floating parameter (float32 if none)."""
     for p in module.parameters():
