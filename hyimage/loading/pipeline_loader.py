@@ -86,11 +86,8 @@ def load_pipeline(
         raise ValueError(f"model_name {model_name!r} is unknown; choose one of {', '.join(VARIANTS)}")
     if reprompt_model not in REPROMPT_SIZES:
         raise ValueError(f"reprompt_model {reprompt_model!r} is unknown; choose one of {', '.join(REPROMPT_SIZES)}")
-    root = model_root_for(model_root)
-    layout = CheckpointLayout(root)
-    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
+    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb)
     needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner)
-    command_root = None if model_root is None else root
 
     config = _dit_config(layout, model_name, dit_config)
     dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root)
@@ -142,17 +139,28 @@ def load_refiner_pipeline(
     """Build `cls` (HunyuanImageRefinerPipeline) alone, e.g. to refine existing images; arguments as `load_pipeline`."""
     if model_name != REFINER:
         raise ValueError(f"model_name {model_name!r} is not the refiner; use {REFINER!r}")
-    root = model_root_for(model_root)
-    layout = CheckpointLayout(root)
-    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
+    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb)
     needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
-    command_root = None if model_root is None else root
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
         text_encoder=once(lambda: _text_encoder(layout, REFINER_TEMPLATE, text_encoder_dtype, memory)),
         progress_bar=progress_bar, cls=cls,
     )
+
+
+def _setup(
+    root: str | os.PathLike | None,
+    memory: MemoryManager | None,
+    device: str | torch.device | None,
+    memory_mode: str | None,
+    gpu_budget_gb: float | None,
+) -> tuple[CheckpointLayout, MemoryManager, Path | None]:
+    """The layout of the checked checkpoint root, the memory manager (the given one, else one for the mode) and
+    the root to name in `hyimage download` hints (None when it is the default)."""
+    path = model_root_for(root)
+    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
+    return CheckpointLayout(path), memory, None if root is None else path
 
 
 def model_root_for(root: str | os.PathLike | None) -> Path:
