@@ -114,6 +114,7 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def default_device() -> str:
+    """CUDA when available, else the CPU."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"

@@ -263,7 +263,9 @@ def fetch_file(
     return file.destination
 
 
-def _stream(file: RemoteFile, partial: Path, done: int, *, endpoint, token, progress: bool) -> None:
+def _stream(
+    file: RemoteFile, partial: Path, done: int, *, endpoint: str | None, token: str | None, progress: bool
+) -> None:
     url = f"{hub_endpoint(endpoint)}/{file.repo_id}/resolve/{quote(file.revision, safe='')}/{quote(file.path)}"
     request = urllib.request.Request(url)
     for key, value in build_hf_headers(token=token).items():

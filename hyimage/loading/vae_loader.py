@@ -75,6 +75,7 @@ def read_vae_config(path: Path, model_cls: type) -> tuple[dict[str, Any], bool]:
 
 
 def build_on_meta(model_cls: type, config: dict[str, Any], config_path: Path) -> nn.Module:
+    """`model_cls(**config)` on the meta device (no memory); a config that does not fit names `config_path`."""
     try:
         with torch.device("meta"):
             return model_cls(**config)

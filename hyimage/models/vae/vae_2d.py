@@ -35,6 +35,7 @@ class HunyuanVAE2DConfig:
 
 
 def group_norm(channels: int) -> nn.GroupNorm:
+    """The VAE's normalisation: 32 groups, eps 1e-6, with affine weights."""
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
@@ -122,6 +123,8 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Images to latent moments (mean and log-variance on channels), with a channel-averaging shortcut at the end."""
+
     def __init__(self, config: HunyuanVAE2DConfig):
         super().__init__()
         channels = config.block_out_channels
@@ -160,6 +163,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents to images, with a channel-repeating shortcut at the start."""
+
     def __init__(self, config: HunyuanVAE2DConfig):
         super().__init__()
         channels = tuple(reversed(config.block_out_channels))

@@ -196,6 +196,8 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
+    """Images to latent moments (mean and log-variance on channels), with a channel-averaging shortcut at the end."""
+
     def __init__(self, config: AutoencoderKLConv3DConfig):
         super().__init__()
         channels = config.block_out_channels
@@ -235,6 +237,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """Latents to images, with a channel-repeating shortcut at the start."""
+
     def __init__(self, config: AutoencoderKLConv3DConfig):
         super().__init__()
         channels = tuple(reversed(config.block_out_channels))
