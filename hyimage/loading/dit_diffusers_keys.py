@@ -6,7 +6,7 @@ layer's modulation is (shift, scale) in the official layout but (scale, shift) i
 """
 
 import re
-from typing import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 

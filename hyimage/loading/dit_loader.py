@@ -4,7 +4,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import Optional, Union
 
 import torch
 from loguru import logger
@@ -27,11 +26,11 @@ from hyimage.quantization.fp8 import SCALE_SUFFIX, convert_to_fp8_linear, fp8_li
 
 def load_dit(
     path: PathLike,
-    config: Union[str, dict, DiTConfig],
+    config: str | dict | DiTConfig,
     *,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device] = "cpu",
-    fp8_scale: Optional[PathLike] = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    fp8_scale: PathLike | None = None,
     quantize_fp8: bool = False,
 ) -> HYImageDiffusionTransformer:
     """Build the DiT `config` on meta and stream the weights of `path` into it.
@@ -93,7 +92,7 @@ def _stored_float_dtype(path: Path, infos: dict[str, TensorInfo]) -> torch.dtype
 
 
 def _scale_sources(
-    path: Path, infos: dict[str, TensorInfo], scale_keys: set[str], fp8_scale: Optional[PathLike]
+    path: Path, infos: dict[str, TensorInfo], scale_keys: set[str], fp8_scale: PathLike | None
 ) -> list[TensorSource]:
     """The FP8 scale file as a source of `<name>.weight_scale`, when the checkpoint lacks some scales."""
     if scale_keys <= set(infos):

@@ -15,13 +15,13 @@ import struct
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Optional, Union
+from typing import BinaryIO
 
 import torch
 from loguru import logger
 from torch import nn
 
-PathLike = Union[str, os.PathLike]
+PathLike = str | os.PathLike
 GetTensor = Callable[[str], torch.Tensor]
 Translate = Callable[[Iterable[str], GetTensor], Iterator[tuple[str, torch.Tensor]]]
 Transform = Callable[[Iterator[tuple[str, torch.Tensor]]], Iterator[tuple[str, torch.Tensor]]]
@@ -67,7 +67,7 @@ class TensorSource:
     """One safetensors file and the map from its keys to the model's keys (None: same keys)."""
 
     path: Path
-    translate: Optional[Translate] = None
+    translate: Translate | None = None
 
 
 def is_float8(dtype: torch.dtype) -> bool:
@@ -141,7 +141,7 @@ class SafetensorsReader:
     def __init__(self, path: PathLike) -> None:
         self.path = Path(path)
         self.infos = read_tensor_infos(self.path)
-        self._file: Optional[BinaryIO] = None
+        self._file: BinaryIO | None = None
 
     def __enter__(self) -> "SafetensorsReader":
         return self
@@ -182,7 +182,7 @@ def _identity(keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str,
         yield key, get_tensor(key)
 
 
-def _as_source(source: Union[PathLike, TensorSource]) -> TensorSource:
+def _as_source(source: PathLike | TensorSource) -> TensorSource:
     return source if isinstance(source, TensorSource) else TensorSource(Path(source))
 
 
@@ -199,7 +199,7 @@ def _stream(
                 yield key, tensor, source.path
 
 
-def _target_dtype(key: str, tensor: torch.Tensor, dtype: Optional[torch.dtype], keep_dtype: Collection[str]):
+def _target_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None, keep_dtype: Collection[str]):
     if dtype is None or key in keep_dtype or not tensor.is_floating_point() or is_float8(tensor.dtype):
         return tensor.dtype
     return dtype
@@ -207,7 +207,7 @@ def _target_dtype(key: str, tensor: torch.Tensor, dtype: Optional[torch.dtype], 
 
 def _converted(
     stream: Iterator[tuple[str, torch.Tensor, Path]],
-    dtype: Optional[torch.dtype],
+    dtype: torch.dtype | None,
     device: torch.device,
     keep_dtype: Collection[str],
 ) -> Iterator[tuple[str, torch.Tensor]]:
@@ -228,7 +228,7 @@ def _owns_storage(tensor: torch.Tensor) -> bool:
 
 def _dry_run(
     readers: Sequence[tuple[TensorSource, SafetensorsReader]],
-    dtype: Optional[torch.dtype],
+    dtype: torch.dtype | None,
     keep_dtype: Collection[str],
     transform: Transform,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Path]]:
@@ -301,13 +301,13 @@ def _assign(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 def load_safetensors_into(
     model: nn.Module,
-    sources: Sequence[Union[PathLike, TensorSource]],
+    sources: Sequence[PathLike | TensorSource],
     *,
-    dtype: Optional[torch.dtype] = None,
-    device: Union[str, torch.device] = "cpu",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
     strict: bool = True,
     keep_dtype: Collection[str] = (),
-    transform: Optional[Transform] = None,
+    transform: Transform | None = None,
 ) -> nn.Module:
     """Fill the meta tensors of `model` from `sources`, one tensor at a time.
 

@@ -8,7 +8,8 @@ Resnet shortcuts are `conv_shortcut` in diffusers (`nin_shortcut` officially).
 """
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 _MID = [
     (r"mid\.block_1\.", "mid_block.resnets.0."),

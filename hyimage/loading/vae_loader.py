@@ -11,8 +11,9 @@ import inspect
 import json
 import os
 import pickle
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import torch
 from loguru import logger

@@ -3,14 +3,14 @@
 Padded keys never reach a valid query, whichever backend runs, so padding cannot change valid outputs.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 
-def _find_flash_varlen() -> Optional[Callable]:
+def _find_flash_varlen() -> Callable | None:
     try:
         from flash_attn_interface import flash_attn_varlen_func
 
@@ -36,11 +36,11 @@ class AttentionMask:
     `key_mask` is None when every token is valid. Flash-attn's unpadding indices are computed on first use.
     """
 
-    key_mask: Optional[torch.Tensor]
-    _varlen: Optional[tuple[torch.Tensor, torch.Tensor, int]] = field(default=None, repr=False)
+    key_mask: torch.Tensor | None
+    _varlen: tuple[torch.Tensor, torch.Tensor, int] | None = field(default=None, repr=False)
 
     @classmethod
-    def from_key_mask(cls, key_mask: Optional[torch.Tensor]) -> "AttentionMask":
+    def from_key_mask(cls, key_mask: torch.Tensor | None) -> "AttentionMask":
         if key_mask is None:
             return cls(None)
         key_mask = key_mask.bool()
@@ -60,7 +60,7 @@ def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    mask: Union[AttentionMask, torch.Tensor, None] = None,
+    mask: AttentionMask | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention over (B, L, H, D) tensors with an optional key mask; returns (B, L, H, D).
 

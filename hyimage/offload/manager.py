@@ -10,8 +10,9 @@ Three memory modes, one switch:
 """
 
 import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -47,7 +48,7 @@ class MemoryManager:
         self.mode = mode
         self.gpu_budget_gb = gpu_budget_gb
         self.offload_device = torch.device(offload_device)
-        self._streamers: "weakref.WeakKeyDictionary[nn.Module, BlockStreamer]" = weakref.WeakKeyDictionary()
+        self._streamers: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
 
     def to(self, device: str | torch.device) -> "MemoryManager":
         """Run parts on `device` from now on."""

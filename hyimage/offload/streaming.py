@@ -213,7 +213,7 @@ class BlockStreamer:
         self.offload_device = offload_device
         self.counts: Counter[str] = Counter()
         self._hooks: list = []
-        self._stream: "torch.cuda.Stream | None" = None
+        self._stream: torch.cuda.Stream | None = None
         self._first_run: int | None = None
 
         lists = find_block_lists(module)

@@ -6,7 +6,6 @@ dequantizes the weight into the activation dtype and computes in that dtype.
 """
 
 from collections.abc import Collection, Iterator, Sequence
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -25,8 +24,8 @@ class FP8Linear(nn.Module):
         in_features: int,
         out_features: int,
         bias: bool = True,
-        device: Optional[torch.device] = None,
-        bias_dtype: Optional[torch.dtype] = None,
+        device: torch.device | None = None,
+        bias_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self.in_features = in_features

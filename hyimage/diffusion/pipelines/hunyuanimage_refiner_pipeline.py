@@ -32,8 +32,8 @@ from hyimage.diffusion.sampling import (
     guidance_embedding_input,
     initial_noise,
     make_generators,
-    shifted_sigmas,
     scale_latents,
+    shifted_sigmas,
     timesteps_from_sigmas,
     unscale_latents,
 )

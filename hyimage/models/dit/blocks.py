@@ -1,6 +1,6 @@
 """Transformer blocks: the text token refiner, the double-stream and the single-stream blocks."""
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -59,7 +59,7 @@ class IndividualTokenRefiner(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(dim, heads_num, **factory) for _ in range(depth)])
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         if text_mask is not None:
             # The first token always counts as valid, as in the official code: no empty softmax rows.
             text_mask = text_mask.bool().clone()
@@ -80,7 +80,7 @@ class SingleTokenRefiner(nn.Module):
         self.c_embedder = TextProjection(in_dim, dim, **factory)
         self.individual_token_refiner = IndividualTokenRefiner(dim, heads_num, depth, **factory)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
         if text_mask is None:
             pooled = x.mean(dim=1)
         else:

@@ -1,7 +1,7 @@
 """Architecture of the diffusion transformer, and the three released variants by name."""
 
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Optional, Union
+from typing import Any
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
@@ -12,7 +12,7 @@ class DiTConfig:
 
     patch_size: tuple[int, ...] = (1, 2, 2)
     in_channels: int = 4
-    out_channels: Optional[int] = None
+    out_channels: int | None = None
     hidden_size: int = 3072
     heads_num: int = 24
     mlp_width_ratio: float = 4.0
@@ -100,7 +100,7 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
 }
 
 
-def resolve_dit_config(config: Union[str, dict, DiTConfig]) -> DiTConfig:
+def resolve_dit_config(config: str | dict | DiTConfig) -> DiTConfig:
     """A variant name, a dict of constructor arguments, or a DiTConfig, as a (new) DiTConfig."""
     if isinstance(config, DiTConfig):
         return replace(config)

@@ -4,7 +4,8 @@
 """
 
 import math
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -167,7 +168,7 @@ def rope_frequencies(
     rope_dim_list: Sequence[int],
     sizes: Sequence[int],
     theta: float,
-    device: Optional[torch.device] = None,
+    device: torch.device | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin (tokens, head_dim) for an n-D grid of `sizes`, one band of `rope_dim_list` per axis.
 

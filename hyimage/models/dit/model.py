@@ -1,7 +1,8 @@
 """HYImageDiffusionTransformer: the HunyuanImage-2.1 diffusion transformer (base, distilled, refiner)."""
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -30,7 +31,7 @@ class HYImageDiffusionTransformer(nn.Module):
         self,
         patch_size: Sequence[int] = (1, 2, 2),
         in_channels: int = 4,
-        out_channels: Optional[int] = None,
+        out_channels: int | None = None,
         hidden_size: int = 3072,
         heads_num: int = 24,
         mlp_width_ratio: float = 4.0,
@@ -44,8 +45,8 @@ class HYImageDiffusionTransformer(nn.Module):
         guidance_embed: bool = False,
         text_projection: str = "single_refiner",
         use_attention_mask: bool = True,
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
         text_states_dim: int = 4096,
         rope_theta: int = 256,
         glyph_byT5_v2: bool = False,
@@ -109,10 +110,10 @@ class HYImageDiffusionTransformer(nn.Module):
     @classmethod
     def from_config(
         cls,
-        config: Union[str, dict, DiTConfig],
+        config: str | dict | DiTConfig,
         *,
-        dtype: Optional[torch.dtype] = None,
-        device: Optional[Union[str, torch.device]] = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device | None = None,
     ) -> "HYImageDiffusionTransformer":
         """Build from a variant name, a dict of constructor arguments or a DiTConfig (weights uninitialised on meta)."""
         return cls(**resolve_dit_config(config).to_dict(), dtype=dtype, device=device)
@@ -120,12 +121,12 @@ class HYImageDiffusionTransformer(nn.Module):
     @classmethod
     def from_single_file(
         cls,
-        path: Union[str, Path],
-        config: Union[str, dict, DiTConfig],
+        path: str | Path,
+        config: str | dict | DiTConfig,
         *,
-        dtype: Optional[torch.dtype] = None,
-        device: Union[str, torch.device] = "cpu",
-        fp8_scale: Optional[Union[str, Path]] = None,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        fp8_scale: str | Path | None = None,
         **kwargs: Any,
     ) -> "HYImageDiffusionTransformer":
         """Load a released `dit/*.safetensors` (official or diffusers layout, bf16 or FP8 + scale file)."""
@@ -140,10 +141,10 @@ class HYImageDiffusionTransformer(nn.Module):
         text_states: torch.Tensor,
         encoder_attention_mask: torch.Tensor,
         *,
-        byt5_text_states: Optional[torch.Tensor] = None,
-        byt5_text_mask: Optional[torch.Tensor] = None,
-        guidance: Optional[torch.Tensor] = None,
-        timesteps_r: Optional[torch.Tensor] = None,
+        byt5_text_states: torch.Tensor | None = None,
+        byt5_text_mask: torch.Tensor | None = None,
+        guidance: torch.Tensor | None = None,
+        timesteps_r: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow for latents (B, C, H, W) or (B, C, T, H, W); returns the same layout with out_channels.
 

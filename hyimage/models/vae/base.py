@@ -3,7 +3,8 @@
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from loguru import logger
