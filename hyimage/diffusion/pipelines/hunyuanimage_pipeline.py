@@ -20,6 +20,7 @@ from hyimage.diffusion.pipelines.parts import (
     autocast_dtype,
     cat_padded,
     check_embeds,
+    check_output_type,
     decode_to_images,
     format_images,
     run_dit,
@@ -248,8 +249,7 @@ class HunyuanImagePipeline:
         decoded image unrounded. Precomputed embeddings replace the encoders' output; a DiT with glyph input
         given neither `glyph_embeds` nor prompt text gets zeros (no text to render).
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
+        check_output_type(output_type)
         if refiner_handoff not in ("uint8", "float"):
             raise ValueError(f"refiner_handoff {refiner_handoff!r} is unknown; choose 'uint8' or 'float'")
         if use_refiner and prompt is None:

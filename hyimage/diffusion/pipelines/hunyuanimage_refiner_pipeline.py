@@ -19,6 +19,7 @@ from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
+    check_output_type,
     decode_to_images,
     format_images,
     module_dtype,
@@ -170,8 +171,7 @@ class HunyuanImageRefinerPipeline:
         Returns a PIL image for one image and output_type "pil", the final latents for "latent", else a
         `HunyuanImageOutput`. Each image's noise, VAE sample and condition noise come from its seed.
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
+        check_output_type(output_type)
         dit, vae = self.dit, self.vae
         self.check_parts()
         pixels = images_to_tensor(image)

@@ -153,6 +153,12 @@ def cat_padded(
     return torch.cat([e1, e2.to(e1.dtype)]), torch.cat([m1, m2.to(m1.dtype)])
 
 
+def check_output_type(output_type: str) -> None:
+    """A pipeline call returns images as "pil", "np" or "pt", or the final latents for "latent"."""
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] to (B, H, W, 3) uint8, truncating as the official pipeline does."""
     return (images.permute(0, 2, 3, 1).float().cpu() * 255).byte().numpy()
