@@ -5,11 +5,11 @@ from pathlib import Path
 
 import torch
 
-MANIFEST_DIR = Path(__file__).resolve().parents[2] / "shared" / "manifests"
+MANIFEST_DIR = Path(__file__).resolve().parent / "data" / "manifests"  # copied from shared/manifests
 
 
 def load_manifest(name: str) -> dict:
-    """One of ../shared/manifests/*.json by stem, e.g. "dit_base"."""
+    """One of tests/data/manifests/*.json by stem, e.g. "dit_base"."""
     return json.loads((MANIFEST_DIR / f"{name}.json").read_text())
 
 
