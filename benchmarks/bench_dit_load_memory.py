@@ -1,8 +1,10 @@
 """Peak host memory while loading a DiT checkpoint, as a multiple of the file size.
 
-Writes a synthetic bf16 checkpoint of about --gb GB (a DiT with the released layout, fewer blocks),
-then loads it in fresh subprocesses, each measuring its own peak RSS (resource.getrusage):
-  hyimage            load_dit (meta build, tensors streamed from the memory-mapped file)
+Writes a synthetic bf16 checkpoint of about --gb GB (a DiT of the released architecture, fewer blocks), in the
+split layout and in the released fused layout, then loads them in fresh subprocesses, each measuring its own
+peak RSS (resource.getrusage):
+  hyimage            load_dit (meta build, tensors read one at a time from the file)
+  hyimage fused      load_dit of the fused file (each split tensor read from its rows of the fused one)
   hyimage fp8        load_dit(quantize_fp8=True) (quantized per tensor while loading)
   load_file          the official way: model allocated on the CPU, safetensors.torch.load_file, load_state_dict
 The parent imports no torch and writes the file from a subprocess too: on Linux a child's ru_maxrss starts
@@ -22,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 HIDDEN = 2048
 # Parameters of one double plus one single stream block, in units of hidden_size^2 (see models/dit/blocks.py).
 PAIR_PARAMS = 51 * HIDDEN**2
@@ -44,14 +47,15 @@ def config_for(gigabytes: float) -> dict:
     )
 
 
-def write_checkpoint(path: Path, config: dict) -> None:
-    """A safetensors file of random bf16 tensors, written one tensor at a time."""
+def write_checkpoint(path: Path, config: dict, fused: bool) -> None:
+    """A safetensors file of random bf16 tensors (split or fused layout), written one tensor at a time."""
     import torch
 
     from hyimage.models import HYImageDiffusionTransformer
+    from tests.fixtures.dit_layouts import fused_layout
 
-    model = HYImageDiffusionTransformer.from_config(config, device="meta")
-    shapes = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    state = HYImageDiffusionTransformer.from_config(config, device="meta").state_dict()
+    shapes = {key: tuple(tensor.shape) for key, tensor in (fused_layout(state) if fused else state).items()}
     header, offset = {}, 0
     for key, shape in shapes.items():
         nbytes = torch.Size(shape).numel() * 2
@@ -73,6 +77,7 @@ def peak_rss() -> int:
 
 def child(method: str, path: str, config: dict) -> None:
     """Load once with `method` and print peak RSS figures as JSON."""
+    sys.path.insert(0, str(REPO))
     import torch
     from safetensors.torch import load_file
 
@@ -82,10 +87,10 @@ def child(method: str, path: str, config: dict) -> None:
     torch.set_num_threads(2)
     before = peak_rss()
     start = time.perf_counter()
-    if method == "write":
-        write_checkpoint(Path(path), config)
+    if method.startswith("write"):
+        write_checkpoint(Path(path), config, fused=method == "write fused")
         return
-    if method == "hyimage":
+    if method in ("hyimage", "hyimage fused"):
         model = load_dit(path, config)
     elif method == "hyimage fp8":
         model = load_dit(path, config, quantize_fp8=True)
@@ -127,22 +132,26 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(dir=args.dir) as folder:
         path = Path(folder) / "synthetic_dit.safetensors"
+        fused_path = Path(folder) / "synthetic_dit_fused.safetensors"
         start = time.perf_counter()
         run_child("write", path, args.gb)
+        run_child("write fused", fused_path, args.gb)
         size = path.stat().st_size
+        assert abs(fused_path.stat().st_size - size) < 2**20
         warm_page_cache(path)
+        warm_page_cache(fused_path)
         blocks = config["mm_double_blocks_depth"]
         print(
             f"checkpoint: {size / 1e9:.2f} GB, {blocks} double + {blocks} single blocks of width {HIDDEN}, "
             f"written in {time.perf_counter() - start:.0f} s"
         )
         print(
-            f"{'method':<12} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}"
+            f"{'method':<14} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}"
         )
-        for method in ("hyimage", "hyimage fp8", "load_file"):
-            r = json.loads(run_child(method, path, args.gb).splitlines()[-1])
+        for method in ("hyimage", "hyimage fused", "hyimage fp8", "load_file"):
+            r = json.loads(run_child(method, fused_path if "fused" in method else path, args.gb).splitlines()[-1])
             print(
-                f"{method:<12} {r['peak'] / 1e9:>11.2f} {r['peak'] / size:>9.3f} "
+                f"{method:<14} {r['peak'] / 1e9:>11.2f} {r['peak'] / size:>9.3f} "
                 f"{(r['peak'] - r['before']) / size:>17.3f} {r['held'] / size:>9.3f} {r['seconds']:>5.1f}"
             )
 

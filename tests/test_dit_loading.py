@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from hyimage.loading.dit_diffusers_keys import official_to_diffusers
+from hyimage.loading.dit_fused_keys import dit_layout, fused_to_split, split_module_names
 from hyimage.loading.dit_loader import load_dit
 from hyimage.loading.layout import CheckpointLayout
 from hyimage.loading.safetensors_io import CheckpointError, SafetensorsReader, read_tensor_infos
@@ -200,18 +201,30 @@ RELEASED = ["hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled", "hunyuanimage-re
 @pytest.mark.skipif(not os.environ.get("HYIMAGE_CKPTS"), reason="set HYIMAGE_CKPTS to a ckpts/ folder to run")
 @pytest.mark.parametrize("variant", RELEASED)
 def test_released_files_fit_the_model(variant):
-    """Header check of the released bf16 and FP8 files against the meta-built model (no weights read)."""
+    """Header check of the released bf16 and FP8 files against the meta-built model (no weights read), in
+    whichever layout (fused or split) each file has."""
     layout = CheckpointLayout(Path(os.environ["HYIMAGE_CKPTS"]))
     if not layout.dit(variant).is_file():
         pytest.skip(f"{layout.dit(variant)} is not there")
     model = HYImageDiffusionTransformer.from_config(variant, device="meta")
-    stored = {key: info.shape for key, info in read_tensor_infos(layout.dit(variant)).items()}
-    assert stored == {key: tuple(t.shape) for key, t in model.state_dict().items()}
+    assert model_shapes(layout.dit(variant), model.config.hidden_size) == {
+        key: tuple(t.shape) for key, t in model.state_dict().items()
+    }
     if layout.dit_fp8(variant).is_file():
         names = fp8_linear_modules(model)
         convert_to_fp8_linear(model, names)
-        infos = read_tensor_infos(layout.dit_fp8(variant))
         scales = read_tensor_infos(layout.dit_fp8_scale(variant))
-        assert set(scales) == set(names)
-        assert all(infos[name + ".weight"].dtype == torch.float8_e4m3fn for name in names)
-        assert set(infos) | {name + ".weight_scale" for name in names} == set(model.state_dict())
+        assert {name for key in scales for name in split_module_names(key)} == set(names)
+        stored = model_shapes(layout.dit_fp8(variant), model.config.hidden_size)
+        assert set(stored) | {name + ".weight_scale" for name in names} == set(model.state_dict())
+        infos = read_tensor_infos(layout.dit_fp8(variant))
+        assert {info.dtype for key, info in infos.items() if key.rpartition(".")[2] == "weight"} >= {torch.float8_e4m3fn}
+
+
+def model_shapes(path: Path, hidden_size: int) -> dict[str, tuple[int, ...]]:
+    """The model keys and shapes a DiT file gives, in either layout, from its header alone."""
+    with SafetensorsReader(path) as reader:
+        kind = dit_layout(path, [key.rpartition(".")[0] for key in reader.keys()])
+        if kind == "split":
+            return {key: info.shape for key, info in reader.infos.items()}
+        return {key: tuple(t.shape) for key, t in fused_to_split(reader.keys(), reader.get_meta, hidden_size=hidden_size)}

@@ -1,11 +1,15 @@
 """The three released DiT variants, built on `meta` at full size, against the official manifests and diffusers."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from hyimage.loading.dit_diffusers_keys import diffusers_to_official, is_diffusers_layout, official_to_diffusers
+from hyimage.loading.dit_fused_keys import dit_layout, fused_to_split, split_keys
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.models.dit.configs import DIT_CONFIGS, DiTConfig, resolve_dit_config
+from tests.fixtures.dit_layouts import fused_layout
 from tests.utils import load_manifest
 
 VARIANTS = {
@@ -56,6 +60,34 @@ def test_diffusers_key_map_at_full_size(name: str) -> None:
     back = dict(diffusers_to_official(list(mapped), lambda key: reads.append(key) or mapped[key]))
     assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in state_dict.items()}
     assert sorted(reads) == sorted(mapped), "every diffusers tensor is read exactly once"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_released_fused_layout_maps_onto_the_model_at_full_size(name: str) -> None:
+    """The released layout, derived from the manifest (q/k/v and linear1 parts concatenated, linear2.fc renamed),
+    is detected as fused and maps onto the model's keys exactly, every tensor read once, by rows where split."""
+    manifest = load_manifest(VARIANTS[name])
+    split = {key: torch.empty(shape, device="meta") for key, (shape, _) in manifest["state_dict"].items()}
+    fused = fused_layout(split)
+    hidden = manifest["config"]["hidden_size"]
+    mlp = int(hidden * manifest["config"]["mlp_width_ratio"])
+    assert fused["double_blocks.19.txt_attn_qkv.weight"].shape == (3 * hidden, hidden)
+    assert fused["single_blocks.39.linear1.weight"].shape == (3 * hidden + mlp, hidden)
+    assert fused["single_blocks.39.linear2.weight"].shape == (hidden, hidden + mlp)
+    assert len(fused) == len(split) - 20 * 2 * 2 * 2 - 40 * 2 * 3
+
+    assert dit_layout(Path(name), [key.rpartition(".")[0] for key in fused]) == "fused"
+    reads = []
+
+    def get_meta(key: str, rows: tuple[int, int | None] | None = None) -> torch.Tensor:
+        reads.append(key)
+        return fused[key] if rows is None else fused[key][slice(*rows)]
+
+    model = build_meta(name)
+    mapped = dict(fused_to_split(fused, get_meta, hidden_size=model.config.hidden_size))
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert split_keys(fused) == set(model.state_dict())
+    assert len(reads) == len(split)  # one read per model tensor: the parts of a fused tensor each read their rows
 
 
 def test_diffusers_key_map_round_trip_values() -> None:

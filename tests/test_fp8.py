@@ -135,6 +135,23 @@ def test_fp8_pair_loads_as_float8_and_stays_close_to_bf16(bf16_model, fp8_pair):
     assert 0 < error <= 5 * 2**-4
 
 
+def test_fp8_dit_loaded_in_float32_runs_in_float32(fp8_pair):
+    """The pipeline's DiT call on an FP8 pair loaded with dtype=torch.float32: float32 compute, FP8 weights
+    dequantized into it (it used to feed bf16 latents to the float32 patch embedding)."""
+    from hyimage.diffusion.pipelines.parts import autocast_dtype, run_dit
+
+    loaded = load_dit(fp8_pair[0], TINY, fp8_scale=fp8_pair[1], dtype=torch.float32)
+    assert autocast_dtype(loaded) is None
+    x = tiny_inputs()
+    out = run_dit(loaded, autocast_dtype(loaded), x["hidden_states"], x["timestep"], x["text_states"],
+                  x["encoder_attention_mask"], x["byt5_text_states"], x["byt5_text_mask"], x["guidance"],
+                  x["timesteps_r"])
+    assert out.dtype == torch.float32
+    assert torch.equal(out, run(loaded, x))
+    bf16 = load_dit(fp8_pair[0], TINY, fp8_scale=fp8_pair[1])
+    assert autocast_dtype(bf16) == torch.bfloat16
+
+
 def test_fp8_linear_error_is_bounded_per_output():
     """|y_fp8 - y| <= 2^-4 * (|W| @ |x|) for each output, from the per-weight bound (normal e4m3 range)."""
     linear = nn.Linear(64, 32, bias=False)

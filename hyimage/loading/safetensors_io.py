@@ -22,7 +22,8 @@ from loguru import logger
 from torch import nn
 
 PathLike = str | os.PathLike
-GetTensor = Callable[[str], torch.Tensor]
+Rows = tuple[int, int | None]
+GetTensor = Callable[..., torch.Tensor]  # (key, rows=None): the tensor, or a (start, stop) range of its rows
 Translate = Callable[[Iterable[str], GetTensor], Iterator[tuple[str, torch.Tensor]]]
 Transform = Callable[[Iterator[tuple[str, torch.Tensor]]], Iterator[tuple[str, torch.Tensor]]]
 
@@ -124,6 +125,18 @@ def read_tensor_infos(path: PathLike) -> dict[str, TensorInfo]:
     return infos
 
 
+def _row_range(info: TensorInfo, rows: Rows | None) -> tuple[tuple[int, ...], int]:
+    """Shape and file offset of `rows` (start, stop) of the first dimension, clipped as slicing clips."""
+    if rows is None:
+        return info.shape, info.offset
+    if not info.shape:
+        raise ValueError("a row range needs a tensor of at least one dimension")
+    start, stop = slice(*rows).indices(info.shape[0])[:2]
+    count = max(0, stop - start)
+    row_bytes = torch.Size(info.shape[1:]).numel() * info.dtype.itemsize
+    return (count, *info.shape[1:]), info.offset + start * row_bytes
+
+
 def _read_exactly(file: BinaryIO, offset: int, buffer: memoryview) -> int:
     file.seek(offset)
     done = 0
@@ -152,24 +165,26 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def get(self, key: str) -> torch.Tensor:
-        """The tensor `key`, newly read from the file (owned by the caller)."""
+    def get(self, key: str, rows: Rows | None = None) -> torch.Tensor:
+        """The tensor `key`, newly read from the file (owned by the caller); `rows=(start, stop)` reads only
+        that range of its first dimension (stop None: to the end), as slicing would."""
         if key not in self.infos:
             raise KeyError(f"{self.path} has no tensor {key!r}")
         info = self.infos[key]
-        tensor = torch.empty(info.shape, dtype=info.dtype)
-        if info.nbytes:
+        shape, offset = _row_range(info, rows)
+        tensor = torch.empty(shape, dtype=info.dtype)
+        if tensor.nbytes:
             if self._file is None:
                 self._file = open(self.path, "rb", buffering=0)
             buffer = memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
-            if _read_exactly(self._file, info.offset, buffer) != info.nbytes:
+            if _read_exactly(self._file, offset, buffer) != tensor.nbytes:
                 raise _damaged(self.path, f"tensor {key!r} ends past the end of the file")
         return tensor
 
-    def get_meta(self, key: str) -> torch.Tensor:
-        """A `meta` stand-in for `key` with its stored shape and dtype (reads nothing)."""
+    def get_meta(self, key: str, rows: Rows | None = None) -> torch.Tensor:
+        """A `meta` stand-in for `key` (or its `rows`) with the stored shape and dtype (reads nothing)."""
         info = self.infos[key]
-        return torch.empty(info.shape, dtype=info.dtype, device="meta")
+        return torch.empty(_row_range(info, rows)[0], dtype=info.dtype, device="meta")
 
     def close(self) -> None:
         if self._file is not None:

@@ -47,13 +47,12 @@ def running(memory: MemoryManager, part: Any) -> AbstractContextManager:
 
 
 def autocast_dtype(module: torch.nn.Module) -> torch.dtype | None:
-    """The half-precision dtype a module computes in (bf16 for FP8-stored weights), or None for float32."""
+    """The half-precision dtype a module computes in, or None for float32. FP8 weights are dequantized into
+    the dtype of the module's other tensors (bf16 as released, float32 when loaded with dtype=torch.float32)."""
     dtypes = {p.dtype for p in module.parameters()}
     for dtype in (torch.bfloat16, torch.float16):
         if dtype in dtypes:
             return dtype
-    if any(d.is_floating_point and d.itemsize == 1 for d in dtypes):
-        return torch.bfloat16
     return None
 
 
