@@ -161,6 +161,22 @@ def test_remote_tokenizer_code_needs_opt_in(model_7b_dir: Path, tmp_path: Path) 
         Reprompter.from_pretrained(folder, size="7b")
 
 
+def test_weights_missing_from_the_folder_are_refused(model_7b_dir: Path, tmp_path: Path) -> None:
+    """transformers would leave them random with a warning: a silently wrong rewrite."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "partial"
+    folder.mkdir()
+    for path in model_7b_dir.iterdir():
+        (folder / path.name).symlink_to(path)
+    state = load_file(model_7b_dir / "model.safetensors")
+    del state["model.layers.1.mlp.up_proj.weight"]
+    (folder / "model.safetensors").unlink()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"partial does not hold 1 weights .*model\.layers\.1\.mlp\.up_proj\.weight"):
+        Reprompter.from_pretrained(folder, size="7b", dtype=torch.float32)
+
+
 def test_errors_name_the_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="PromptEnhancer-32B"):
         Reprompter.from_pretrained(tmp_path, size="32b")

@@ -3,6 +3,10 @@
 Release layout: `config.json` + `pytorch_model.ckpt` (or `.pt`), a torch checkpoint read with
 `torch.load(weights_only=True, mmap=True)`, possibly wrapped in {"state_dict": ...}, keys prefixed `vae.`;
 5-D conv weights with one frame (as diffusers' conversion script writes them) are squeezed for the 2D VAE.
+Evidence: the official `load_vae` (hyimage/models/vae/__init__.py) unwraps "state_dict", keeps the `vae.` keys
+with the prefix removed and loads strictly, its `HunyuanVAE2D.load_state_dict` squeezing 5-D one-frame weights;
+diffusers' `load_original_vae_checkpoint` does the same. The official stack pins torch 2.6, whose `torch.load`
+already defaults to `weights_only=True`, so the released files hold only tensors and plain containers.
 Diffusers layout: `config.json` + `diffusion_pytorch_model.safetensors`, renamed through
 `hyimage.loading.vae_diffusers_keys`. The model is built on `meta` and the tensors are assigned into it.
 """

@@ -5,6 +5,12 @@ the user's prompt back, with a logged warning, when anything fails. The model si
 memory and is on the execution device only while it generates (`MemoryManager.running`); in
 memory mode "block" its decoder layers are streamed from host memory, so the 32B (about 65 GB in
 bf16) runs with `gpu_budget_gb` of resident weights.
+
+Released layouts: `reprompt_32b` is a Qwen2.5-VL-32B folder (the official `reprompt_32b.py` loads it with
+`Qwen2_5_VLForConditionalGeneration` and `AutoProcessor`, no remote code). `reprompt` (7B) is, by the
+PromptEnhancer README, a Hunyuan-7B-Instruct derivative (`hunyuan_v1_dense`, native in transformers >= 4.56) whose
+tokenizer is custom code (`auto_map`); its real config was not seen, so weights a folder lacks are refused
+instead of left random, as transformers would with only a warning.
 """
 
 import json
@@ -122,7 +128,10 @@ class Reprompter(nn.Module):
             )
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model_class = Qwen2_5_VLForConditionalGeneration if size == "32b" else AutoModelForCausalLM
-        model = model_class.from_pretrained(path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False)
+        model, info = model_class.from_pretrained(
+            path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True
+        )
+        _refuse_missing_weights(path, model_class.__name__, info["missing_keys"])
         return cls(
             model,
             tokenizer,
@@ -192,6 +201,17 @@ class Reprompter(nn.Module):
             messages, tokenize=False, add_generation_prompt=True, chat_template=self.chat_template
         )
         return self.tokenizer([text], return_tensors="pt")
+
+
+def _refuse_missing_weights(path: Path, class_name: str, missing: list[str]) -> None:
+    """transformers only warns about weights a folder lacks and leaves them random: refuse instead."""
+    if missing:
+        shown = ", ".join(sorted(missing)[:5]) + (", ..." if len(missing) > 5 else "")
+        raise ValueError(
+            f"{path} does not hold {len(missing)} weights of {class_name} ({shown}); they would run at random. "
+            "Check that the folder is the complete reprompt model (re-download it) and that its config.json "
+            "describes these weights"
+        )
 
 
 def _remote_tokenizer_code(path: Path) -> str | None:

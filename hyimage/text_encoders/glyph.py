@@ -5,6 +5,10 @@ Official layout (`ckpts/text_encoder/`):
     Glyph-SDXL-v2/assets/color_idx.json           138 colour names -> index
     Glyph-SDXL-v2/assets/multilingual_10-lang_idx.json   988 font codes -> index
     Glyph-SDXL-v2/checkpoints/byt5_model.pt       {"state_dict": {"module.text_tower.encoder.*": tensor}}
+Evidence: the official `create_byt5` keeps the `module.text_tower.encoder.` keys of "state_dict" and loads them
+strictly into a T5 encoder stack; diffusers' HunyuanVideo-1.5 conversion script reads the same file, raises on any
+other key and expects `shared.weight` to be absent (the encoder's `embed_tokens` is the one embedding).
+ComfyUI and sd-scripts read Comfy-Org's repackaged safetensors instead, never this file.
 The tokenizer gains `<color-i>` for each colour, then `<xx-font-j>` (`xx` the code's first two
 letters, `j` its index) for each font, in file order: 384 + 138 + 988 = 1510 tokens. The Glyph
 checkpoint replaces every weight of the T5 encoder, so byt5-small's own weights are never read.

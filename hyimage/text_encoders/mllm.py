@@ -11,6 +11,11 @@ Position ids are given explicitly as the official code computes them with its pi
 0, 1, 2, ... on the prompt and 1 on padding. Valid positions do not depend on this; padding positions then match
 the official run on every transformers version (transformers 5 itself would count on through the padding).
 
+Released layout (`text_encoder/llm`, Qwen/Qwen2.5-VL-7B-Instruct): five safetensors shards with
+`model.safetensors.index.json`, keys in the legacy form `model.*` / `visual.*` / `lm_head.*` (transformers >= 4.52
+renames them on load with `_checkpoint_conversion_mapping`; sd-scripts renames `model.` to
+`model.language_model.` itself); a folder re-saved by transformers 5 has `model.language_model.*`. Both are read.
+
 Supported: transformers 4.56 to 5.x (tested with 4.56.0, 4.57.1 and 5.23.0).
 """
 
