@@ -16,7 +16,16 @@ from typing import Any
 from loguru import logger
 
 from hyimage import __version__
-from hyimage.loading.download import DownloadConfig, DownloadError, fetch_file, human_size, list_files, missing_files
+from hyimage.loading.download import (
+    OFFICIAL_REPO,
+    DownloadConfig,
+    DownloadError,
+    HubUnreachableError,
+    complete,
+    describe_unknown,
+    human_size,
+    plan,
+)
 from hyimage.loading.layout import model_root
 from hyimage.offload import MEMORY_MODES
 
@@ -93,7 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--reprompt", choices=["7b", "32b"])
     download.add_argument("--model-root", type=Path, default=None,
                           help="where the ckpts/ layout goes (default $HUNYUANIMAGE_V2_1_MODEL_ROOT or ./ckpts)")
-    download.add_argument("--dry-run", action="store_true", help="list what would be fetched and stop")
+    download.add_argument("--dry-run", action="store_true",
+                          help="list what would be fetched and stop (offline: from what is recorded)")
+    download.add_argument("--verify", action="store_true",
+                          help="hash every present file again and fetch those that do not match")
+    download.add_argument("--repo-id", default=OFFICIAL_REPO,
+                          help="the Hub repository holding dit/ and vae/ in the official layout")
+    download.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     download.set_defaults(run=run_download)
     return parser
 
@@ -123,29 +138,44 @@ def default_device() -> str:
 def run_download(args: argparse.Namespace) -> int:
     config = DownloadConfig(
         variant=VARIANT_ALIASES[args.variant], fp8=args.fp8, refiner=args.refiner or args.refiner_only,
-        reprompt=args.reprompt, base=not args.refiner_only,
+        reprompt=args.reprompt, base=not args.refiner_only, repo_id=args.repo_id,
     )
-    fetch(config, args.model_root, dry_run=args.dry_run)
+    fetch(config, args.model_root, dry_run=args.dry_run, verify=args.verify, progress=not args.quiet)
     return 0
 
 
-def fetch(config: DownloadConfig, root: Path | None, *, dry_run: bool = False) -> None:
-    """Show what `config` lacks and its size, then fetch it."""
+def fetch(
+    config: DownloadConfig, root: Path | None, *, dry_run: bool = False, verify: bool = False, progress: bool = True
+) -> None:
+    """Show what `config` lacks and its size, then fetch it; asks the Hub only for what is not recorded in `root`."""
     root = model_root(root)
-    print(f"checking the Hub for {config.describe()} ...")
-    needed = missing_files(list_files(config, root))
-    if not needed:
-        print(f"everything for {config.describe()} is already in {root}")
+    try:
+        found = plan(config, root, verify=verify)
+    except HubUnreachableError as error:
+        if not dry_run:
+            raise
+        found = plan(config, root, online=False, verify=verify)
+        found.offline_reason = f"the Hub is unreachable ({error.__cause__ or error})"
+    if found.complete:
+        print(f"everything for {config.describe()} is in {root}, checked")
         return
-    total = sum(f.size for f in needed)
-    print(f"{len(needed)} files, {human_size(total)}, will be fetched into {root}:")
-    for file in needed:
-        print(f"  {human_size(file.size):>10}  {file.destination.relative_to(root)}  ({file.repo_id})")
+    if found.offline_reason:
+        print(f"{found.offline_reason}: working from what is recorded in {root}")
+    if found.unchecked:
+        size = human_size(sum(f.size for f in found.unchecked))
+        print(f"{len(found.unchecked)} files present ({size}) will be hashed against the Hub's listing")
+    if found.missing:
+        print(f"{len(found.missing)} files, {human_size(found.fetch_bytes())}, will be fetched into {root}:")
+        for file in found.missing:
+            print(f"  {human_size(file.size):>10}  {file.destination.relative_to(root)}  ({file.repo_id})")
+    if found.unknown:
+        print("not known offline (the file lists were never recorded here; names and sizes need the Hub):")
+        for line in describe_unknown(found.unknown):
+            print(f"  {line}")
     if dry_run:
         return
-    for file in needed:
-        fetch_file(file)
-    print(f"done: {human_size(total)} fetched and verified")
+    placed = complete(found, progress=progress)
+    print(f"done: {len(placed)} files put in place, everything for {config.describe()} checked")
 
 
 def run_generate(args: argparse.Namespace) -> int:

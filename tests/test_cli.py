@@ -6,17 +6,16 @@ Generation and refinement through the CLI run in test_end_to_end.py.
 import socket
 from pathlib import Path
 
-import huggingface_hub.constants
 import pytest
 
 from hyimage.cli import build_parser, main, output_paths
-from tests.test_download import FakeHub
+from tests.test_download import FakeHub, point_hub_at
 
 
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch):
     server = FakeHub()
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.endpoint)
+    point_hub_at(monkeypatch, server.endpoint)
     yield server
     server.close()
 
@@ -71,7 +70,7 @@ def test_generate_download_with_hub_unreachable_is_a_clear_error(
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    point_hub_at(monkeypatch, endpoint)
     code = main(["generate", "a fox", "--download", "--model-root", str(tmp_path), "-o", str(tmp_path / "x.png")])
     assert code == 1
     assert "could not reach the Hugging Face Hub" in capsys.readouterr().err

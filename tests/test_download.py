@@ -1,24 +1,36 @@
-"""`hyimage download` against a local stand-in for the Hub (an HTTP server on 127.0.0.1).
+"""`hyimage download` against a local stand-in for the Hub (an HTTP server on 127.0.0.1), offline and with a cache.
 
-The stand-in answers the two calls the real Hub answers: the repository listing with file
-metadata (`/api/models/<repo>/revision/<rev>?blobs=true`, read by huggingface_hub's HfApi)
-and file downloads (`/<repo>/resolve/<rev>/<path>`, with HTTP ranges).
+The stand-in answers the calls the real Hub answers: the repository listing with file metadata
+(`/api/models/<repo>/revision/<rev>?blobs=true`, read by huggingface_hub's HfApi), and per file a HEAD
+(commit, ETag, size) and a GET with HTTP ranges (`/<repo>/resolve/<rev>/<path>`), which
+huggingface_hub's `hf_hub_download` sends. It answers at most `budget` requests. A closed port stands
+for a machine without network.
 """
 
 import hashlib
 import json
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import huggingface_hub.constants
 import pytest
+from loguru import logger
 
+from hyimage.cli import main
 from hyimage.loading.download import (
+    RECORD_FILE,
     DownloadConfig,
     DownloadError,
     HubUnreachableError,
+    OfflineError,
+    UnsafeListingError,
+    check_present,
     download,
     list_files,
 )
@@ -86,9 +98,12 @@ class FakeHub:
 
     def __init__(self, repos: dict[str, dict[str, bytes]] | None = None) -> None:
         self.repos = REPOS if repos is None else repos
-        self.requests: list[tuple[str, str | None]] = []
+        self.requests: list[tuple[str, str | None]] = []  # (file, Range header or "HEAD")
+        self.api_requests: list[str] = []  # repositories listed
         self.cut: dict[str, int] = {}
         self.corrupt: set[str] = set()
+        self.listing_body: dict[str, bytes] = {}  # a raw answer instead of a repository's listing
+        self.budget = 300
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -97,6 +112,9 @@ class FakeHub:
 
             def do_GET(self) -> None:
                 hub.handle(self)
+
+            def do_HEAD(self) -> None:
+                hub.handle(self, head=True)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -115,10 +133,21 @@ class FakeHub:
             siblings.append(entry)
         return json.dumps({"id": repo, "sha": COMMIT, "private": False, "siblings": siblings}).encode()
 
-    def handle(self, request: BaseHTTPRequestHandler) -> None:
+    def etag(self, repo: str, path: str) -> str:
+        data = self.repos[repo][path]
+        if is_lfs(path):
+            return hashlib.sha256(data).hexdigest()
+        return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
+
+    def handle(self, request: BaseHTTPRequestHandler, head: bool = False) -> None:
+        self.budget -= 1
+        if self.budget < 0:
+            request.send_error(410, "request budget of the test spent")
+            return
         path = request.path.split("?")[0]
         if match := re.fullmatch(r"/api/models/(.+?)(?:/revision/[^/]+)?", path):
-            body = self.listing(match[1])
+            self.api_requests.append(match[1])
+            body = self.listing_body.get(match[1]) or self.listing(match[1])
             request.send_response(200)
             request.send_header("Content-Type", "application/json")
             request.send_header("Content-Length", str(len(body)))
@@ -130,15 +159,22 @@ class FakeHub:
             request.send_error(404)
             return
         repo, name = match[1], match[3]
+        if name not in self.repos[repo]:
+            request.send_error(404)
+            return
         data = self.repos[repo][name]
         if name in self.corrupt:
             data = bytes(len(data))
         range_header = request.headers.get("Range")
-        self.requests.append((name, range_header))
+        self.requests.append((name, "HEAD" if head else range_header))
         start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1]) if range_header else 0
         request.send_response(206 if start else 200)
         request.send_header("Content-Length", str(len(data) - start))
+        request.send_header("X-Repo-Commit", COMMIT)
+        request.send_header("ETag", f'"{self.etag(repo, name)}"')
         request.end_headers()
+        if head:
+            return
         if name in self.cut:
             request.wfile.write(data[start : self.cut.pop(name)])
             request.wfile.flush()
@@ -159,8 +195,34 @@ def hub():
     server.close()
 
 
+def point_hub_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
+    """What HF_ENDPOINT=endpoint does at import: the API endpoint and the file URL template."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
+
+
+def closed_endpoint() -> str:
+    """An endpoint nothing listens on (the port was bound, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@pytest.fixture(autouse=True)
+def _loguru_back_to_stderr():
+    """`main` points loguru at the captured stderr of its test; point it back afterwards."""
+    yield
+    logger.remove()
+    logger.add(sys.stderr)
+
+
 def tree(root: Path) -> set[str]:
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()}
+    """The files below `root`, bookkeeping (.cache) left out."""
+    return {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and ".cache" not in p.parts}
+
+
+SMALL = DownloadConfig(refiner=False, text_encoder=False, glyph=False)  # base DiT and image VAE
 
 
 def test_base_configuration_fetches_exactly_its_files(hub: FakeHub, tmp_path: Path) -> None:
@@ -190,8 +252,9 @@ def test_base_configuration_fetches_exactly_its_files(hub: FakeHub, tmp_path: Pa
     assert (tmp_path / "dit/hunyuanimage2.1.safetensors").read_bytes() == official["dit/hunyuanimage2.1.safetensors"]
 
     hub.requests.clear()
+    hub.api_requests.clear()
     assert download(config, tmp_path, endpoint=hub.endpoint, progress=False) == []
-    assert hub.requests == []  # everything present: nothing fetched twice
+    assert hub.requests == [] and hub.api_requests == []  # everything recorded and present: not one request
 
 
 def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path) -> None:
@@ -219,39 +282,29 @@ def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path
     }
 
 
-def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path) -> None:
+def test_interrupted_transfer_resumes(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    """huggingface_hub's retry asks for the missing bytes only (a Range request) and the file arrives whole."""
+    monkeypatch.setattr(huggingface_hub.constants, "DOWNLOAD_CHUNK_SIZE", 256)  # chunks smaller than the cut
     config = DownloadConfig(
         variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, text_encoder=False, glyph=False
     )
     name = "dit/hunyuanimage2.1-distilled_fp8.safetensors"
-    full = REPOS["tencent/HunyuanImage-2.1"][name]
     hub.cut[name] = 1000
-    with pytest.raises(DownloadError, match="run the command again to resume"):
-        download(config, tmp_path, endpoint=hub.endpoint, progress=False)
-    partial = tmp_path / (name + ".incomplete")
-    assert partial.stat().st_size == 1000
-    assert not (tmp_path / name).exists()
-
-    hub.requests.clear()
     download(config, tmp_path, endpoint=hub.endpoint, progress=False)
-    assert (name, "bytes=1000-") in hub.requests  # only the missing bytes were asked for
-    assert (tmp_path / name).read_bytes() == full
-    assert not partial.exists()
+    ranges = [r for n, r in hub.requests if n == name and r not in (None, "HEAD")]
+    assert ranges and 0 < int(re.fullmatch(r"bytes=(\d+)-", ranges[0])[1]) <= 1000
+    assert (tmp_path / name).read_bytes() == REPOS["tencent/HunyuanImage-2.1"][name]
 
 
 def test_corrupt_file_is_refused_and_deleted(hub: FakeHub, tmp_path: Path) -> None:
-    config = DownloadConfig(refiner=False, text_encoder=False, glyph=False)
     hub.corrupt.add("vae/vae_2_1/pytorch_model.ckpt")
     with pytest.raises(DownloadError, match="pytorch_model.ckpt .*corrupt"):
-        download(config, tmp_path, endpoint=hub.endpoint, progress=False)
+        download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False)
     assert not (tmp_path / "vae/vae_2_1/pytorch_model.ckpt").exists()
-    assert not (tmp_path / "vae/vae_2_1/pytorch_model.ckpt.incomplete").exists()
 
 
 def test_unreachable_hub_is_a_clear_error(tmp_path: Path) -> None:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        endpoint = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    endpoint = closed_endpoint()
     with pytest.raises(HubUnreachableError, match=re.escape(endpoint) + ".*HF_ENDPOINT"):
         download(DownloadConfig(), tmp_path, endpoint=endpoint, progress=False)
 
@@ -260,5 +313,226 @@ def test_download_command_names_the_configuration() -> None:
     config = DownloadConfig(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, reprompt="32b")
     expected = "hyimage download --variant hunyuanimage-v2.1-distilled --fp8 --no-refiner --reprompt 32b"
     assert config.command() == expected
+    assert DownloadConfig(repo_id="me/HunyuanImage-copy").command().endswith("--repo-id me/HunyuanImage-copy")
     with pytest.raises(ValueError, match="variant 'sdxl'"):
         DownloadConfig(variant="sdxl")
+    with pytest.raises(ValueError, match="repo_id"):
+        DownloadConfig(repo_id="../etc")
+
+
+def test_complete_download_works_offline(hub: FakeHub, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Once complete, `hyimage download` needs no network at all (the Hub endpoint is a closed port)."""
+    point_hub_at(monkeypatch, hub.endpoint)
+    args = ["download", "--no-refiner", "--model-root", str(tmp_path), "-q"]
+    assert main(args) == 0
+    hub.close()
+    point_hub_at(monkeypatch, closed_endpoint())
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "everything for hunyuanimage-v2.1 is in" in capsys.readouterr().out
+    assert download(SMALL, tmp_path, progress=False) == []  # a part of what is there
+    assert main([*args, "--reprompt", "32b"]) == 1  # a repository never listed here needs the Hub
+    assert "could not reach the Hugging Face Hub" in capsys.readouterr().err
+
+
+def test_hf_hub_offline_is_honoured(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineError, match="HF_HUB_OFFLINE is set.*never recorded.*unset HF_HUB_OFFLINE"):
+        download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False)
+    assert hub.api_requests == [] and hub.requests == [] and tree(tmp_path) == set()
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    hub.api_requests.clear()
+    hub.requests.clear()
+    assert download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False) == []
+    (tmp_path / "vae/vae_2_1/pytorch_model.ckpt").unlink()
+    with pytest.raises(OfflineError, match=r"HF_HUB_OFFLINE is set.*1 files .*missing: .*pytorch_model\.ckpt"):
+        download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False)
+    assert hub.api_requests == [] and hub.requests == []
+
+
+def test_hf_hub_offline_in_the_cli(tmp_path: Path, monkeypatch, capsys) -> None:
+    """Offline mode: the dry run says so and what cannot be known offline; a download refuses, naming the fix."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    point_hub_at(monkeypatch, closed_endpoint())
+    command = ["download", "--model-root", str(tmp_path), "--no-refiner"]
+    assert main([*command, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "HF_HUB_OFFLINE is set" in out and "not known offline" in out
+    assert "tencent/HunyuanImage-2.1 -> ./: dit/hunyuanimage2.1.safetensors, vae/vae_2_1/*" in out
+    assert main(command) == 1
+    err = capsys.readouterr().err
+    assert "HF_HUB_OFFLINE is set" in err and "unset HF_HUB_OFFLINE" in err and "Traceback" not in err
+    assert not tmp_path.exists() or tree(tmp_path) == set()
+
+
+@pytest.mark.slow
+def test_hf_hub_offline_environment_variable(tmp_path: Path) -> None:
+    """The variable itself (read by huggingface_hub at import), in a fresh process."""
+    repository = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_ENDPOINT=closed_endpoint(), PYTHONPATH=repository)
+    cli = "import sys; from hyimage.cli import main; sys.exit(main(sys.argv[1:]))"
+    command = [sys.executable, "-c", cli, "download", "--model-root", str(tmp_path), "--dry-run"]
+    dry = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert dry.returncode == 0, dry.stderr
+    assert "HF_HUB_OFFLINE is set" in dry.stdout and "not known offline" in dry.stdout
+
+
+def test_dry_run_offline_says_what_is_known(hub: FakeHub, tmp_path: Path, monkeypatch, capsys) -> None:
+    point_hub_at(monkeypatch, hub.endpoint)
+    assert main(["download", "--variant", "distilled", "--no-refiner", "--model-root", str(tmp_path), "-q"]) == 0
+    record = (tmp_path / RECORD_FILE).read_bytes()
+    hub.close()
+    point_hub_at(monkeypatch, closed_endpoint())
+    capsys.readouterr()
+
+    assert main(["download", "--variant", "distilled", "--no-refiner", "--model-root", str(tmp_path), "--dry-run"]) == 0
+    assert "everything for hunyuanimage-v2.1-distilled is in" in capsys.readouterr().out
+
+    args = ["download", "--variant", "base", "--reprompt", "32b", "--model-root", str(tmp_path), "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "the Hub is unreachable" in out
+    size = len(REPOS["tencent/HunyuanImage-2.1"]["dit/hunyuanimage2.1.safetensors"]) / 1024
+    assert re.search(rf"{size:.1f} KiB +dit/hunyuanimage2\.1\.safetensors", out)  # known from the record
+    assert "dit/hunyuanimage-refiner.safetensors" in out
+    assert "not known offline" in out and "PromptEnhancer/PromptEnhancer-32B -> reprompt_32b/" in out
+    assert (tmp_path / RECORD_FILE).read_bytes() == record  # a dry run writes nothing
+    assert not (tmp_path / "dit/hunyuanimage2.1.safetensors").exists()
+
+
+def fake_hf_cache(cache: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """The Hugging Face cache layout: blobs named by their hash, snapshot links per commit, refs/main."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    for name, data in files.items():
+        blob = repo / "blobs" / (hashlib.sha256(data).hexdigest() if is_lfs(name) else "b" * 40)
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(data)
+        link = repo / "snapshots" / COMMIT / name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+
+
+def test_files_in_the_hf_cache_are_linked_not_downloaded(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    qwen = REPOS["Qwen/Qwen2.5-VL-7B-Instruct"]
+    cache = tmp_path / "hf-cache"
+    first, second = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+    damaged = b"x" * len(qwen[second])  # same size, other bytes: must not be used
+    fake_hf_cache(cache, "Qwen/Qwen2.5-VL-7B-Instruct", {first: qwen[first], second: damaged})
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    root = tmp_path / "ckpts"
+    config = DownloadConfig(refiner=False, glyph=False)
+    download(config, root, endpoint=hub.endpoint, progress=False)
+    fetched = {name for name, _ in hub.requests}
+    assert first not in fetched and second in fetched
+    target = root / "text_encoder/llm" / first
+    assert target.read_bytes() == qwen[first] and not target.is_symlink()
+    blob = cache / "models--Qwen--Qwen2.5-VL-7B-Instruct/blobs" / hashlib.sha256(qwen[first]).hexdigest()
+    assert os.path.samefile(target, blob)  # a hard link: no second copy on disk
+    assert (root / "text_encoder/llm" / second).read_bytes() == qwen[second]
+
+
+def hostile_repos(names: list[str]) -> dict[str, dict[str, bytes]]:
+    official = dict(REPOS["tencent/HunyuanImage-2.1"])
+    official.update({name: b"pwned" for name in names})
+    return {**REPOS, "tencent/HunyuanImage-2.1": official}
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["vae/vae_2_1/../../../escaped.json", "/ABS/escaped.json", "C:escaped.json", "vae\\..\\..\\escaped.json",
+     "vae/vae_2_1/..", "../escaped.safetensors"],
+)
+def test_listing_names_that_leave_the_root_write_nothing(tmp_path: Path, name: str) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    name = name.replace("/ABS", str(outside))
+    root = tmp_path / "deep" / "ckpts"
+    server = FakeHub(hostile_repos([name]))
+    try:
+        with pytest.raises(UnsafeListingError, match="not a relative path inside the repository"):
+            download(SMALL, root, endpoint=server.endpoint, progress=False)
+    finally:
+        server.close()
+    assert server.requests == []  # refused before any file was asked for
+    assert list(outside.iterdir()) == [] and not (tmp_path / "escaped.json").exists()
+    assert not root.exists() or tree(root) == set()
+
+
+def test_symlinked_folder_out_of_the_root_is_refused(hub: FakeHub, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = tmp_path / "ckpts"
+    root.mkdir()
+    (root / "vae").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UnsafeListingError, match=r"outside the model root .*symlink"):
+        download(SMALL, root, endpoint=hub.endpoint, progress=False)
+    assert list(outside.iterdir()) == [] and hub.requests == []
+
+
+@pytest.mark.parametrize("body", [b"<!DOCTYPE html><html><body>Sign in to the Wi-Fi</body></html>", b"truncated"])
+def test_listing_that_is_not_the_hubs_json_is_a_clear_error(hub: FakeHub, tmp_path: Path, body: bytes) -> None:
+    if body == b"truncated":
+        body = hub.listing("tencent/HunyuanImage-2.1")[:150]
+    hub.listing_body["tencent/HunyuanImage-2.1"] = body
+    with pytest.raises(UnsafeListingError, match="is not the Hub's JSON.*HF_ENDPOINT"):
+        download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False)
+    assert tree(tmp_path) == set()
+
+
+def test_verify_catches_a_same_size_corrupt_file(hub: FakeHub, tmp_path: Path, monkeypatch, capsys) -> None:
+    point_hub_at(monkeypatch, hub.endpoint)
+    args = ["download", "--no-refiner", "--model-root", str(tmp_path), "-q"]
+    assert main(args) == 0
+    name = "vae/vae_2_1/pytorch_model.ckpt"
+    path = tmp_path / name
+    stat = path.stat()
+    path.write_bytes(b"\0" * stat.st_size)  # same size, same timestamps: only a hash tells
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    hub.requests.clear()
+    assert main([*args, "--verify"]) == 0
+    assert path.read_bytes() == REPOS["tencent/HunyuanImage-2.1"][name]
+    assert {n for n, _ in hub.requests} == {name}  # only the damaged file was fetched again
+    assert "does not match its hash" not in capsys.readouterr().out
+
+
+def test_loading_never_trusts_the_size_alone(hub: FakeHub, tmp_path: Path) -> None:
+    """A changed file whose hash is known is hashed again before loading; a mismatch names the file and the fix."""
+    download(SMALL, tmp_path, endpoint=hub.endpoint, progress=False)
+    hub.close()
+    path = tmp_path / "dit/hunyuanimage2.1.safetensors"
+    check_present(SMALL, tmp_path, progress=False)  # unchanged: nothing to do
+    path.write_bytes(path.read_bytes())  # same bytes, new time: hashed again, accepted
+    check_present(SMALL, tmp_path, progress=False)
+    size = path.stat().st_size
+    path.write_bytes(b"\1" * size)
+    with pytest.raises(DownloadError, match=r"hunyuanimage2\.1\.safetensors changed since .*--verify"):
+        check_present(SMALL, tmp_path, progress=False)
+
+
+def test_from_pretrained_takes_a_hub_repo_id(hub: FakeHub, tmp_path: Path, monkeypatch) -> None:
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+
+    point_hub_at(monkeypatch, hub.endpoint)
+    root = tmp_path / "ckpts"
+    kwargs = dict(use_distilled=True, refiner=False, model_root=root, progress_bar=False)
+    pipe = HunyuanImagePipeline.from_pretrained("tencent/HunyuanImage-2.1", **kwargs)
+    assert isinstance(pipe, HunyuanImagePipeline)
+    assert (root / "dit/hunyuanimage2.1-distilled.safetensors").is_file()
+    assert not (root / "dit/hunyuanimage2.1.safetensors").exists()
+    hub.close()
+    point_hub_at(monkeypatch, closed_endpoint())
+    HunyuanImagePipeline.from_pretrained("tencent/HunyuanImage-2.1", **kwargs)  # complete: offline
+
+
+def test_progress_bars_go_to_stderr_unless_off(hub: FakeHub, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm shows bars on terminals only
+    download(SMALL, tmp_path / "a", endpoint=hub.endpoint, progress=True)
+    captured = capsys.readouterr()
+    assert "3 files" in captured.err and "hashing pytorch_model.ckpt" in captured.err and captured.out == ""
+    download(SMALL, tmp_path / "b", endpoint=hub.endpoint, progress=False)
+    assert "%|" not in capsys.readouterr().err

@@ -164,12 +164,10 @@ def hub_repos(tree: Path, tmp_path: Path) -> dict[str, dict[str, bytes]]:
 
 def test_generate_download_fetches_then_draws(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's first command: `hyimage generate --download` on an empty folder, against a local Hub."""
-    import huggingface_hub.constants
-
-    from tests.test_download import FakeHub
+    from tests.test_download import FakeHub, point_hub_at
 
     hub = FakeHub(hub_repos(tree, tmp_path))
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.endpoint)
+    point_hub_at(monkeypatch, hub.endpoint)
     root = tmp_path / "ckpts"
     (root / "dit").mkdir(parents=True)
     for config in (tree / "dit").glob("*.json"):  # the tiny sizes (the released sizes need no file)

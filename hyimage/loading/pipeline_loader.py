@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import torch
 from loguru import logger
 
-from hyimage.loading.download import DownloadConfig
+from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
 from hyimage.offload import MemoryManager
 
@@ -80,6 +80,10 @@ def load_pipeline(
     (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code` set to True.
     `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
     """
+    if is_hub_repo_id(model_name):
+        variant = VARIANTS[1] if use_distilled else VARIANTS[0]
+        model_root = hub_model_root(model_name, variant, use_fp8, refiner, model_root, progress_bar)
+        model_name = variant
     if use_distilled:
         model_name = "hunyuanimage-v2.1-distilled"
     if model_name not in VARIANTS:
@@ -88,6 +92,7 @@ def load_pipeline(
         raise ValueError(f"reprompt_model {reprompt_model!r} is unknown; choose one of {', '.join(REPROMPT_SIZES)}")
     layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb)
     needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner)
+    check_present(needs, layout.root, progress=progress_bar)
 
     config = _dit_config(layout, model_name, dit_config)
     dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root)
@@ -141,12 +146,37 @@ def load_refiner_pipeline(
         raise ValueError(f"model_name {model_name!r} is not the refiner; use {REFINER!r}")
     layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb)
     needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
+    check_present(needs, layout.root, progress=progress_bar)
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
         text_encoder=once(lambda: _text_encoder(layout, REFINER_TEMPLATE, text_encoder_dtype, memory)),
         progress_bar=progress_bar, cls=cls,
     )
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """'owner/name' that is neither a variant name nor an existing local folder."""
+    return name not in VARIANTS and is_repo_id(name) and not Path(name).exists()
+
+
+def hub_model_root(
+    repo_id: str,
+    variant: str,
+    use_fp8: bool,
+    refiner: bool,
+    root: str | os.PathLike | None,
+    progress_bar: bool = True,
+) -> Path:
+    """Fetch what `variant` needs from Hub repository `repo_id` (the official layout) into the model root; return it.
+
+    The text encoders come from their own repositories as with `hyimage download`; nothing is asked of the
+    network when the files are already there and checked.
+    """
+    path = model_root(root)
+    config = DownloadConfig(variant=variant, fp8=use_fp8, refiner=refiner, repo_id=repo_id)
+    download(config, path, progress=progress_bar)
+    return path
 
 
 def _setup(

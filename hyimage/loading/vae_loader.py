@@ -42,7 +42,7 @@ RELEASE_FOLDERS = {"HunyuanVAE2D": "vae/vae_2_1", "AutoencoderKLConv3D": "vae/va
 
 def _redownload_hint(model_name: str) -> str:
     folder = RELEASE_FOLDERS.get(model_name, "vae/...")
-    return f"download {folder} of tencent/HunyuanImage-2.1 again (see ckpts/checkpoints-download.md)"
+    return f"fetch {folder} of tencent/HunyuanImage-2.1 again with `hyimage download --verify` (see ckpts/README.md)"
 
 
 def read_vae_config(path: Path, model_cls: type) -> tuple[dict[str, Any], bool]:

@@ -62,7 +62,7 @@ def _stored_keys(path: Path) -> dict[str, Path]:
         return dict.fromkeys(read_tensor_infos(single), single)
     raise FileNotFoundError(
         f"{path} has neither model.safetensors.index.json nor model.safetensors; "
-        "download Qwen2.5-VL-7B-Instruct into text_encoder/llm (see ckpts/checkpoints-download.md)"
+        "fetch Qwen2.5-VL-7B-Instruct into text_encoder/llm with `hyimage download` (see ckpts/README.md)"
     )
 
 
