@@ -163,7 +163,8 @@ def hub_repos(tree: Path, tmp_path: Path) -> dict[str, dict[str, bytes]]:
 
 
 def test_generate_download_fetches_then_draws(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The README's first command: `hyimage generate --download` on an empty folder, against a local Hub."""
+    """The README's first command: `hyimage generate --download` on an empty folder, against a local Hub; then
+    the same command with the Hub unreachable, which needs no network once the download is complete."""
     from tests.test_download import FakeHub, point_hub_at
 
     hub = FakeHub(hub_repos(tree, tmp_path))
@@ -182,6 +183,14 @@ def test_generate_download_fetches_then_draws(tree: Path, tmp_path: Path, monkey
     assert Image.open(tmp_path / "first.png").size == (64, 64)
     assert (root / "text_encoder/Glyph-SDXL-v2/text_encoder_2/config.json").is_file()
     assert not (root / "dit/hunyuanimage2.1.safetensors").exists()  # the base model was not needed
+
+    from tests.test_download import closed_endpoint
+
+    point_hub_at(monkeypatch, closed_endpoint())  # no network: the same command runs from what is on disk
+    code = main(["generate", "offline", "--download", "--variant", "distilled", "--no-refiner", "--width", "64",
+                 "--height", "64", "--steps", "1", "--seed", "6", "--device", "cpu", "--model-root", str(root),
+                 "-o", str(tmp_path / "offline.png")])
+    assert code == 0 and Image.open(tmp_path / "offline.png").size == (64, 64)
 
 
 def partial_tree(tree: Path, target: Path, leave_out: str) -> Path:
