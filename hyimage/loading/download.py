@@ -22,6 +22,9 @@ How a download goes:
 - The rest is fetched with `huggingface_hub.hf_hub_download(..., revision=<recorded commit>, local_dir=...)`:
   its retries and in-call resume, HF_ENDPOINT mirrors, HF_TOKEN, and Xet transfers when `hf_xet` is installed.
   Each file is then hashed (sha256 for LFS files, the git blob id otherwise) against the listing.
+- Why the record and the cache look-up are ours: huggingface_hub's `local_dir` bookkeeping keeps no file
+  list (so it cannot say offline what a configuration lacks) and needs a HEAD call per file unless pinned to
+  a commit; its own cache reuse also needs that HEAD call, copies instead of linking, and checks no hash.
 - Paths are checked before anything is written: a listing name that is absolute, has a drive letter, a
   backslash or a `..` segment is refused, and every destination must resolve inside the model root
   (a symlinked folder pointing elsewhere is refused).
@@ -263,22 +266,19 @@ def check_name(name: str, repo_id: str) -> None:
         )
 
 
-def destination(root: Path, local_dir: str, name: str) -> Path:
-    """`root/local_dir/name`, refused unless its folder resolves inside `root` (no symlink out of it)."""
+def check_inside(root: Path, file: "RemoteFile") -> None:
+    """Refuse to write `file` unless its folder (and huggingface_hub's `.cache` beside it) resolve inside `root`."""
     base = root.resolve()
-    path = root / local_dir / name
-    for folder in (path.parent, root / local_dir / ".cache"):
+    for folder in (file.destination.parent, file.local_dir / ".cache"):
         resolved = folder.resolve()
         if resolved != base and base not in resolved.parents:
             raise UnsafeListingError(
-                f"{path} would be written to {resolved / path.name if folder == path.parent else resolved}, "
-                f"outside the model root {base} (a symlink points out of it); remove or fix the link, or pick "
-                "another --model-root"
+                f"{file.destination} would be written below {resolved}, outside the model root {base} (a symlink "
+                "points out of it); nothing was written. Remove or fix the link, or pick another --model-root"
             )
-    return path
 
 
-def _files_of(source: Source, listing: Listing, root: Path, writing: bool = True) -> list[RemoteFile]:
+def _files_of(source: Source, listing: Listing, root: Path) -> list[RemoteFile]:
     for pattern in source.patterns:
         if _exact(pattern) and pattern not in listing.files:
             raise DownloadError(
@@ -294,7 +294,7 @@ def _files_of(source: Source, listing: Listing, root: Path, writing: bool = True
                 repo_id=listing.repo_id,
                 revision=listing.revision,
                 path=name,
-                destination=destination(root, source.local_dir, name) if writing else root / source.local_dir / name,
+                destination=root / source.local_dir / name,
                 size=info.size,
                 sha256=info.sha256,
                 blob_id=info.blob_id,
@@ -460,14 +460,12 @@ def plan(
     token: str | None = None,
     online: bool = True,
     verify: bool = False,
-    writing: bool = True,
 ) -> Plan:
     """What `config` needs below `root`; the Hub is asked only for listings not recorded there.
 
     `online=False` never asks it (as `HF_HUB_OFFLINE=1`): sources whose listing was never recorded are
     reported in `Plan.unknown`. An unreachable Hub is an error when `online` is True. `verify=True` counts
-    every present file as unchecked (to be hashed again). `writing=False` (only reading what is there) skips
-    the check that destinations stay inside the root.
+    every present file as unchecked (to be hashed again).
     """
     root = model_root(root)
     record = Record(root)
@@ -484,7 +482,7 @@ def plan(
         if listing is None:
             result.unknown.append(source)
             continue
-        for file in _files_of(source, listing, root, writing):
+        for file in _files_of(source, listing, root):
             result.files.append(file)
             if not file.present:
                 result.missing.append(file)
@@ -492,11 +490,6 @@ def plan(
                 result.unchecked.append(file)
     result.record = record  # listings read now are saved by `complete`, not by a dry run
     return result
-
-
-def missing_files(files: list[RemoteFile]) -> list[RemoteFile]:
-    """The files not yet on disk (or with the wrong size)."""
-    return [f for f in files if not f.present]
 
 
 def list_files(
@@ -540,18 +533,19 @@ def complete(
     if found.unknown:
         raise OfflineError(_offline_message(found, "the file lists of " + ", ".join(s.repo_id for s in found.unknown)
                                             + " were never recorded here, so what they hold cannot be known"))
+    for file in found.missing:  # all checked before anything is written
+        check_inside(found.root, file)
     missing = list(found.missing)
     for file in found.unchecked:
         if _hash_matches(file, file.destination, progress):
             record.mark_checked(file)
         else:
+            check_inside(found.root, file)
             logger.warning(f"{file.destination} does not match its hash on the Hub: it is fetched again")
             record.forget(file)
             file.destination.unlink()
             missing.append(file)
     record.save()
-    if not missing:
-        return []
 
     placed = []
     left = []
@@ -562,7 +556,9 @@ def complete(
             placed.append(file.destination)
         else:
             left.append(file)
-    if left and (found.offline_reason or is_offline_mode()):
+    if not left:
+        return placed
+    if found.offline_reason or is_offline_mode():
         raise OfflineError(_offline_message(found, f"{len(left)} files ({human_size(sum(f.size for f in left))}) "
                                             "are missing: " + ", ".join(str(f.destination) for f in left)))
     overall = tqdm(
@@ -708,14 +704,15 @@ def check_present(config: DownloadConfig, root: str | os.PathLike | None = None,
 
     Needs no network: only listings recorded below `root` are used; files without one are left to the loader.
     """
-    found = plan(config, root, online=False, writing=False)
+    found = plan(config, root, online=False)
     if not found.unchecked:
         return
     for file in found.unchecked:
         if not _hash_matches(file, file.destination, progress):
             raise DownloadError(
                 f"{file.destination} changed since it was downloaded and no longer matches its hash on the Hub "
-                f"({file.hash_id}); fetch it again with `{config.command(found.root)} --verify`"
+                f"({file.hash_id}); fetch it again with `{config.command(found.root)} --verify`, or, if you "
+                f"replaced it on purpose, delete {found.record.path} so that the download record is forgotten"
             )
         found.record.mark_checked(file)
     found.record.save()

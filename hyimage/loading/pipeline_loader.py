@@ -79,6 +79,8 @@ def load_pipeline(
     `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
     (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code` set to True.
     `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
+    `model_name` may also be a Hub repository id in the official layout (e.g. "tencent/HunyuanImage-2.1"):
+    what the configuration needs is fetched into the model root first (see `hub_model_root`).
     """
     if is_hub_repo_id(model_name):
         variant = VARIANTS[1] if use_distilled else VARIANTS[0]
