@@ -31,6 +31,7 @@ How a download goes:
 """
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -39,8 +40,9 @@ import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from huggingface_hub import HfApi, constants, hf_hub_download, is_offline_mode
+from huggingface_hub import HfApi, constants, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.file_download import repo_folder_name, try_to_load_from_cache
 from huggingface_hub.utils import tqdm as hf_tqdm
@@ -402,7 +404,7 @@ def _parse_listing(repo_id: str, revision: object, entries: object, origin: str)
 
 def fetch_listing(repo_id: str, *, endpoint: str | None = None, token: str | None = None) -> Listing:
     """The repository's files with sizes and hashes, from the Hub (one API call)."""
-    if is_offline_mode():
+    if offline_mode():
         raise OfflineError(f"HF_HUB_OFFLINE is set: the file list of {repo_id} cannot be asked of the Hub")
     url = hub_endpoint(endpoint)
     try:
@@ -429,6 +431,11 @@ def fetch_listing(repo_id: str, *, endpoint: str | None = None, token: str | Non
             "size": size, "sha256": lfs.sha256 if lfs else None, "blob_id": sibling.blob_id,
         }
     return _parse_listing(repo_id, info.sha, entries, url)
+
+
+def offline_mode() -> bool:
+    """Whether HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) was set when huggingface_hub was imported."""
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _is_network_error(error: Exception) -> bool:
@@ -470,7 +477,7 @@ def plan(
     root = model_root(root)
     record = Record(root)
     result = Plan(root, config)
-    if is_offline_mode():
+    if offline_mode():
         online, result.offline_reason = False, "HF_HUB_OFFLINE is set"
     elif not online:
         result.offline_reason = "offline"
@@ -558,7 +565,7 @@ def complete(
             left.append(file)
     if not left:
         return placed
-    if found.offline_reason or is_offline_mode():
+    if found.offline_reason or offline_mode():
         raise OfflineError(_offline_message(found, f"{len(left)} files ({human_size(sum(f.size for f in left))}) "
                                             "are missing: " + ", ".join(str(f.destination) for f in left)))
     overall = tqdm(
@@ -592,18 +599,24 @@ def _offline_message(found: Plan, what: str) -> str:
 
 
 def _file_bar_class(overall: tqdm, progress: bool) -> type:
-    """huggingface_hub's per-file bar, which also advances the overall bar (and stays hidden when `progress` is off)."""
+    """huggingface_hub's per-file bar, which also advances the overall bar (and stays hidden when `progress` is off).
+
+    Xet transfers open a second bar per file for the bytes on the wire (named `*.transfer`); only the file's
+    own bytes count towards the overall bar.
+    """
 
     class FileBar(hf_tqdm):
-        def __init__(self, *args, **kwargs) -> None:
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
             if not progress:
                 kwargs["disable"] = True
             kwargs.setdefault("leave", False)
             kwargs.setdefault("file", sys.stderr)
+            self.counts = not str(kwargs.get("name") or "").endswith(".transfer")
             super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
-            overall.update(n)
+            if self.counts:
+                overall.update(n)
             return super().update(n)
 
     return FileBar
@@ -616,10 +629,12 @@ def _fetch(file: RemoteFile, *, endpoint: str | None, token: str | None, bar_cla
     # `_from_hf_cache` already looked in the Hugging Face cache, with a hash check; the cache_dir given here is
     # never created, so that huggingface_hub does not copy a cached file over without one
     no_cache = file.local_dir / ".cache" / "hyimage" / "hf-cache-already-searched"
+    # recent huggingface_hub versions take a bar class in hf_hub_download; older ones show their own bars
+    bars = {"tqdm_class": bar_class} if "tqdm_class" in inspect.signature(hf_hub_download).parameters else {}
     try:
         hf_hub_download(
             file.repo_id, file.path, revision=file.revision, local_dir=file.local_dir, cache_dir=no_cache,
-            endpoint=endpoint, token=token, tqdm_class=bar_class,
+            endpoint=endpoint, token=token, **bars,
         )
     except OfflineModeIsEnabled as error:
         raise OfflineError(f"HF_HUB_OFFLINE is set: {file.path} of {file.repo_id} cannot be fetched") from error
@@ -686,7 +701,7 @@ def _hash_matches(file: RemoteFile, path: Path, progress: bool) -> bool:
     return True
 
 
-def hash_file(path: Path, digest, *, progress: bool = True) -> str:
+def hash_file(path: Path, digest: Any, *, progress: bool = True) -> str:
     """The hex digest of `path`, with a bar in bytes on stderr."""
     bar = tqdm(
         total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
