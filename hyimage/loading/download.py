@@ -332,7 +332,7 @@ class Record:
             return None
         try:
             return _parse_listing(repo_id, entry["revision"], entry["files"], str(self.path))
-        except (KeyError, TypeError, UnsafeListingError, UnicodeError) as error:
+        except (KeyError, TypeError, AttributeError, UnsafeListingError) as error:
             logger.warning(f"the listing of {repo_id} recorded in {self.path} is unusable ({error}); ignoring it")
             return None
 
@@ -368,6 +368,10 @@ class Record:
 
     def save(self) -> None:
         data = {"version": 1, "listings": self.listings, "files": self.files}
+        base, folder = self.root.resolve(), self.path.parent.resolve()
+        if base not in folder.parents:
+            logger.warning(f"{self.path.parent} resolves to {folder}, outside {base}: the download record is not written")
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             partial = self.path.with_name(self.path.name + f".{os.getpid()}.tmp")
