@@ -536,6 +536,12 @@ def test_from_pretrained_takes_a_hub_repo_id(hub: FakeHub, tmp_path: Path, monke
     point_hub_at(monkeypatch, closed_endpoint())
     HunyuanImagePipeline.from_pretrained("tencent/HunyuanImage-2.1", **kwargs)  # complete: offline
 
+    dit = root / "dit/hunyuanimage2.1-distilled.safetensors"
+    dit.write_bytes(b"\0" * dit.stat().st_size)  # same size, new time, other bytes
+    local = dict(kwargs, model_name="hunyuanimage-v2.1-distilled")
+    with pytest.raises(DownloadError, match=r"hunyuanimage2\.1-distilled\.safetensors changed since"):
+        HunyuanImagePipeline.from_pretrained(**local)
+
 
 def test_progress_bars_go_to_stderr_unless_off(hub: FakeHub, tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # tqdm shows bars on terminals only
