@@ -165,7 +165,8 @@ def fetch(
         size = human_size(sum(f.size for f in found.unchecked))
         print(f"{len(found.unchecked)} files present ({size}) will be hashed against the Hub's listing")
     if found.missing:
-        print(f"{len(found.missing)} files, {human_size(found.fetch_bytes())}, will be fetched into {root}:")
+        more = " (and the unknown below)" if found.unknown else ""
+        print(f"{len(found.missing)} files, {human_size(found.fetch_bytes())}{more}, will be fetched into {root}:")
         for file in found.missing:
             print(f"  {human_size(file.size):>10}  {file.destination.relative_to(root)}  ({file.repo_id})")
     if found.unknown:
