@@ -32,7 +32,7 @@ from hyimage.loading.download import (
     UnsafeListingError,
     check_present,
     download,
-    list_files,
+    plan,
 )
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -259,7 +259,7 @@ def test_base_configuration_fetches_exactly_its_files(hub: FakeHub, tmp_path: Pa
 
 def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path) -> None:
     config = DownloadConfig(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, reprompt="7b")
-    files = list_files(config, tmp_path, endpoint=hub.endpoint)
+    files = plan(config, tmp_path, endpoint=hub.endpoint).files
     names = {f.destination.relative_to(tmp_path).as_posix() for f in files}
     official = {n for n in names if n.startswith(("dit/", "vae/", "reprompt/"))}
     assert official == {
@@ -271,7 +271,7 @@ def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path
         "reprompt/model.safetensors",
     }
     big = DownloadConfig(reprompt="32b", text_encoder=False, glyph=False, refiner=False)
-    files = list_files(big, tmp_path, endpoint=hub.endpoint)
+    files = plan(big, tmp_path, endpoint=hub.endpoint).files
     names = {f.destination.relative_to(tmp_path).as_posix() for f in files}
     assert names == {
         "dit/hunyuanimage2.1.safetensors",

@@ -173,7 +173,6 @@ class RemoteFile:
     size: int
     sha256: str | None
     blob_id: str | None
-    purpose: str
     local_dir: Path
 
     @property
@@ -300,7 +299,6 @@ def _files_of(source: Source, listing: Listing, root: Path) -> list[RemoteFile]:
                 size=info.size,
                 sha256=info.sha256,
                 blob_id=info.blob_id,
-                purpose=source.purpose,
                 local_dir=root / source.local_dir,
             )
         )
@@ -501,18 +499,6 @@ def plan(
                 result.unchecked.append(file)
     result.record = record  # listings read now are saved by `complete`, not by a dry run
     return result
-
-
-def list_files(
-    config: DownloadConfig,
-    root: str | os.PathLike | None = None,
-    *,
-    endpoint: str | None = None,
-    token: str | None = None,
-) -> list[RemoteFile]:
-    """Every file `config` needs, with its size and hash (from the record, else from the Hub)."""
-    found = plan(config, root, endpoint=endpoint, token=token)
-    return found.files
 
 
 # Downloading.
