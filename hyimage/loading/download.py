@@ -368,7 +368,7 @@ class Record:
         data = {"version": 1, "listings": self.listings, "files": self.files}
         base, folder = self.root.resolve(), self.path.parent.resolve()
         if base not in folder.parents:
-            logger.warning(f"{self.path.parent} resolves to {folder}, outside {base}: the download record is not written")
+            logger.warning(f"{self.path.parent} resolves to {folder}, outside {base}: the download record is not kept")
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
