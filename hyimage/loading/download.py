@@ -39,6 +39,7 @@ import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -240,8 +241,6 @@ def _exact(pattern: str) -> bool:
 
 def _matches(name: str, pattern: str) -> bool:
     """Shell-style match per path segment: `*` stays within a segment and does not match a leading dot."""
-    from fnmatch import fnmatchcase
-
     names, patterns = name.split("/"), pattern.split("/")
     return len(names) == len(patterns) and all(
         fnmatchcase(n, p) and (not n.startswith(".") or p.startswith(".")) for n, p in zip(names, patterns)
