@@ -106,6 +106,11 @@ def _rename(key: str, to_diffusers: bool) -> str:
     return key
 
 
+def diffusers_module_name(official: str) -> str:
+    """The diffusers name of an official (split-layout) module; unknown names come back unchanged."""
+    return _rename(official + ".weight", to_diffusers=True)[: -len(".weight")]
+
+
 def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
     """(a, b) -> (b, a) along dim 0: official (shift, scale) <-> diffusers (scale, shift)."""
     first, second = tensor.chunk(2, dim=0)

@@ -79,6 +79,11 @@ class MemoryManager:
         finally:
             placer.detach()
 
+    def forget(self, module: Movable) -> None:
+        """Drop the block streamer of `module`, so the next run streams its tensors as they are now."""
+        if isinstance(module, nn.Module):
+            self._streamers.pop(module, None)
+
     def streamer(self, module: Movable) -> BlockStreamer | None:
         """The block streamer of `module`, or None when it has no block lists to stream."""
         if not isinstance(module, nn.Module):

@@ -40,6 +40,7 @@ from hyimage.diffusion.sampling import (
     timesteps_from_sigmas,
     unscale_latents,
 )
+from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
 
 # The official 2K presets (width, height). The official README names 3:2 and 2:3 without sizes;
@@ -110,7 +111,7 @@ def resolve_size(width: int | None, height: int | None, aspect_ratio: str | None
     return width, height
 
 
-class HunyuanImagePipeline:
+class HunyuanImagePipeline(LoraMixin):
     """Text-to-image with HunyuanImage-2.1 from already-built parts.
 
     Each part may be the object or a zero-argument factory (function, partial, class) that builds it on

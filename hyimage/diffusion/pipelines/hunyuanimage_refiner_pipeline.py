@@ -38,6 +38,7 @@ from hyimage.diffusion.sampling import (
     timesteps_from_sigmas,
     unscale_latents,
 )
+from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
 
 CONDITION_AUG_STRENGTH = 0.25
@@ -80,7 +81,7 @@ def images_to_tensor(image: Any) -> torch.Tensor:
     )
 
 
-class HunyuanImageRefinerPipeline:
+class HunyuanImageRefinerPipeline(LoraMixin):
     """Refines images with the HunyuanImage refiner DiT and the causal 3-D refiner VAE.
 
     Parts may be objects or zero-argument factories. Defaults are the official ones when the base

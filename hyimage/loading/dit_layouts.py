@@ -1,0 +1,180 @@
+"""Key layouts of HunyuanImage-2.1 DiT files other tools write, mapped onto the model's split layout.
+
+Facts (read from the tools' code):
+- Official released `dit/*.safetensors` and everything derived from it (sd-scripts, Comfy-Org repackaged
+  files, city96's GGUF convert tool, which keeps the source keys) use the fused HunyuanVideo layout:
+  `double_blocks.N.{img,txt}_attn_qkv` (rows q|k|v), `single_blocks.N.linear1` (rows q|k|v|mlp) and
+  `single_blocks.N.linear2` (the model's `linear2.fc`); the official loader
+  (`convert_hunyuan_dict_for_tensor_parallel`) splits them by rows.
+- ComfyUI stores a diffusion model under a prefix (`model.diffusion_model.` in checkpoints, `model.model.`
+  in some saves; LoRAs use `diffusion_model.`) and, inside ComfyUI, renames the HunyuanVideo keys
+  (`supported_models.HunyuanVideo.process_unet_state_dict`, also used for HunyuanImage 2.1):
+  `_mod.linear.`->`_mod.lin.`, `_attn_qkv.`->`_attn.qkv.`, `mlp.fc1/2.`->`mlp.0/2.`,
+  `_attn_q/k_norm.weight`->`_attn.norm.query/key_norm.scale`, `.q/k_norm.weight`->`.norm.query/key_norm.scale`,
+  `_attn_proj.`->`_attn.proj.`, `.modulation.linear.`->`.modulation.lin.`, `_in.mlp.0/2.`->`_in.in/out_layer.`,
+  `txt_in.{t,c}_embedder` linears -> `in_layer`/`out_layer`.
+- ComfyUI FP8 files: float8_e4m3fn weights; scaled ones carry a `scaled_fp8` marker tensor and per layer
+  `<layer>.scale_weight` (newer: `<layer>.weight_scale` with `<layer>.comfy_quant`), a multiplier
+  (weight ~= fp8 * scale), plus optional `scale_input`/`input_scale` for FP8 activations (not needed here).
+
+Functions here work on module names and row ranges, so the same map serves safetensors tensors, GGUF
+byte rows (ggml blocks run along a row) and LoRA up-matrices.
+"""
+
+import re
+from collections.abc import Iterable
+
+PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.")
+
+# ComfyUI-internal -> official, applied to "key" strings in this order (the reverse of ComfyUI's renames;
+# `mlp.0.` -> `mlp.fc1.` must run before `_in.in_layer.` -> `_in.mlp.0.` recreates official `mlp.0.`).
+_COMFY_TO_OFFICIAL = (
+    ("txt_in.t_embedder.in_layer.", "txt_in.t_embedder.MLP0."),
+    ("txt_in.t_embedder.out_layer.", "txt_in.t_embedder.MLP2."),
+    ("txt_in.c_embedder.in_layer.", "txt_in.c_embedder.linear_1."),
+    ("txt_in.c_embedder.out_layer.", "txt_in.c_embedder.linear_2."),
+    ("_mod.lin.", "_mod.linear."),
+    ("_attn.qkv.", "_attn_qkv."),
+    ("mlp.0.", "mlp.fc1."),
+    ("mlp.2.", "mlp.fc2."),
+    ("_attn.norm.query_norm.scale", "_attn_q_norm.weight"),
+    ("_attn.norm.key_norm.scale", "_attn_k_norm.weight"),
+    (".norm.query_norm.scale", ".q_norm.weight"),
+    (".norm.key_norm.scale", ".k_norm.weight"),
+    ("_attn.proj.", "_attn_proj."),
+    (".modulation.lin.", ".modulation.linear."),
+    ("_in.in_layer.", "_in.mlp.0."),
+    ("_in.out_layer.", "_in.mlp.2."),
+    ("MLP0.", "mlp.0."),
+    ("MLP2.", "mlp.2."),
+)
+# Official -> ComfyUI-internal, ComfyUI's own order (process_unet_state_dict).
+_OFFICIAL_TO_COMFY = (
+    ("txt_in.t_embedder.mlp.0.", "txt_in.t_embedder.in_layer."),
+    ("txt_in.t_embedder.mlp.2.", "txt_in.t_embedder.out_layer."),
+    ("txt_in.c_embedder.linear_1.", "txt_in.c_embedder.in_layer."),
+    ("txt_in.c_embedder.linear_2.", "txt_in.c_embedder.out_layer."),
+    ("_mod.linear.", "_mod.lin."),
+    ("_attn_qkv.", "_attn.qkv."),
+    ("mlp.fc1.", "mlp.0."),
+    ("mlp.fc2.", "mlp.2."),
+    ("_attn_q_norm.weight", "_attn.norm.query_norm.scale"),
+    ("_attn_k_norm.weight", "_attn.norm.key_norm.scale"),
+    (".q_norm.weight", ".norm.query_norm.scale"),
+    (".k_norm.weight", ".norm.key_norm.scale"),
+    ("_attn_proj.", "_attn.proj."),
+    (".modulation.linear.", ".modulation.lin."),
+    ("_in.mlp.2.", "_in.out_layer."),
+    ("_in.mlp.0.", "_in.in_layer."),
+)
+_COMFY_MARKERS = ("_attn.qkv.", ".modulation.lin.", "_mod.lin.")
+_DOUBLE_QKV = re.compile(r"^(double_blocks\.\d+\.(?:img|txt)_attn_)qkv$")
+_SINGLE_LINEAR1 = re.compile(r"^(single_blocks\.\d+\.)linear1$")
+_SINGLE_LINEAR2 = re.compile(r"^(single_blocks\.\d+\.)linear2$")
+
+Piece = tuple[str, int, int]
+"""(model module name, first row, end row) of a fused module's output rows."""
+
+
+def find_prefix(keys: Iterable[str]) -> str:
+    """The ComfyUI prefix most keys share, or ''."""
+    keys = list(keys)
+    for prefix in PREFIXES:
+        if sum(key.startswith(prefix) for key in keys) > len(keys) // 2:
+            return prefix
+    return ""
+
+
+def is_comfy_internal(keys: Iterable[str]) -> bool:
+    """True when keys use ComfyUI's in-memory names (`img_attn.qkv`, `modulation.lin`) instead of the official ones."""
+    return any(marker in key for key in keys for marker in _COMFY_MARKERS)
+
+
+def comfy_to_official(key: str) -> str:
+    """A ComfyUI-internal key (prefix removed) with the official (fused) name."""
+    for old, new in _COMFY_TO_OFFICIAL:
+        key = key.replace(old, new)
+    return key
+
+
+def official_to_comfy(key: str) -> str:
+    """An official (fused-layout) key with ComfyUI's internal name."""
+    for old, new in _OFFICIAL_TO_COMFY:
+        key = key.replace(old, new)
+    return key
+
+
+def is_fused_module(name: str) -> bool:
+    return bool(_DOUBLE_QKV.match(name) or _SINGLE_LINEAR1.match(name) or _SINGLE_LINEAR2.match(name))
+
+
+def is_fused_layout(keys: Iterable[str]) -> bool:
+    """True when the keys use the fused HunyuanVideo layout of the released files."""
+    return any(is_fused_module(key.rpartition(".")[0]) for key in keys)
+
+
+def split_pieces(module: str, out_features: int, hidden_size: int) -> list[Piece]:
+    """The model modules (and their row ranges) that the rows of fused `module` feed; itself when not fused."""
+    h = hidden_size
+    qkv = _DOUBLE_QKV.match(module)
+    if qkv:
+        return [(f"{qkv.group(1)}{name}", i * h, (i + 1) * h) for i, name in enumerate("qkv")]
+    linear1 = _SINGLE_LINEAR1.match(module)
+    if linear1:
+        head = linear1.group(1)
+        return [
+            (f"{head}linear1_q", 0, h),
+            (f"{head}linear1_k", h, 2 * h),
+            (f"{head}linear1_v", 2 * h, 3 * h),
+            (f"{head}linear1_mlp", 3 * h, out_features),
+        ]
+    linear2 = _SINGLE_LINEAR2.match(module)
+    if linear2:
+        return [(f"{linear2.group(1)}linear2.fc", 0, out_features)]
+    return [(module, 0, out_features)]
+
+
+SCALE_KEYS = (".scale_weight", ".weight_scale")
+IGNORED_SUFFIXES = (".scale_input", ".input_scale")
+MARKER_KEYS = ("scaled_fp8",)
+
+
+def model_keys(key: str, prefix: str, comfy: bool) -> str:
+    """A file key with its prefix removed and official names; '' for keys that carry no weight."""
+    if prefix:
+        if not key.startswith(prefix):
+            return ""
+        key = key[len(prefix) :]
+    if key in MARKER_KEYS or key.endswith(IGNORED_SUFFIXES) or key.endswith(".comfy_quant"):
+        return ""
+    return comfy_to_official(key) if comfy else key
+
+
+def foreign_translate(prefix: str, comfy: bool, hidden_size: int):
+    """A `safetensors_io.Translate` from a prefixed / ComfyUI / fused-layout file to the model's keys.
+
+    Fused tensors are split by rows; a per-tensor FP8 scale (`scale_weight` or `weight_scale`) is given to
+    every piece as `<piece>.weight_scale` (0-dim). Keys outside the prefix and FP8 activation scales are
+    dropped.
+    """
+
+    def translate(keys, get_tensor):
+        for file_key in keys:
+            key = model_keys(file_key, prefix, comfy)
+            if not key:
+                continue
+            if key.endswith(SCALE_KEYS):
+                module = key.rpartition(".")[0]
+                scale = get_tensor(file_key).reshape(())
+                for piece, _, _ in split_pieces(module, 0, hidden_size):
+                    yield f"{piece}.weight_scale", scale
+                continue
+            module, _, param = key.rpartition(".")
+            if not is_fused_module(module):
+                yield key, get_tensor(file_key)
+                continue
+            tensor = get_tensor(file_key)
+            for piece, start, end in split_pieces(module, tensor.shape[0], hidden_size):
+                yield f"{piece}.{param}", tensor[start:end]
+
+    return translate
