@@ -1,0 +1,251 @@
+"""GGUF DiTs: dequantisers against the `gguf` package and the spec formulas, files written with `gguf`, a tiny pipeline."""
+
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants  # noqa: E402
+
+from hyimage.loading.dit_loader import load_dit  # noqa: E402
+from hyimage.loading.safetensors_io import CheckpointError  # noqa: E402
+from hyimage.models import HYImageDiffusionTransformer  # noqa: E402
+from hyimage.quantization.gguf import GGUFLinear, dequantize  # noqa: E402
+from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_  # noqa: E402
+from tests.utils import max_rel_error  # noqa: E402
+
+# hidden 256: K-quant rows hold multiples of 256 values, as in the real model (3584 = 14 x 256)
+CONFIG = replace(TINY_CONFIGS["hunyuanimage-v2.1-distilled"], hidden_size=256, rope_dim_list=(64, 64),
+                 mm_double_blocks_depth=1, mm_single_blocks_depth=1)
+H = CONFIG.hidden_size
+WRITABLE = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
+K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
+# byte offsets of the float16 fields (d, dmin) in each block (ggml-common.h)
+F16_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q2_K: [80, 82],
+              T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+def random_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
+    """Random ggml blocks (uint8 rows) with finite, small float16 scales."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    raw = rng.integers(0, 256, size=(rows * columns // block, size), dtype=np.uint8)
+    for start in F16_FIELDS[qtype]:
+        raw[:, start : start + 2] = rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    return raw.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda t: t.name)
+def test_dequantizers_match_the_gguf_package(qtype) -> None:
+    raw = random_blocks(qtype, 3, 512, np.random.default_rng(int(qtype)))
+    expected = quants.dequantize(raw, qtype)
+    ours = dequantize(torch.from_numpy(raw), int(qtype), expected.shape, torch.float32)
+    assert np.array_equal(ours.numpy(), expected)
+
+
+def f16(value: float) -> bytes:
+    return struct.pack("<e", value)
+
+
+def test_k_quant_blocks_by_the_spec_formulas() -> None:
+    """Hand-made blocks, each value computed from the ggml block formulas written out here."""
+    q = [(i * 7 + 3) % 256 for i in range(256)]  # a fixed byte pattern reused for the quant bytes
+    # Q4_K: d=0.5, dmin=0.25; 6-bit (scale, min) j<4: scales[j]&63, scales[j+4]&63; j>=4 from bytes 8-11 + top bits
+    scales = [1, 2, 3, 4, 5, 6, 7, 8, 0x21, 0x43, 0x65, 0x87]
+    block = f16(0.5) + f16(0.25) + bytes(scales) + bytes(q[:128])
+    def k4(j):
+        if j < 4:
+            return scales[j] & 63, scales[j + 4] & 63
+        return (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)
+    expected = []
+    for chunk in range(4):
+        for half in range(2):
+            sc, mn = k4(2 * chunk + half)
+            for l in range(32):
+                nibble = (q[32 * chunk + l] >> (4 * half)) & 0xF
+                expected.append(0.5 * sc * nibble - 0.25 * mn)
+    check(block, T.Q4_K, expected)
+
+    # Q5_K: as Q4_K plus bit (2*chunk + half) of qh[l] adds 16
+    qh = [(i * 37 + 11) % 256 for i in range(32)]
+    block = f16(0.5) + f16(0.25) + bytes(scales) + bytes(qh) + bytes(q[:128])
+    expected = []
+    for chunk in range(4):
+        for half in range(2):
+            sc, mn = k4(2 * chunk + half)
+            for l in range(32):
+                value = ((q[32 * chunk + l] >> (4 * half)) & 0xF) + 16 * ((qh[l] >> (2 * chunk + half)) & 1)
+                expected.append(0.5 * sc * value - 0.25 * mn)
+    check(block, T.Q5_K, expected)
+
+    # Q6_K: ql[128], qh[64], int8 scales[16], d; per 128 values: four groups of 32, scale per 16
+    sc6 = [(-1) ** i * (i + 1) for i in range(16)]
+    block = bytes(q[:128]) + bytes(qh + qh) + struct.pack("<16b", *sc6) + f16(0.125)
+    expected = [0.0] * 256
+    for n in range(2):
+        ql, qhh = q[64 * n : 64 * n + 64], (qh + qh)[32 * n : 32 * n + 32]
+        for l in range(32):
+            vals = [(ql[l] & 0xF) | ((qhh[l] & 3) << 4), (ql[l + 32] & 0xF) | (((qhh[l] >> 2) & 3) << 4),
+                    (ql[l] >> 4) | (((qhh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qhh[l] >> 6) & 3) << 4)]
+            for g, v in enumerate(vals):
+                expected[128 * n + 32 * g + l] = 0.125 * sc6[8 * n + l // 16 + 2 * g] * (v - 32)
+    check(block, T.Q6_K, expected)
+
+    # Q2_K: scales[16] (low nibble scale, high nibble min), qs[64], d, dmin; 2-bit q at shift 2j of qs[32n + l]
+    sc2 = [(i * 29 + 5) % 256 for i in range(16)]
+    block = bytes(sc2) + bytes(q[:64]) + f16(0.5) + f16(0.25)
+    expected = []
+    for n in range(2):
+        for j in range(4):
+            for half in range(2):
+                s = sc2[8 * n + 2 * j + half]
+                for l in range(16):
+                    expected.append(0.5 * (s & 0xF) * ((q[32 * n + 16 * half + l] >> (2 * j)) & 3) - 0.25 * (s >> 4))
+    check(block, T.Q2_K, expected)
+
+    # Q3_K: hmask[32], qs[64], 12 scale bytes (16 six-bit scales - 32), d; q - 4 where the hmask bit is clear
+    raw_scales = [(i * 53 + 17) % 256 for i in range(12)]
+    six = [((raw_scales[i % 8] >> (4 * (i // 8))) & 0xF) | (((raw_scales[8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
+           for i in range(16)]
+    block = bytes(qh) + bytes(q[:64]) + bytes(raw_scales) + f16(0.25)
+    expected = []
+    for n in range(2):
+        for j in range(4):
+            for half in range(2):
+                scale = six[8 * n + 2 * j + half] - 32
+                for l in range(16):
+                    index = 16 * half + l
+                    value = ((q[32 * n + index] >> (2 * j)) & 3) - (0 if (qh[index] >> (4 * n + j)) & 1 else 4)
+                    expected.append(0.25 * scale * value)
+    check(block, T.Q3_K, expected)
+
+
+def check(block: bytes, qtype: T, expected: list[float]) -> None:
+    raw = torch.frombuffer(bytearray(block), dtype=torch.uint8)
+    assert raw.numel() == GGML_QUANT_SIZES[qtype][1]
+    ours = dequantize(raw, int(qtype), (256,), torch.float64)
+    assert torch.allclose(ours, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-6), qtype.name
+    reference = quants.dequantize(np.frombuffer(block, dtype=np.uint8), qtype)
+    assert np.allclose(reference, expected, atol=1e-6), qtype.name
+
+
+def fused_by_hand(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model's split state dict in the released fused layout (q|k|v rows, linear1 q|k|v|mlp, linear2)."""
+    out = {}
+    for key, tensor in state_dict.items():
+        for part in ("q", "k", "v"):
+            if f"_attn_{part}." in key:
+                if part == "q":
+                    out[key.replace("_attn_q.", "_attn_qkv.")] = torch.cat(
+                        [state_dict[key.replace("_attn_q.", f"_attn_{p}.")] for p in "qkv"]
+                    )
+                break
+        else:
+            if ".linear1_" in key:
+                if ".linear1_q." in key:
+                    out[key.replace("linear1_q", "linear1")] = torch.cat(
+                        [state_dict[key.replace("linear1_q", f"linear1_{p}")] for p in ("q", "k", "v", "mlp")]
+                    )
+            else:
+                out[key.replace("linear2.fc.", "linear2.")] = tensor
+    return out
+
+
+def split_by_hand(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in fused.items():
+        if key.startswith("double_blocks.") and "_attn_qkv." in key:
+            for part, chunk in zip("qkv", tensor.chunk(3)):
+                out[key.replace("_attn_qkv.", f"_attn_{part}.")] = chunk
+        elif ".linear1." in key:
+            for part, chunk in zip(("q", "k", "v", "mlp"), tensor.split([H, H, H, tensor.shape[0] - 3 * H])):
+                out[key.replace("linear1.", f"linear1_{part}.")] = chunk
+        else:
+            out[key.replace(".linear2.", ".linear2.fc.")] = tensor
+    return out
+
+
+def write_gguf(model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Write the model in the fused layout; the block linears' weights take `qtypes` in turn, the rest F32 (as
+    city96's convert tool keeps 1-D and small tensors). Returns the weights as stored (dequantised by gguf)."""
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "hyvid")
+    stored = {}
+    turn = 0
+    for key, tensor in fused_by_hand(model.state_dict()).items():
+        data = tensor.float().numpy()
+        kind = T.F32
+        if "blocks" in key and key.endswith(".weight") and data.ndim == 2 and "individual" not in key:
+            kind, turn = qtypes[turn % len(qtypes)], turn + 1
+        if kind in K_TYPES:
+            raw = random_blocks(kind, *data.shape, rng)
+        else:
+            raw = quants.quantize(data, kind)
+        writer.add_tensor(prefix + key, raw, raw_dtype=kind)
+        stored[key] = torch.from_numpy(np.ascontiguousarray(quants.dequantize(raw, kind))).float().reshape(data.shape)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return split_by_hand(stored)
+
+
+@pytest.fixture(scope="module")
+def model() -> HYImageDiffusionTransformer:
+    model = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+    randomize_(model)
+    return model
+
+
+def test_gguf_file_loads_as_its_dequantised_weights(model, tmp_path: Path) -> None:
+    """One file with every type the gguf package writes (F16, BF16, Q8_0, Q4_0/1, Q5_0/1) and the K types
+    it cannot write (hand-made blocks), one per block linear; fused tensors split by rows of blocks."""
+    path = tmp_path / "dit.gguf"
+    stored = write_gguf(model, path, WRITABLE + K_TYPES)
+    loaded = HYImageDiffusionTransformer.from_single_file(path, CONFIG.to_dict(), dtype=torch.float32)
+    quantised = {name: m for name, m in loaded.named_modules() if isinstance(m, GGUFLinear)}
+    assert {m.type_id for m in quantised.values()} == {int(t) for t in WRITABLE[2:] + K_TYPES}
+    assert any(name.endswith(("_attn_v", "linear1_mlp")) for name in quantised)  # pieces of fused rows
+    assert all(m.weight.dtype == torch.uint8 for m in quantised.values())
+    reference = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+    reference.load_state_dict(stored)
+    inputs = make_inputs(CONFIG)
+    with torch.no_grad():
+        assert max_rel_error(loaded(**inputs), reference(**inputs)) <= 1e-5
+
+
+def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> None:
+    from tests.test_pipeline import fixed_inputs, make_pipe, tiny_vae
+
+    path = tmp_path / "dit-Q8_0.gguf"
+    stored = write_gguf(model, path, [T.Q8_0, T.Q4_K], prefix="model.diffusion_model.")
+    gguf_dit = load_dit(path, CONFIG.to_dict(), dtype=torch.float32)
+    reference = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+    reference.load_state_dict(stored)
+    vae = tiny_vae()
+    inputs = fixed_inputs()
+    call = dict(num_inference_steps=2, output_type="latent", **{k: v for k, v in inputs.items() if "negative" not in k})
+    ours = make_pipe(gguf_dit, vae)(**call)
+    expected = make_pipe(reference, vae)(**call)
+    assert max_rel_error(ours, expected) <= 1e-5
+
+    pipe = make_pipe(gguf_dit, vae)
+    g = torch.Generator().manual_seed(0)
+    pipe.load_lora_weights({"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(2, H, generator=g) * 0.1,
+                            "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(3 * H + model.single_blocks[0].linear1_mlp.out_features, 2, generator=g) * 0.1})
+    assert max_rel_error(pipe(**call), expected) > 1e-4
+    with pytest.raises(ValueError, match="GGUF"):
+        pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    assert torch.equal(pipe(**call), ours)
+
+
+def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
+    path = tmp_path / "dit.gguf"
+    write_gguf(model, path, [T.Q8_0])
+    other = dict(CONFIG.to_dict(), mm_single_blocks_depth=2)
+    with pytest.raises(CheckpointError, match="missing keys.*single_blocks.1"):
+        load_dit(path, other)
