@@ -15,6 +15,7 @@ from hyimage.loading.dit_loader import load_dit  # noqa: E402
 from hyimage.loading.safetensors_io import CheckpointError  # noqa: E402
 from hyimage.models import HYImageDiffusionTransformer  # noqa: E402
 from hyimage.quantization.gguf import GGUFLinear, dequantize  # noqa: E402
+from tests.fixtures.fused_layout import fused_by_hand, split_by_hand  # noqa: E402
 from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_  # noqa: E402
 from tests.utils import max_rel_error  # noqa: E402
 
@@ -132,42 +133,6 @@ def check(block: bytes, qtype: T, expected: list[float]) -> None:
     assert np.allclose(reference, expected, atol=1e-6), qtype.name
 
 
-def fused_by_hand(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The model's split state dict in the released fused layout (q|k|v rows, linear1 q|k|v|mlp, linear2)."""
-    out = {}
-    for key, tensor in state_dict.items():
-        for part in ("q", "k", "v"):
-            if f"_attn_{part}." in key:
-                if part == "q":
-                    out[key.replace("_attn_q.", "_attn_qkv.")] = torch.cat(
-                        [state_dict[key.replace("_attn_q.", f"_attn_{p}.")] for p in "qkv"]
-                    )
-                break
-        else:
-            if ".linear1_" in key:
-                if ".linear1_q." in key:
-                    out[key.replace("linear1_q", "linear1")] = torch.cat(
-                        [state_dict[key.replace("linear1_q", f"linear1_{p}")] for p in ("q", "k", "v", "mlp")]
-                    )
-            else:
-                out[key.replace("linear2.fc.", "linear2.")] = tensor
-    return out
-
-
-def split_by_hand(fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, tensor in fused.items():
-        if key.startswith("double_blocks.") and "_attn_qkv." in key:
-            for part, chunk in zip("qkv", tensor.chunk(3)):
-                out[key.replace("_attn_qkv.", f"_attn_{part}.")] = chunk
-        elif ".linear1." in key:
-            for part, chunk in zip(("q", "k", "v", "mlp"), tensor.split([H, H, H, tensor.shape[0] - 3 * H])):
-                out[key.replace("linear1.", f"linear1_{part}.")] = chunk
-        else:
-            out[key.replace(".linear2.", ".linear2.fc.")] = tensor
-    return out
-
-
 def write_gguf(model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = "") -> dict[str, torch.Tensor]:
     """Write the model in the fused layout; the block linears' weights take `qtypes` in turn, the rest F32 (as
     city96's convert tool keeps 1-D and small tensors). Returns the weights as stored (dequantised by gguf)."""
@@ -190,7 +155,7 @@ def write_gguf(model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return split_by_hand(stored)
+    return split_by_hand(stored, H)
 
 
 @pytest.fixture(scope="module")

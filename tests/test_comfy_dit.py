@@ -1,0 +1,88 @@
+"""ComfyUI single-file DiTs: `diffusion_model.`-prefixed, fused layout, FP8 with `scale_weight` or a plain cast."""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from hyimage.loading.dit_loader import load_dit
+from hyimage.models import HYImageDiffusionTransformer
+from hyimage.quantization.fp8 import FP8Linear
+from tests.fixtures.fused_layout import fused_by_hand, split_by_hand
+from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
+from tests.utils import max_rel_error
+
+E4M3 = torch.float8_e4m3fn
+# ComfyUI's in-memory names for some official ones (supported_models.HunyuanVideo.process_unet_state_dict)
+COMFY_NAMES = {  # in ComfyUI's order
+    "txt_in.t_embedder.mlp.0.": "txt_in.t_embedder.in_layer.",
+    "txt_in.t_embedder.mlp.2.": "txt_in.t_embedder.out_layer.",
+    "txt_in.c_embedder.linear_1.": "txt_in.c_embedder.in_layer.",
+    "txt_in.c_embedder.linear_2.": "txt_in.c_embedder.out_layer.",
+    "_mod.linear.": "_mod.lin.",
+    "_attn_qkv.": "_attn.qkv.",
+    "mlp.fc1.": "mlp.0.",
+    "mlp.fc2.": "mlp.2.",
+    "_attn_q_norm.weight": "_attn.norm.query_norm.scale",
+    "_attn_k_norm.weight": "_attn.norm.key_norm.scale",
+    ".q_norm.weight": ".norm.query_norm.scale",
+    ".k_norm.weight": ".norm.key_norm.scale",
+    "_attn_proj.": "_attn.proj.",
+    ".modulation.linear.": ".modulation.lin.",
+    "_in.mlp.2.": "_in.out_layer.",
+    "_in.mlp.0.": "_in.in_layer.",
+}
+
+
+def is_block_linear(key: str, tensor: torch.Tensor) -> bool:
+    return "blocks." in key and "individual" not in key and key.endswith(".weight") and tensor.ndim == 2
+
+
+def test_scaled_fp8_file_with_prefix_loads_fp8(tmp_path: Path) -> None:
+    """A ComfyUI `*_fp8_e4m3fn_scaled` file: `scaled_fp8` marker, `<layer>.scale_weight`, bf16 elsewhere."""
+    model = tiny_dit()
+    stored, file = {}, {"diffusion_model.scaled_fp8": torch.empty(0, dtype=E4M3)}
+    for key, tensor in fused_by_hand(model.state_dict()).items():
+        if is_block_linear(key, tensor):
+            scale = tensor.abs().max() / 448
+            fp8 = (tensor / scale).to(E4M3)
+            file[f"diffusion_model.{key}"] = fp8
+            file[f"diffusion_model.{key[: -len('weight')]}scale_weight"] = scale.reshape(1)
+            stored[key] = fp8.float() * scale
+        else:
+            file[f"diffusion_model.{key}"] = tensor.to(torch.bfloat16)
+            stored[key] = tensor.to(torch.bfloat16).float()
+    path = tmp_path / "hunyuanimage2.1_fp8_e4m3fn_scaled.safetensors"
+    save_file(file, str(path))
+
+    loaded = HYImageDiffusionTransformer.from_single_file(path, TINY, dtype=torch.float32)
+    fp8_layers = {name for name, m in loaded.named_modules() if isinstance(m, FP8Linear)}
+    assert {"double_blocks.0.img_attn_q", "double_blocks.0.img_attn_v", "single_blocks.1.linear1_mlp"} <= fp8_layers
+    assert loaded.double_blocks[0].img_attn_k.weight.dtype == E4M3
+    reference = HYImageDiffusionTransformer(**TINY).eval()
+    reference.load_state_dict(split_by_hand(stored, TINY["hidden_size"]))
+    inputs = tiny_inputs()
+    assert max_rel_error(run(loaded, inputs), run(reference, inputs)) <= 1e-5
+
+
+def test_plain_fp8_cast_in_comfy_names(tmp_path: Path) -> None:
+    """A plain `fp8_e4m3fn` cast (no scales) saved with ComfyUI's in-memory names and `model.diffusion_model.`."""
+    model = tiny_dit()
+    stored, file = {}, {}
+    for key, tensor in fused_by_hand(model.state_dict()).items():
+        comfy = key
+        for old, new in COMFY_NAMES.items():
+            comfy = comfy.replace(old, new)
+        cast = is_block_linear(key, tensor) or key == "img_in.proj.weight"  # a conv weight in FP8 too
+        value = tensor.to(E4M3) if cast else tensor
+        file["model.diffusion_model." + comfy] = value
+        stored[key] = value.float()
+    path = tmp_path / "hunyuanimage2.1_fp8_e4m3fn.safetensors"
+    save_file(file, str(path))
+    loaded = load_dit(path, TINY, dtype=torch.float32)
+    assert isinstance(loaded.single_blocks[0].linear2.fc, FP8Linear)
+    assert loaded.img_in.proj.weight.dtype == torch.float32
+    reference = HYImageDiffusionTransformer(**TINY).eval()
+    reference.load_state_dict(split_by_hand(stored, TINY["hidden_size"]))
+    inputs = tiny_inputs()
+    assert max_rel_error(run(loaded, inputs), run(reference, inputs)) <= 1e-5
