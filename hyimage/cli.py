@@ -78,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", "-o", type=Path, default=None,
                           help="PNG path (default hyimage-<seed>.png); several images get -0, -1, ... before .png")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                          help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; repeatable")
     add_loading_arguments(generate)
     generate.set_defaults(run=run_generate)
 
@@ -181,8 +183,13 @@ def fetch(
 
 def run_generate(args: argparse.Namespace) -> int:
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+    from hyimage.lora.mixin import parse_lora_spec
 
     variant = VARIANT_ALIASES[args.variant]
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
@@ -204,6 +211,8 @@ def run_generate(args: argparse.Namespace) -> int:
         refiner=args.refiner,
     )
     pipe.to(args.device or default_device())
+    for path, scale in loras:
+        pipe.load_lora_weights(path, scale=scale)
     result = pipe(
         prompt=args.prompt,
         negative_prompt=args.negative_prompt,
@@ -230,6 +239,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "shift": args.shift if args.shift is not None else defaults.shift,
         "refiner": args.refiner,
         "reprompt": args.reprompt,
+        "lora": args.lora,
     }
     for path, image, used_prompt, image_seed in zip(outputs, result.images, result.prompts, result.seeds):
         save_png(image, path, dict(settings, seed=image_seed, prompt_used=used_prompt))

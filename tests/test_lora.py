@@ -260,3 +260,15 @@ def test_a_scale_change_does_not_recompile() -> None:
     second = compiled(x)
     assert len(compiled_graphs) == 1
     assert torch.allclose(second, layer(x)) and not torch.allclose(first, second)
+
+
+def test_cli_lora_argument(tmp_path: Path, capsys) -> None:
+    from hyimage.cli import main
+    from hyimage.lora.mixin import parse_lora_spec
+
+    assert parse_lora_spec("style.safetensors") == (Path("style.safetensors"), 1.0)
+    assert parse_lora_spec("C:/loras/style.safetensors:0.6") == (Path("C:/loras/style.safetensors"), 0.6)
+    missing = tmp_path / "absent.safetensors"
+    args = ["generate", "a fox", "--model-root", str(tmp_path), "--lora", f"{missing}:0.5", "-o", str(tmp_path / "x.png")]
+    assert main(args) == 1
+    assert f"--lora {missing} does not exist" in capsys.readouterr().err

@@ -26,6 +26,17 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def parse_lora_spec(text: str) -> tuple[Path, float]:
+    """CLI `--lora PATH[:SCALE]`: the path and the scale (1.0 when the part after the last ':' is no number)."""
+    path, sep, scale = text.rpartition(":")
+    if sep:
+        try:
+            return Path(path), float(scale)
+        except ValueError:
+            pass
+    return Path(text), 1.0
+
+
 class LoraMixin:
     """`load_lora_weights`, `set_adapters`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights` on `self.dit`."""
 
