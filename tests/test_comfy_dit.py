@@ -86,3 +86,19 @@ def test_plain_fp8_cast_in_comfy_names(tmp_path: Path) -> None:
     reference.load_state_dict(split_by_hand(stored, TINY["hidden_size"]))
     inputs = tiny_inputs()
     assert max_rel_error(run(loaded, inputs), run(reference, inputs)) <= 1e-5
+
+
+def test_other_comfy_quant_formats_are_refused_by_name(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from hyimage.loading.safetensors_io import CheckpointError
+
+    file = {f"diffusion_model.{k}": v for k, v in fused_by_hand(tiny_dit().state_dict()).items()}
+    config = json.dumps({"format": "nvfp4"}).encode()
+    file["diffusion_model.double_blocks.0.img_attn_qkv.comfy_quant"] = torch.tensor(list(config), dtype=torch.uint8)
+    path = tmp_path / "nvfp4.safetensors"
+    save_file(file, str(path))
+    with pytest.raises(CheckpointError, match="nvfp4"):
+        load_dit(path, TINY)

@@ -129,7 +129,8 @@ class HYImageDiffusionTransformer(nn.Module):
         fp8_scale: str | Path | None = None,
         **kwargs: Any,
     ) -> "HYImageDiffusionTransformer":
-        """Load a released `dit/*.safetensors` (official or diffusers layout, bf16 or FP8 + scale file)."""
+        """Load a released `dit/*.safetensors` (official, diffusers or ComfyUI layout; bf16, FP8 + scale file or
+        ComfyUI FP8) or a GGUF file (`.gguf`, weights kept quantised)."""
         from hyimage.loading.dit_loader import load_dit
 
         return load_dit(path, config, dtype=dtype, device=device, fp8_scale=fp8_scale, **kwargs)
