@@ -1,6 +1,7 @@
 """LoRA on the DiT: the kohya sd-scripts, ComfyUI and diffusers/PEFT key layouts against weights merged by hand."""
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -92,16 +93,17 @@ def make_lora(fmt: str, seed: int = 0, rank: int = 4, alpha: float | None = 2.0)
     return state
 
 
-def merged_by_hand(model: nn.Module, fmt: str, lora: dict, scale: float) -> nn.Module:
-    """A dense copy of `model` with W + scale * alpha / rank * B @ A added, row piece by row piece."""
+def merged_by_hand(model: nn.Module, fmt: str, lora: dict, scale: float, alpha: float | None = None) -> nn.Module:
+    """A dense copy of `model` with W + scale * alpha / rank * B @ A added, row piece by row piece (alpha: the
+    file's `.alpha`, else `alpha`, else the rank)."""
     modules, down_suffix, up_suffix = FORMATS[fmt]
     merged = copy.deepcopy(model)
     params = dict(merged.named_parameters())
     with torch.no_grad():
         for name, routes, _ in modules:
             down, up = lora[name + down_suffix], lora[name + up_suffix]
-            alpha = float(lora.get(name + ".alpha", down.shape[0]))
-            delta = scale * alpha / down.shape[0] * (up @ down)
+            module_alpha = float(lora.get(name + ".alpha", alpha if alpha is not None else down.shape[0]))
+            delta = scale * module_alpha / down.shape[0] * (up @ down)
             for module, start, end, dst in routes:
                 params[module + ".weight"][dst : dst + end - start] += delta[start:end]
     return merged
@@ -129,12 +131,14 @@ def inputs() -> dict:
 def test_each_format_equals_the_weights_merged_by_hand(model, inputs, fmt, tmp_path: Path) -> None:
     lora = make_lora(fmt)
     path = tmp_path / f"{fmt}.safetensors"
-    save_file(lora, str(path))
+    # diffusers keeps PEFT's LoraConfig (r, lora_alpha) in the safetensors metadata, not in the tensors
+    peft_config = {"lora_adapter_metadata": json.dumps({"r": 4, "lora_alpha": 6.0})} if fmt == "diffusers" else None
+    save_file(lora, str(path), metadata=peft_config)
     holder = Holder(copy.deepcopy(model))
     name = holder.load_lora_weights(path, scale=0.7)
     assert name == fmt
     assert list(holder.dit.state_dict()) == list(model.state_dict())  # adapters are not saved with the model
-    expected = run(merged_by_hand(model, fmt, lora, 0.7), inputs)
+    expected = run(merged_by_hand(model, fmt, lora, 0.7, alpha=6.0 if fmt == "diffusers" else None), inputs)
     assert max_rel_error(run(holder.dit, inputs), expected) <= EXACT
     assert max_rel_error(run(model, inputs), expected) > 1e-3  # the LoRA does change the output
 

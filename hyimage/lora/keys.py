@@ -120,11 +120,17 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def parse_lora(
-    state_dict: dict[str, torch.Tensor], model: nn.Module, *, strict: bool = True, source: str = "the LoRA"
+    state_dict: dict[str, torch.Tensor],
+    model: nn.Module,
+    *,
+    strict: bool = True,
+    source: str = "the LoRA",
+    default_alpha: float | None = None,
 ) -> tuple[list[LoraUpdate], set[str], list[str]]:
     """The updates a LoRA state dict makes to `model`'s layers, the formats seen, and the keys left unused.
 
-    Raises ValueError naming the keys that match no layer when `strict` (the default).
+    A module without an `.alpha` key takes `default_alpha` (PEFT's lora_alpha from the file's metadata), else
+    its rank (scale 1). Raises ValueError naming the keys that match no layer when `strict` (the default).
     """
     aliases = lora_aliases(model)
     layers = linear_layers(model)
@@ -154,7 +160,7 @@ def parse_lora(
                 "a linear LoRA needs down (rank, in) and up (out, rank)"
             )
         rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else float(rank)
+        alpha = float(parts["alpha"]) if "alpha" in parts else default_alpha if default_alpha is not None else float(rank)
         up = up * (alpha / rank)
         fmt, routes = aliases[base]
         formats.add(fmt)

@@ -1,5 +1,7 @@
 """The LoRA methods of the pipelines (diffusers' names): load, weigh, fuse, unfuse and unload adapters on the DiT."""
 
+import json
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -8,6 +10,20 @@ from loguru import logger
 
 from hyimage.lora.keys import parse_lora
 from hyimage.lora.layers import add_adapter, adapter_names, fuse, remove_adapters, set_scales, unfuse
+
+
+def peft_alpha(path: Path) -> float | None:
+    """`lora_alpha` from the `lora_adapter_metadata` diffusers writes into a LoRA's safetensors header (the
+    PEFT LoraConfig, keys possibly prefixed `transformer.`), or None."""
+    with open(path, "rb") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(size)) if size < 100 * 2**20 else {}
+    raw = (header.get("__metadata__") or {}).get("lora_adapter_metadata")
+    if not raw:
+        return None
+    config = json.loads(raw)
+    alpha = config.get("lora_alpha", config.get("transformer.lora_alpha"))
+    return None if alpha is None else float(alpha)
 
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -58,10 +74,13 @@ class LoraMixin:
         Returns the adapter's name (default: the file's stem, or `adapter_N`). Keys that match no layer of the
         DiT raise ValueError naming them, unless `strict=False`.
         """
+        alpha = None
         if isinstance(path_or_state_dict, dict):
             state, source = path_or_state_dict, "the LoRA state dict"
         else:
             state, source = read_lora_file(path_or_state_dict), str(path_or_state_dict)
+            if Path(path_or_state_dict).suffix == ".safetensors":
+                alpha = peft_alpha(Path(path_or_state_dict))
         dit = self.dit
         existing = adapter_names(dit)
         if adapter_name is None:
@@ -72,7 +91,7 @@ class LoraMixin:
                 adapter_name, n = f"{base}_{n}", n + 1
         elif adapter_name in existing:
             raise ValueError(f"an adapter named {adapter_name!r} is loaded already; pick another adapter_name")
-        updates, formats, skipped = parse_lora(state, dit, strict=strict, source=source)
+        updates, formats, skipped = parse_lora(state, dit, strict=strict, source=source, default_alpha=alpha)
         if not updates:
             raise ValueError(f"{source} holds no LoRA matrix for the DiT's layers")
         add_adapter(dit, adapter_name, updates, scale)
