@@ -29,9 +29,17 @@ BYTES_PER_PARAM = {"Q8_0": 34 / 32, "Q4_K": 144 / 256}
 def config_for(gigabytes: float, qtype: str) -> dict:
     pairs = max(1, round(gigabytes * 1e9 / BYTES_PER_PARAM[qtype] / PAIR_PARAMS))
     return dict(
-        patch_size=[1, 1], in_channels=64, out_channels=64, hidden_size=HIDDEN, heads_num=16, mlp_width_ratio=4,
-        mm_double_blocks_depth=pairs, mm_single_blocks_depth=pairs, rope_dim_list=[64, 64],
-        text_states_dim=HIDDEN, glyph_byT5_v2=False,
+        patch_size=[1, 1],
+        in_channels=64,
+        out_channels=64,
+        hidden_size=HIDDEN,
+        heads_num=16,
+        mlp_width_ratio=4,
+        mm_double_blocks_depth=pairs,
+        mm_single_blocks_depth=pairs,
+        rope_dim_list=[64, 64],
+        text_states_dim=HIDDEN,
+        glyph_byT5_v2=False,
     )
 
 
@@ -54,7 +62,10 @@ def write_gguf(path: Path, config: dict, qtype: str) -> None:
         elif ".linear1_q." in key:
             mlp = state[key.replace("linear1_q", "linear1_mlp")]
             shapes[key.replace("linear1_q", "linear1")] = (3 * tensor.shape[0] + mlp.shape[0], *tensor.shape[1:])
-        elif not (key.startswith("double_blocks.") and ("_attn_k." in key or "_attn_v." in key)) and ".linear1_" not in key:
+        elif (
+            not (key.startswith("double_blocks.") and ("_attn_k." in key or "_attn_v." in key))
+            and ".linear1_" not in key
+        ):
             shapes[key.replace("linear2.fc.", "linear2.")] = tuple(tensor.shape)
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "hyvid")
@@ -62,7 +73,13 @@ def write_gguf(path: Path, config: dict, qtype: str) -> None:
     for key, shape in shapes.items():
         if "blocks." in key and key.endswith(".weight") and len(shape) == 2 and shape[1] % block == 0:
             quantised[key] = kind
-            writer.add_tensor_info(key, (shape[0], shape[1] // block * size), np.dtype(np.uint8), shape[0] * shape[1] // block * size, raw_dtype=kind)
+            writer.add_tensor_info(
+                key,
+                (shape[0], shape[1] // block * size),
+                np.dtype(np.uint8),
+                shape[0] * shape[1] // block * size,
+                raw_dtype=kind,
+            )
         else:
             writer.add_tensor_info(key, shape, np.dtype(np.float32), int(np.prod(shape)) * 4)
     writer.write_header_to_file()
@@ -71,7 +88,9 @@ def write_gguf(path: Path, config: dict, qtype: str) -> None:
     for key, shape in shapes.items():
         if key in quantised:
             raw = rng.integers(0, 256, size=(shape[0] * shape[1] // block, size), dtype=np.uint8)
-            raw[:, :2] = np.array([0.001], dtype=np.float16).view(np.uint8)  # a finite scale (d is first in Q8_0 and Q4_K)
+            raw[:, :2] = np.array([0.001], dtype=np.float16).view(
+                np.uint8
+            )  # a finite scale (d is first in Q8_0 and Q4_K)
             writer.write_tensor_data(raw.reshape(shape[0], -1))
         else:
             writer.write_tensor_data((torch.randn(shape) * 0.02).numpy())
@@ -134,7 +153,9 @@ def main() -> None:
                 pass
         blocks = config["mm_double_blocks_depth"]
         print(f"GGUF {args.type}: {size / 1e9:.2f} GB, {blocks} double + {blocks} single blocks of width {HIDDEN}")
-        print(f"{'method':<10} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}")
+        print(
+            f"{'method':<10} {'peak RSS GB':>11} {'peak/file':>9} {'(peak-start)/file':>17} {'held/file':>9} {'s':>5}"
+        )
         for method in ("hyimage", "mmap copy"):
             r = json.loads(run_child(method, path, args).splitlines()[-1])
             print(

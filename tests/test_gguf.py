@@ -1,33 +1,48 @@
-"""GGUF DiTs: dequantisers against the `gguf` package and the spec formulas, files written with `gguf`, a tiny pipeline."""
+"""GGUF DiTs: dequantisers against the `gguf` package and the spec formulas, files written with `gguf`, a pipeline."""
 
 import struct
 from dataclasses import replace
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES, quants
+from gguf import GGMLQuantizationType as T
 
-gguf = pytest.importorskip("gguf")
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T, quants  # noqa: E402
-
-from hyimage.loading.dit_loader import load_dit  # noqa: E402
-from hyimage.loading.safetensors_io import CheckpointError  # noqa: E402
-from hyimage.models import HYImageDiffusionTransformer  # noqa: E402
-from hyimage.quantization.gguf import GGUFLinear, dequantize  # noqa: E402
-from tests.fixtures.fused_layout import fused_by_hand, split_by_hand  # noqa: E402
-from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_  # noqa: E402
-from tests.utils import max_rel_error  # noqa: E402
+from hyimage.loading.dit_loader import load_dit
+from hyimage.loading.safetensors_io import CheckpointError
+from hyimage.models import HYImageDiffusionTransformer
+from hyimage.quantization.gguf import GGUFLinear, dequantize
+from tests.fixtures.fused_layout import fused_by_hand, split_by_hand
+from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_
+from tests.utils import max_rel_error
 
 # hidden 256: K-quant rows hold multiples of 256 values, as in the real model (3584 = 14 x 256)
-CONFIG = replace(TINY_CONFIGS["hunyuanimage-v2.1-distilled"], hidden_size=256, rope_dim_list=(64, 64),
-                 mm_double_blocks_depth=1, mm_single_blocks_depth=1)
+CONFIG = replace(
+    TINY_CONFIGS["hunyuanimage-v2.1-distilled"],
+    hidden_size=256,
+    rope_dim_list=(64, 64),
+    mm_double_blocks_depth=1,
+    mm_single_blocks_depth=1,
+)
 H = CONFIG.hidden_size
 WRITABLE = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
 K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
 # byte offsets of the float16 fields (d, dmin) in each block (ggml-common.h)
-F16_FIELDS = {T.Q8_0: [0], T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q2_K: [80, 82],
-              T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+F16_FIELDS = {
+    T.Q8_0: [0],
+    T.Q4_0: [0],
+    T.Q4_1: [0, 2],
+    T.Q5_0: [0],
+    T.Q5_1: [0, 2],
+    T.Q2_K: [80, 82],
+    T.Q3_K: [108],
+    T.Q4_K: [0, 2],
+    T.Q5_K: [0, 2],
+    T.Q6_K: [208],
+}
 
 
 def random_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
@@ -35,7 +50,9 @@ def random_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator) -
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * columns // block, size), dtype=np.uint8)
     for start in F16_FIELDS[qtype]:
-        raw[:, start : start + 2] = rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        raw[:, start : start + 2] = (
+            rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+        )
     return raw.reshape(rows, -1)
 
 
@@ -57,10 +74,12 @@ def test_k_quant_blocks_by_the_spec_formulas() -> None:
     # Q4_K: d=0.5, dmin=0.25; 6-bit (scale, min) j<4: scales[j]&63, scales[j+4]&63; j>=4 from bytes 8-11 + top bits
     scales = [1, 2, 3, 4, 5, 6, 7, 8, 0x21, 0x43, 0x65, 0x87]
     block = f16(0.5) + f16(0.25) + bytes(scales) + bytes(q[:128])
+
     def k4(j):
         if j < 4:
             return scales[j] & 63, scales[j + 4] & 63
         return (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)
+
     expected = []
     for chunk in range(4):
         for half in range(2):
@@ -89,8 +108,12 @@ def test_k_quant_blocks_by_the_spec_formulas() -> None:
     for n in range(2):
         ql, qhh = q[64 * n : 64 * n + 64], (qh + qh)[32 * n : 32 * n + 32]
         for l in range(32):
-            vals = [(ql[l] & 0xF) | ((qhh[l] & 3) << 4), (ql[l + 32] & 0xF) | (((qhh[l] >> 2) & 3) << 4),
-                    (ql[l] >> 4) | (((qhh[l] >> 4) & 3) << 4), (ql[l + 32] >> 4) | (((qhh[l] >> 6) & 3) << 4)]
+            vals = [
+                (ql[l] & 0xF) | ((qhh[l] & 3) << 4),
+                (ql[l + 32] & 0xF) | (((qhh[l] >> 2) & 3) << 4),
+                (ql[l] >> 4) | (((qhh[l] >> 4) & 3) << 4),
+                (ql[l + 32] >> 4) | (((qhh[l] >> 6) & 3) << 4),
+            ]
             for g, v in enumerate(vals):
                 expected[128 * n + 32 * g + l] = 0.125 * sc6[8 * n + l // 16 + 2 * g] * (v - 32)
     check(block, T.Q6_K, expected)
@@ -109,8 +132,10 @@ def test_k_quant_blocks_by_the_spec_formulas() -> None:
 
     # Q3_K: hmask[32], qs[64], 12 scale bytes (16 six-bit scales - 32), d; q - 4 where the hmask bit is clear
     raw_scales = [(i * 53 + 17) % 256 for i in range(12)]
-    six = [((raw_scales[i % 8] >> (4 * (i // 8))) & 0xF) | (((raw_scales[8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
-           for i in range(16)]
+    six = [
+        ((raw_scales[i % 8] >> (4 * (i // 8))) & 0xF) | (((raw_scales[8 + i % 4] >> (2 * (i // 4))) & 3) << 4)
+        for i in range(16)
+    ]
     block = bytes(qh) + bytes(q[:64]) + bytes(raw_scales) + f16(0.25)
     expected = []
     for n in range(2):
@@ -133,7 +158,9 @@ def check(block: bytes, qtype: T, expected: list[float]) -> None:
     assert np.allclose(reference, expected, atol=1e-6), qtype.name
 
 
-def write_gguf(model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = "") -> dict[str, torch.Tensor]:
+def write_gguf(
+    model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = ""
+) -> dict[str, torch.Tensor]:
     """Write the model in the fused layout; the block linears' weights take `qtypes` in turn, the rest F32 (as
     city96's convert tool keeps 1-D and small tensors). Returns the weights as stored (dequantised by gguf)."""
     rng = np.random.default_rng(0)
@@ -199,8 +226,15 @@ def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> N
 
     pipe = make_pipe(gguf_dit, vae)
     g = torch.Generator().manual_seed(0)
-    pipe.load_lora_weights({"lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(2, H, generator=g) * 0.1,
-                            "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(3 * H + model.single_blocks[0].linear1_mlp.out_features, 2, generator=g) * 0.1})
+    pipe.load_lora_weights(
+        {
+            "lora_unet_single_blocks_0_linear1.lora_down.weight": torch.randn(2, H, generator=g) * 0.1,
+            "lora_unet_single_blocks_0_linear1.lora_up.weight": torch.randn(
+                3 * H + model.single_blocks[0].linear1_mlp.out_features, 2, generator=g
+            )
+            * 0.1,
+        }
+    )
     assert max_rel_error(pipe(**call), expected) > 1e-4
     with pytest.raises(ValueError, match="GGUF"):
         pipe.fuse_lora()

@@ -33,7 +33,11 @@ LINEAR1 = [*q_k_v("single_blocks.0.linear1_"), ("single_blocks.0.linear1_mlp", 3
 FORMATS = {
     "kohya": (
         [
-            ("lora_unet_double_blocks_0_img_attn_qkv", [(m, s, e, 0) for m, s, e in q_k_v("double_blocks.0.img_attn_")], H),
+            (
+                "lora_unet_double_blocks_0_img_attn_qkv",
+                [(m, s, e, 0) for m, s, e in q_k_v("double_blocks.0.img_attn_")],
+                H,
+            ),
             ("lora_unet_double_blocks_1_txt_mlp_fc1", [("double_blocks.1.txt_mlp.fc1", 0, MLP, 0)], H),
             ("lora_unet_double_blocks_0_img_mod_linear", [("double_blocks.0.img_mod.linear", 0, 6 * H, 0)], H),
             ("lora_unet_single_blocks_0_linear1", [(m, s, e, 0) for m, s, e in LINEAR1], H),
@@ -45,7 +49,11 @@ FORMATS = {
     ),
     "comfyui": (
         [
-            ("diffusion_model.double_blocks.1.txt_attn.qkv", [(m, s, e, 0) for m, s, e in q_k_v("double_blocks.1.txt_attn_")], H),
+            (
+                "diffusion_model.double_blocks.1.txt_attn.qkv",
+                [(m, s, e, 0) for m, s, e in q_k_v("double_blocks.1.txt_attn_")],
+                H,
+            ),
             ("diffusion_model.double_blocks.0.img_mlp.2", [("double_blocks.0.img_mlp.fc2", 0, H, 0)], MLP),
             ("diffusion_model.double_blocks.1.img_attn.proj", [("double_blocks.1.img_attn_proj", 0, H, 0)], H),
             ("diffusion_model.single_blocks.0.linear1", [(m, s, e, 0) for m, s, e in LINEAR1], H),
@@ -157,7 +165,9 @@ def test_two_adapters_scales_and_unload(model, inputs) -> None:
     assert max_rel_error(run(holder.dit, inputs), run(both, inputs)) <= EXACT
 
     holder.set_adapters("subject")  # only this one, scale 1
-    assert max_rel_error(run(holder.dit, inputs), run(merged_by_hand(model, "diffusers", diffusers, 1.0), inputs)) <= EXACT
+    assert (
+        max_rel_error(run(holder.dit, inputs), run(merged_by_hand(model, "diffusers", diffusers, 1.0), inputs)) <= EXACT
+    )
     assert holder.get_list_adapters() == ["style", "subject"]
 
     holder.unload_lora_weights()
@@ -182,7 +192,9 @@ def test_fuse_then_unfuse_gives_back_the_weights_bit_for_bit(model, inputs, dtyp
         holder.set_adapters("adapter", 0.3)
     holder.unfuse_lora()
     assert all(torch.equal(v, original[k]) for k, v in holder.dit.state_dict().items())
-    assert torch.equal(run(holder.dit, {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}), side_branch)
+    assert torch.equal(
+        run(holder.dit, {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}), side_branch
+    )
 
 
 def test_fp8_base_side_branch_and_requantised_fuse(model, inputs) -> None:
@@ -273,6 +285,15 @@ def test_cli_lora_argument(tmp_path: Path, capsys) -> None:
     assert parse_lora_spec("style.safetensors") == (Path("style.safetensors"), 1.0)
     assert parse_lora_spec("C:/loras/style.safetensors:0.6") == (Path("C:/loras/style.safetensors"), 0.6)
     missing = tmp_path / "absent.safetensors"
-    args = ["generate", "a fox", "--model-root", str(tmp_path), "--lora", f"{missing}:0.5", "-o", str(tmp_path / "x.png")]
+    args = [
+        "generate",
+        "a fox",
+        "--model-root",
+        str(tmp_path),
+        "--lora",
+        f"{missing}:0.5",
+        "-o",
+        str(tmp_path / "x.png"),
+    ]
     assert main(args) == 1
     assert f"--lora {missing} does not exist" in capsys.readouterr().err

@@ -22,7 +22,11 @@ byte rows (ggml blocks run along a row) and LoRA up-matrices.
 """
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from hyimage.loading.safetensors_io import GetTensor, Translate
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.")
 
@@ -150,7 +154,7 @@ def model_keys(key: str, prefix: str, comfy: bool) -> str:
     return comfy_to_official(key) if comfy else key
 
 
-def foreign_translate(prefix: str, comfy: bool, hidden_size: int):
+def foreign_translate(prefix: str, comfy: bool, hidden_size: int) -> Translate:
     """A `safetensors_io.Translate` from a prefixed / ComfyUI / fused-layout file to the model's keys.
 
     Fused tensors are split by rows; a per-tensor FP8 scale (`scale_weight` or `weight_scale`) is given to
@@ -158,7 +162,7 @@ def foreign_translate(prefix: str, comfy: bool, hidden_size: int):
     dropped.
     """
 
-    def translate(keys, get_tensor):
+    def translate(keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
         for file_key in keys:
             key = model_keys(file_key, prefix, comfy)
             if not key:

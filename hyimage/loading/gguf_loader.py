@@ -25,7 +25,7 @@ from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_ke
 from hyimage.loading.safetensors_io import CheckpointError, PathLike, assert_materialized
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.models.dit.model import HYImageDiffusionTransformer
-from hyimage.quantization.gguf import PLAIN_TYPES, GGML_TYPES, GGUFLinear, dequantize, row_bytes, type_name
+from hyimage.quantization.gguf import GGML_TYPES, PLAIN_TYPES, GGUFLinear, dequantize, row_bytes, type_name
 
 SHOWN = 5
 
@@ -122,7 +122,11 @@ def _to_gguf_linear(model: nn.Module, name: str, type_id: int) -> None:
     parent, _, child = name.rpartition(".")
     has_bias = linear.bias is not None
     layer = GGUFLinear(
-        linear.in_features, linear.out_features, type_id, bias=has_bias, device=torch.device("meta"),
+        linear.in_features,
+        linear.out_features,
+        type_id,
+        bias=has_bias,
+        device=torch.device("meta"),
         bias_dtype=linear.bias.dtype if has_bias else None,
     )
     setattr(model.get_submodule(parent), child, layer)
@@ -156,7 +160,9 @@ def _check(model: nn.Module, path: Path, tensors: list[GGUFTensor], plan: dict, 
             (shapes, "keys with the wrong shape"),
         ):
             if items:
-                lines.append(f"  {len(items)} {what}: " + ", ".join(items[:SHOWN]) + (", ..." if len(items) > SHOWN else ""))
+                lines.append(
+                    f"  {len(items)} {what}: " + ", ".join(items[:SHOWN]) + (", ..." if len(items) > SHOWN else "")
+                )
         lines.append("Check that the GGUF file is a quantisation of this model and configuration.")
         raise CheckpointError("\n".join(lines))
 
@@ -210,6 +216,10 @@ def load_gguf_dit(
     assert_materialized(model, [path])
     logger.info(
         "loaded GGUF DiT {} ({}; {} linear layers kept quantised) as {} on {}",
-        path, ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())), len(quantized), dtype, device,
+        path,
+        ", ".join(f"{n} x{c}" for n, c in sorted(counts.items())),
+        len(quantized),
+        dtype,
+        device,
     )
     return model.eval()

@@ -71,8 +71,10 @@ def _source_modules(model: nn.Module) -> dict[str, list[Route]]:
             fused = f"double_blocks.{i}.{stream}_attn_qkv"
             sources[fused] = [(p, s, e, 0) for p, s, e in split_pieces(fused, 3 * hidden, hidden)]
     for i, block in enumerate(model.single_blocks):
-        for fused, out in ((f"single_blocks.{i}.linear1", 3 * hidden + block.linear1_mlp.out_features),
-                           (f"single_blocks.{i}.linear2", hidden)):
+        for fused, out in (
+            (f"single_blocks.{i}.linear1", 3 * hidden + block.linear1_mlp.out_features),
+            (f"single_blocks.{i}.linear2", hidden),
+        ):
             sources[fused] = [(p, s, e, 0) for p, s, e in split_pieces(fused, out, hidden)]
     return sources
 
@@ -83,7 +85,9 @@ def _diffusers_modules(model: nn.Module) -> dict[str, list[Route]]:
     out: dict[str, list[Route]] = {}
     for name, layer in linear_layers(model).items():
         if _REFINER_QKV.match(name):
-            head = name.replace("txt_in.individual_token_refiner.blocks.", "context_embedder.token_refiner.refiner_blocks.")
+            head = name.replace(
+                "txt_in.individual_token_refiner.blocks.", "context_embedder.token_refiner.refiner_blocks."
+            )
             head = head[: -len("self_attn_qkv")] + "attn.to_"
             for i, part in enumerate("qkv"):
                 out[head + part] = [(name, 0, hidden, i * hidden)]
@@ -103,7 +107,9 @@ def lora_aliases(model: nn.Module) -> dict[str, tuple[str, list[Route]]]:
         comfy = official_to_comfy(name + ".")[:-1]
         aliases[name] = ("official", routes)
         for module in (name, comfy):
-            aliases.setdefault("lora_unet_" + module.replace(".", "_"), ("kohya" if module == name else "comfyui", routes))
+            aliases.setdefault(
+                "lora_unet_" + module.replace(".", "_"), ("kohya" if module == name else "comfyui", routes)
+            )
             aliases.setdefault("diffusion_model." + module, ("comfyui", routes))
     for name, routes in _diffusers_modules(model).items():
         for prefix in ("transformer.", "base_model.model.", ""):
@@ -160,7 +166,9 @@ def parse_lora(
                 "a linear LoRA needs down (rank, in) and up (out, rank)"
             )
         rank = down.shape[0]
-        alpha = float(parts["alpha"]) if "alpha" in parts else default_alpha if default_alpha is not None else float(rank)
+        alpha = (
+            float(parts["alpha"]) if "alpha" in parts else default_alpha if default_alpha is not None else float(rank)
+        )
         up = up * (alpha / rank)
         fmt, routes = aliases[base]
         formats.add(fmt)
@@ -185,6 +193,7 @@ def parse_lora(
             downs.append(down)
             ups.append(module_up)
     updates = [
-        LoraUpdate(module, torch.cat(downs, dim=0), torch.cat(ups, dim=1)) for module, (downs, ups) in per_module.items()
+        LoraUpdate(module, torch.cat(downs, dim=0), torch.cat(ups, dim=1))
+        for module, (downs, ups) in per_module.items()
     ]
     return updates, formats, unmatched

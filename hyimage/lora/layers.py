@@ -90,7 +90,8 @@ def add_adapter(model: nn.Module, name: str, updates: list[LoraUpdate], scale: f
     layers = linear_layers(model)
     if not hasattr(model, "lora_order"):
         model.lora_order = []
-    model.lora_order.append(name)
+    if name not in model.lora_order:
+        model.lora_order.append(name)
     for update in updates:
         layer = layers[update.module]
         if not hasattr(layer, BANK):
@@ -113,7 +114,9 @@ def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
             if name not in bank.names:
                 continue
             if name not in bank.branch:
-                raise ValueError(f"adapter {name!r} is fused into the weights; call unfuse_lora() before changing its scale")
+                raise ValueError(
+                    f"adapter {name!r} is fused into the weights; call unfuse_lora() before changing its scale"
+                )
             bank._buffers[f"{name}_scale"].fill_(float(value))
 
 

@@ -9,7 +9,7 @@ import torch
 from loguru import logger
 
 from hyimage.lora.keys import parse_lora
-from hyimage.lora.layers import add_adapter, adapter_names, fuse, remove_adapters, set_scales, unfuse
+from hyimage.lora.layers import adapter_names, add_adapter, fuse, remove_adapters, set_scales, unfuse
 
 
 def peft_alpha(path: Path) -> float | None:
@@ -98,7 +98,10 @@ class LoraMixin:
         self._lora_changed()
         logger.info(
             "LoRA {!r} ({} format) on {} layers, scale {}{}",
-            adapter_name, "/".join(sorted(formats)), len(updates), scale,
+            adapter_name,
+            "/".join(sorted(formats)),
+            len(updates),
+            scale,
             f"; {len(skipped)} keys skipped" if skipped else "",
         )
         return adapter_name
