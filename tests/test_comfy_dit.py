@@ -8,7 +8,8 @@ from safetensors.torch import save_file
 from hyimage.loading.dit_loader import load_dit
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
-from tests.fixtures.fused_layout import fused_by_hand, split_by_hand
+from tests.fixtures.dit_layouts import fused_layout
+from tests.fixtures.fused_layout import split_by_hand
 from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
 from tests.utils import max_rel_error
 
@@ -42,7 +43,7 @@ def test_scaled_fp8_file_with_prefix_loads_fp8(tmp_path: Path) -> None:
     """A ComfyUI `*_fp8_e4m3fn_scaled` file: `scaled_fp8` marker, `<layer>.scale_weight`, bf16 elsewhere."""
     model = tiny_dit()
     stored, file = {}, {"diffusion_model.scaled_fp8": torch.empty(0, dtype=E4M3)}
-    for key, tensor in fused_by_hand(model.state_dict()).items():
+    for key, tensor in fused_layout(model.state_dict()).items():
         if is_block_linear(key, tensor):
             scale = tensor.abs().max() / 448
             fp8 = (tensor / scale).to(E4M3)
@@ -69,7 +70,7 @@ def test_plain_fp8_cast_in_comfy_names(tmp_path: Path) -> None:
     """A plain `fp8_e4m3fn` cast (no scales) saved with ComfyUI's in-memory names and `model.diffusion_model.`."""
     model = tiny_dit()
     stored, file = {}, {}
-    for key, tensor in fused_by_hand(model.state_dict()).items():
+    for key, tensor in fused_layout(model.state_dict()).items():
         comfy = key
         for old, new in COMFY_NAMES.items():
             comfy = comfy.replace(old, new)
@@ -95,7 +96,7 @@ def test_other_comfy_quant_formats_are_refused_by_name(tmp_path: Path) -> None:
 
     from hyimage.loading.safetensors_io import CheckpointError
 
-    file = {f"diffusion_model.{k}": v for k, v in fused_by_hand(tiny_dit().state_dict()).items()}
+    file = {f"diffusion_model.{k}": v for k, v in fused_layout(tiny_dit().state_dict()).items()}
     config = json.dumps({"format": "nvfp4"}).encode()
     file["diffusion_model.double_blocks.0.img_attn_qkv.comfy_quant"] = torch.tensor(list(config), dtype=torch.uint8)
     path = tmp_path / "nvfp4.safetensors"

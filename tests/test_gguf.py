@@ -15,7 +15,8 @@ from hyimage.loading.dit_loader import load_dit
 from hyimage.loading.safetensors_io import CheckpointError
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.gguf import GGUFLinear, dequantize
-from tests.fixtures.fused_layout import fused_by_hand, split_by_hand
+from tests.fixtures.dit_layouts import fused_layout
+from tests.fixtures.fused_layout import split_by_hand
 from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_
 from tests.utils import max_rel_error
 
@@ -167,7 +168,7 @@ def write_gguf(
     writer = gguf.GGUFWriter(str(path), "hyvid")
     stored = {}
     turn = 0
-    for key, tensor in fused_by_hand(model.state_dict()).items():
+    for key, tensor in fused_layout(model.state_dict()).items():
         data = tensor.float().numpy()
         kind = T.F32
         if "blocks" in key and key.endswith(".weight") and data.ndim == 2 and "individual" not in key:

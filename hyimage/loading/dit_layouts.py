@@ -21,12 +21,12 @@ Functions here work on module names and row ranges, so the same map serves safet
 byte rows (ggml blocks run along a row) and LoRA up-matrices.
 """
 
-import re
 from collections.abc import Iterable, Iterator
 
 import torch
 
-from hyimage.loading.safetensors_io import GetTensor, Translate
+from hyimage.loading.dit_fused_keys import fused_to_split, split_parts
+from hyimage.loading.safetensors_io import GetTensor, Rows, Translate
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.")
 
@@ -72,12 +72,8 @@ _OFFICIAL_TO_COMFY = (
     ("_in.mlp.0.", "_in.in_layer."),
 )
 _COMFY_MARKERS = ("_attn.qkv.", ".modulation.lin.", "_mod.lin.")
-_DOUBLE_QKV = re.compile(r"^(double_blocks\.\d+\.(?:img|txt)_attn_)qkv$")
-_SINGLE_LINEAR1 = re.compile(r"^(single_blocks\.\d+\.)linear1$")
-_SINGLE_LINEAR2 = re.compile(r"^(single_blocks\.\d+\.)linear2$")
-
 Piece = tuple[str, int, int]
-"""(model module name, first row, end row) of a fused module's output rows."""
+"""(model module name, first row, end row) of a module's output rows."""
 
 
 def find_prefix(keys: Iterable[str]) -> str:
@@ -108,37 +104,19 @@ def official_to_comfy(key: str) -> str:
     return key
 
 
-def is_fused_module(name: str) -> bool:
-    return bool(_DOUBLE_QKV.match(name) or _SINGLE_LINEAR1.match(name) or _SINGLE_LINEAR2.match(name))
+def row_pieces(module: str, out_features: int, hidden_size: int) -> list[Piece]:
+    """The model modules that the output rows of `module` (fused or not; `out_features` rows) feed, with their
+    row ranges (`dit_fused_keys.split_parts` with the ends filled in)."""
+    parts = split_parts(module, hidden_size)
+    if not parts:
+        return [(module, 0, out_features)]
+    return [
+        (part, 0, out_features) if rows is None else (part, rows[0], rows[1] or out_features) for part, rows in parts
+    ]
 
 
-def is_fused_layout(keys: Iterable[str]) -> bool:
-    """True when the keys use the fused HunyuanVideo layout of the released files."""
-    return any(is_fused_module(key.rpartition(".")[0]) for key in keys)
-
-
-def split_pieces(module: str, out_features: int, hidden_size: int) -> list[Piece]:
-    """The model modules (and their row ranges) that the rows of fused `module` feed; itself when not fused."""
-    h = hidden_size
-    qkv = _DOUBLE_QKV.match(module)
-    if qkv:
-        return [(f"{qkv.group(1)}{name}", i * h, (i + 1) * h) for i, name in enumerate("qkv")]
-    linear1 = _SINGLE_LINEAR1.match(module)
-    if linear1:
-        head = linear1.group(1)
-        return [
-            (f"{head}linear1_q", 0, h),
-            (f"{head}linear1_k", h, 2 * h),
-            (f"{head}linear1_v", 2 * h, 3 * h),
-            (f"{head}linear1_mlp", 3 * h, out_features),
-        ]
-    linear2 = _SINGLE_LINEAR2.match(module)
-    if linear2:
-        return [(f"{linear2.group(1)}linear2.fc", 0, out_features)]
-    return [(module, 0, out_features)]
-
-
-SCALE_KEYS = (".scale_weight", ".weight_scale")
+SCALE_SUFFIX = ".weight_scale"
+SCALE_KEYS = (".scale_weight", SCALE_SUFFIX)
 IGNORED_SUFFIXES = (".scale_input", ".input_scale")
 MARKER_KEYS = ("scaled_fp8",)
 
@@ -154,31 +132,27 @@ def model_keys(key: str, prefix: str, comfy: bool) -> str:
     return comfy_to_official(key) if comfy else key
 
 
-def foreign_translate(prefix: str, comfy: bool, hidden_size: int) -> Translate:
-    """A `safetensors_io.Translate` from a prefixed / ComfyUI / fused-layout file to the model's keys.
-
-    Fused tensors are split by rows; a per-tensor FP8 scale (`scale_weight` or `weight_scale`) is given to
-    every piece as `<piece>.weight_scale` (0-dim). Keys outside the prefix and FP8 activation scales are
-    dropped.
-    """
+def comfy_translate(prefix: str, comfy: bool, fused: bool, hidden_size: int) -> Translate:
+    """A `safetensors_io.Translate` from a ComfyUI file (prefixed, ComfyUI-internal names, `scale_weight`) to the
+    model's keys; a fused-layout file is then split by `dit_fused_keys.fused_to_split`. Markers (`scaled_fp8`),
+    FP8 activation scales and `comfy_quant` descriptions are dropped; `scale_weight` becomes `weight_scale`."""
 
     def translate(keys: Iterable[str], get_tensor: GetTensor) -> Iterator[tuple[str, torch.Tensor]]:
-        for file_key in keys:
-            key = model_keys(file_key, prefix, comfy)
-            if not key:
-                continue
-            if key.endswith(SCALE_KEYS):
-                module = key.rpartition(".")[0]
-                scale = get_tensor(file_key).reshape(())
-                for piece, _, _ in split_pieces(module, 0, hidden_size):
-                    yield f"{piece}.weight_scale", scale
-                continue
-            module, _, param = key.rpartition(".")
-            if not is_fused_module(module):
-                yield key, get_tensor(file_key)
-                continue
-            tensor = get_tensor(file_key)
-            for piece, start, end in split_pieces(module, tensor.shape[0], hidden_size):
-                yield f"{piece}.{param}", tensor[start:end]
+        file_key: dict[str, str] = {}
+        for key in keys:
+            name = model_keys(key, prefix, comfy)
+            if name:
+                file_key[name.replace(".scale_weight", ".weight_scale") if name.endswith(".scale_weight") else name] = (
+                    key
+                )
+
+        def get(name: str, rows: Rows | None = None) -> torch.Tensor:
+            tensor = get_tensor(file_key[name], rows) if rows is not None else get_tensor(file_key[name])
+            return tensor.reshape(()) if name.endswith(SCALE_SUFFIX) else tensor
+
+        if fused:
+            yield from fused_to_split(file_key, get, hidden_size=hidden_size)
+        else:
+            yield from ((name, get(name)) for name in file_key)
 
     return translate

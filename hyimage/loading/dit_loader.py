@@ -6,8 +6,11 @@ The model and the official state dict use the split layout (`img_attn_q/k/v`, `l
 Each file's layout is detected from its keys, as is diffusers' `HunyuanImageTransformer2DModel` layout. FP8 pairs
 (`*_fp8.safetensors` + `*_fp8_scale.safetensors`) load with the scales stored in the weights file or in the scale
 file, keyed by split or fused module names (a fused module's one per-tensor scale serves each of its parts).
+ComfyUI's single files (a `diffusion_model.` prefix, ComfyUI's names, FP8 with `scale_weight` or a plain cast; see
+`dit_layouts`) are told from their keys, and a GGUF file from its magic (`gguf_loader`).
 """
 
+import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -18,10 +21,12 @@ from loguru import logger
 
 from hyimage.loading.dit_diffusers_keys import diffusers_to_official, is_diffusers_layout
 from hyimage.loading.dit_fused_keys import FUSED, dit_layout, fused_to_split, split_keys, split_module_names
+from hyimage.loading.dit_layouts import comfy_translate, find_prefix, is_comfy_internal, model_keys
 from hyimage.loading.safetensors_io import (
     CheckpointError,
     GetTensor,
     PathLike,
+    SafetensorsReader,
     TensorInfo,
     TensorSource,
     Translate,
@@ -45,14 +50,26 @@ def load_dit(
 ) -> HYImageDiffusionTransformer:
     """Build the DiT `config` on meta and stream the weights of `path` into it.
 
-    `path` may use the released fused layout, the split layout of the model, or diffusers' layout. FP8: an
-    official `*_fp8.safetensors` with its `*_fp8_scale.safetensors` as `fp8_scale`, or `quantize_fp8=True` to
-    quantize a bf16 file per tensor while loading. `dtype` (default: the file's floating dtype) applies to all
+    `path` may use the released fused layout, the split layout of the model, diffusers' or ComfyUI's layout, or
+    be a GGUF file. FP8: an official `*_fp8.safetensors` with its `*_fp8_scale.safetensors` as `fp8_scale`, a
+    ComfyUI `*_fp8_e4m3fn[_scaled].safetensors`, or `quantize_fp8=True` to quantize a bf16 file per tensor while
+    loading. `dtype` (default: the file's floating dtype) applies to all
     non-FP8 tensors; FP8 weights stay float8_e4m3fn and their scales float32.
     """
     path = Path(path)
+    if is_gguf(path):
+        from hyimage.loading.gguf_loader import load_gguf_dit
+
+        return load_gguf_dit(path, config, dtype=dtype, device=device)
     infos = read_tensor_infos(path)
-    layout = "diffusers" if is_diffusers_layout(list(infos)) else dit_layout(path, _modules(infos))
+    prefix, comfy = find_prefix(infos), is_comfy_internal(infos)
+    comfy_file = bool(prefix or comfy or any(key.endswith((".scale_weight", ".comfy_quant")) for key in infos))
+    if comfy_file:
+        _check_comfy_quant(path, infos)
+        names = [model_keys(key, prefix, comfy) for key in infos]
+        layout = "ComfyUI " + dit_layout(path, _modules(name for name in names if name))
+    else:
+        layout = "diffusers" if is_diffusers_layout(list(infos)) else dit_layout(path, _modules(infos))
     stored_fp8 = any(is_float8(info.dtype) for info in infos.values())
     if fp8_scale is not None and not Path(fp8_scale).is_file():
         raise FileNotFoundError(
@@ -67,10 +84,24 @@ def load_dit(
         dtype = _stored_float_dtype(path, infos)
 
     model = HYImageDiffusionTransformer.from_config(config, device="meta")
-    sources = [TensorSource(path, _translation(layout, model.config.hidden_size))]
+    hidden = model.config.hidden_size
+    if comfy_file:
+        translate = comfy_translate(prefix, comfy, layout.endswith(FUSED), hidden)
+    else:
+        translate = _translation(layout, hidden)
+    sources = [TensorSource(path, translate)]
     keep_dtype: set[str] = set()
     transform = None
-    if stored_fp8 or quantize_fp8:
+    if comfy_file and stored_fp8:
+        if fp8_scale is not None:
+            raise CheckpointError(
+                f"{path} is a ComfyUI FP8 file, which carries its own scales: drop fp8_scale={fp8_scale}"
+            )
+        names = _fp8_modules_in_file(model, path, translate)
+        convert_to_fp8_linear(model, names)
+        keep_dtype = {name + SCALE_SUFFIX for name in names}
+        transform = partial(_fp8_fixups, module_names=names, dtype=dtype)
+    elif stored_fp8 or quantize_fp8:
         names = fp8_linear_modules(model)
         convert_to_fp8_linear(model, names)
         keep_dtype = {name + SCALE_SUFFIX for name in names}
@@ -90,13 +121,71 @@ def load_dit(
     try:
         load_safetensors_into(model, sources, dtype=dtype, device=device, keep_dtype=keep_dtype, transform=transform)
     except CheckpointError as error:
-        if layout != FUSED:
+        if not layout.endswith(FUSED):
             raise
         raise CheckpointError(
             f"{error}\n(The file is in the released fused layout; the keys above are the model's split names: "
             "img_attn_q/k/v come from img_attn_qkv, linear1_q/k/v/mlp from linear1, linear2.fc from linear2.)"
         ) from None
     return model.eval()
+
+
+def is_gguf(path: Path) -> bool:
+    """True when the file starts with the GGUF magic."""
+    with open(path, "rb") as file:
+        return file.read(4) == b"GGUF"
+
+
+def _check_comfy_quant(path: Path, infos: dict[str, TensorInfo]) -> None:
+    """Newer ComfyUI files describe each quantised layer in `<layer>.comfy_quant` (JSON bytes): only per-tensor
+    float8_e4m3fn is read here."""
+    keys = [key for key in infos if key.endswith(".comfy_quant")]
+    if not keys:
+        return
+    with SafetensorsReader(path) as reader:
+        formats = {json.loads(reader.get(key).numpy().tobytes()).get("format") for key in keys}
+    unsupported = formats - {"float8_e4m3fn"}
+    if unsupported:
+        raise CheckpointError(
+            f"{path} is quantised as {', '.join(sorted(map(str, unsupported)))} (ComfyUI comfy_quant), which hyimage "
+            "does not read; use the bf16, FP8 (float8_e4m3fn) or GGUF file of this model"
+        )
+
+
+def _fp8_modules_in_file(model: HYImageDiffusionTransformer, path: Path, translate: Translate) -> list[str]:
+    """The model's linear layers whose weight the ComfyUI file stores as float8 (read from the header only)."""
+    reader = SafetensorsReader(path)
+    names = []
+    for key, tensor in translate(reader.keys(), reader.get_meta):
+        module, _, param = key.rpartition(".")
+        if param == "weight" and is_float8(tensor.dtype):
+            try:
+                layer = model.get_submodule(module)
+            except AttributeError:
+                continue
+            if isinstance(layer, torch.nn.Linear):
+                names.append(module)
+    return names
+
+
+def _fp8_fixups(
+    stream: Iterator[tuple[str, torch.Tensor]], module_names: Iterable[str], dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """ComfyUI FP8 files: float8 tensors outside linear layers become `dtype`; a float8 linear layer whose file
+    has no scale (a plain `fp8_e4m3fn` cast) gets `weight_scale` 1."""
+    fp8 = set(module_names)
+    unscaled = set(fp8)
+    device = None
+    for key, tensor in stream:
+        device = tensor.device
+        module = key.rpartition(".")[0]
+        if key.endswith(SCALE_SUFFIX):
+            unscaled.discard(module)
+        elif is_float8(tensor.dtype) and module not in fp8:
+            tensor = tensor.to(dtype)
+        yield key, tensor
+    for module in sorted(unscaled):
+        yield module + SCALE_SUFFIX, torch.ones((), dtype=torch.float32, device=device)
 
 
 def _modules(keys: Iterable[str]) -> list[str]:

@@ -21,7 +21,8 @@ import torch
 from loguru import logger
 from torch import nn
 
-from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_keys, split_pieces
+from hyimage.loading.dit_fused_keys import dit_layout
+from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_keys, row_pieces
 from hyimage.loading.safetensors_io import CheckpointError, PathLike, assert_materialized
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.models.dit.model import HYImageDiffusionTransformer
@@ -88,11 +89,13 @@ def _set(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 def _plan(
-    model: HYImageDiffusionTransformer, tensors: list[GGUFTensor]
+    model: HYImageDiffusionTransformer, path: Path, tensors: list[GGUFTensor]
 ) -> tuple[dict[str, list[tuple[str, int, int]]], set[str]]:
     """file tensor -> [(model key, first row, end row)], and the linear layers that stay quantised."""
     names = [t.name for t in tensors]
     prefix, comfy = find_prefix(names), is_comfy_internal(names)
+    keys = [model_keys(name, prefix, comfy) for name in names]
+    dit_layout(path, [key.rpartition(".")[0] for key in keys if key])  # refuses a mix of fused and split blocks
     hidden = model.config.hidden_size
     plan: dict[str, list[tuple[str, int, int]]] = {}
     quantized: set[str] = set()
@@ -101,7 +104,7 @@ def _plan(
         if not key:
             continue
         module, _, param = key.rpartition(".")
-        pieces = split_pieces(module, tensor.shape[0] if tensor.shape else 1, hidden)
+        pieces = row_pieces(module, tensor.shape[0] if tensor.shape else 1, hidden)
         plan[tensor.name] = [(f"{piece}.{param}", start, end) for piece, start, end in pieces]
         if tensor.quantized and param == "weight" and len(tensor.shape) == 2:
             for piece, _, _ in pieces:
@@ -183,7 +186,7 @@ def load_gguf_dit(
     if unknown:
         raise CheckpointError(f"{path} holds tensors of GGUF type {', '.join(unknown)}, which hyimage does not read")
     model = HYImageDiffusionTransformer.from_config(config, device="meta")
-    plan, quantized = _plan(model, tensors)
+    plan, quantized = _plan(model, path, tensors)
     by_module = {}
     for tensor in tensors:
         for key, _, _ in plan.get(tensor.name, []):

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from hyimage.loading.dit_diffusers_keys import diffusers_module_name
-from hyimage.loading.dit_layouts import official_to_comfy, split_pieces
+from hyimage.loading.dit_layouts import official_to_comfy, row_pieces
 
 DOWN_SUFFIXES = (".lora_down.weight", ".lora_A.weight", ".lora_A.default.weight")
 UP_SUFFIXES = (".lora_up.weight", ".lora_B.weight", ".lora_B.default.weight")
@@ -69,13 +69,13 @@ def _source_modules(model: nn.Module) -> dict[str, list[Route]]:
     for i in range(len(model.double_blocks)):
         for stream in ("img", "txt"):
             fused = f"double_blocks.{i}.{stream}_attn_qkv"
-            sources[fused] = [(p, s, e, 0) for p, s, e in split_pieces(fused, 3 * hidden, hidden)]
+            sources[fused] = [(p, s, e, 0) for p, s, e in row_pieces(fused, 3 * hidden, hidden)]
     for i, block in enumerate(model.single_blocks):
         for fused, out in (
             (f"single_blocks.{i}.linear1", 3 * hidden + block.linear1_mlp.out_features),
             (f"single_blocks.{i}.linear2", hidden),
         ):
-            sources[fused] = [(p, s, e, 0) for p, s, e in split_pieces(fused, out, hidden)]
+            sources[fused] = [(p, s, e, 0) for p, s, e in row_pieces(fused, out, hidden)]
     return sources
 
 
