@@ -249,3 +249,17 @@ def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
     other = dict(CONFIG.to_dict(), mm_single_blocks_depth=2)
     with pytest.raises(CheckpointError, match="missing keys.*single_blocks.1"):
         load_dit(path, other)
+
+
+def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
+    from hyimage.loading.layout import CheckpointLayout
+    from hyimage.loading.pipeline_loader import _dit_factory
+    from hyimage.offload import MemoryManager
+
+    path = tmp_path / "hunyuanimage2.1-distilled-Q4_K.gguf"
+    write_gguf(model, path, [T.Q4_K])
+    args = (CheckpointLayout(tmp_path), "hunyuanimage-v2.1-distilled", CONFIG.to_dict(), False, torch.float32)
+    dit = _dit_factory(*args, MemoryManager(), None, None, dit_file=path)()
+    assert isinstance(dit.single_blocks[0].linear1_q, GGUFLinear)
+    with pytest.raises(FileNotFoundError, match="dit_file"):
+        _dit_factory(*args, MemoryManager(), None, None, dit_file=tmp_path / "absent.gguf")

@@ -68,6 +68,7 @@ def load_pipeline(
     refiner_dit_config: Any = None,
     use_distilled: bool = False,
     progress_bar: bool = True,
+    dit_file: str | os.PathLike | None = None,
 ) -> Any:
     """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
 
@@ -81,6 +82,7 @@ def load_pipeline(
     `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
     `model_name` may also be a Hub repository id in the official layout (e.g. "tencent/HunyuanImage-2.1"):
     what the configuration needs is fetched into the model root first (see `hub_model_root`).
+    `dit_file`: another DiT file for `model_name` (a GGUF, a ComfyUI single file, ...) instead of the layout's.
     """
     if is_hub_repo_id(model_name):
         variant = VARIANTS[1] if use_distilled else VARIANTS[0]
@@ -97,7 +99,7 @@ def load_pipeline(
     check_present(needs, layout.root, progress=progress_bar)
 
     config = _dit_config(layout, model_name, dit_config)
-    dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root)
+    dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file)
     vae_dir = _require(layout.vae / "config.json", "VAE", needs, command_root).parent
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     uses_glyph = bool(_config_value(config, "glyph_byT5_v2", True))
@@ -267,11 +269,16 @@ def _dit_factory(
     memory: MemoryManager,
     needs: DownloadConfig,
     command_root: Path | None,
+    dit_file: str | os.PathLike | None = None,
 ) -> Callable[[], torch.nn.Module]:
     """Pick the DiT file now (so a missing one fails early); read it on first use."""
     bf16, fp8, scale = layout.dit(variant), layout.dit_fp8(variant), layout.dit_fp8_scale(variant)
     what = f"{variant} DiT"
-    if use_fp8 and fp8.is_file():
+    if dit_file is not None:
+        if not Path(dit_file).is_file():
+            raise FileNotFoundError(f"dit_file {dit_file} does not exist; pass the path of a .safetensors or .gguf DiT")
+        kwargs = dict(path=Path(dit_file))
+    elif use_fp8 and fp8.is_file():
         _require(scale, f"{what} (FP8 scales)", needs, command_root)
         kwargs = dict(path=fp8, fp8_scale=scale)
     elif use_fp8 and bf16.is_file():
