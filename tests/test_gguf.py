@@ -26,7 +26,7 @@ CONFIG = replace(
     hidden_size=256,
     rope_dim_list=(64, 64),
     mm_double_blocks_depth=1,
-    mm_single_blocks_depth=1,
+    mm_single_blocks_depth=2,
 )
 H = CONFIG.hidden_size
 WRITABLE = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
@@ -210,7 +210,9 @@ def test_gguf_file_loads_as_its_dequantised_weights(model, tmp_path: Path) -> No
         assert max_rel_error(loaded(**inputs), reference(**inputs)) <= 1e-5
 
 
+@pytest.mark.slow
 def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> None:
+    from hyimage.offload import MemoryManager
     from tests.test_pipeline import fixed_inputs, make_pipe, tiny_vae
 
     path = tmp_path / "dit-Q8_0.gguf"
@@ -225,7 +227,7 @@ def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> N
     expected = make_pipe(reference, vae)(**call)
     assert max_rel_error(ours, expected) <= 1e-5
 
-    pipe = make_pipe(gguf_dit, vae)
+    pipe = make_pipe(gguf_dit, vae, memory=MemoryManager(mode="block"))  # the quantised bytes stream with the blocks
     g = torch.Generator().manual_seed(0)
     pipe.load_lora_weights(
         {
@@ -241,13 +243,14 @@ def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> N
         pipe.fuse_lora()
     pipe.unload_lora_weights()
     assert torch.equal(pipe(**call), ours)
+    assert pipe.memory.streamer(gguf_dit).counts["load"] >= len(pipe.memory.streamer(gguf_dit).plan.streamed) > 0
 
 
 def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
     path = tmp_path / "dit.gguf"
     write_gguf(model, path, [T.Q8_0])
-    other = dict(CONFIG.to_dict(), mm_single_blocks_depth=2)
-    with pytest.raises(CheckpointError, match="missing keys.*single_blocks.1"):
+    other = dict(CONFIG.to_dict(), mm_single_blocks_depth=3)
+    with pytest.raises(CheckpointError, match="missing keys.*single_blocks.2"):
         load_dit(path, other)
 
 
