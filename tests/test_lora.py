@@ -251,6 +251,7 @@ def test_adapters_stream_with_their_blocks(model, inputs) -> None:
     assert streamer.counts["load"] == len(streamer.plan.streamed)
 
 
+@pytest.mark.slow
 def test_a_scale_change_does_not_recompile() -> None:
     layer = nn.Sequential(nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 8))
     model = nn.Module()
