@@ -1,11 +1,10 @@
 """Key layouts of HunyuanImage-2.1 DiT files other tools write, mapped onto the model's split layout.
 
 Facts (read from the tools' code):
-- Official released `dit/*.safetensors` and everything derived from it (sd-scripts, Comfy-Org repackaged
-  files, city96's GGUF convert tool, which keeps the source keys) use the fused HunyuanVideo layout:
-  `double_blocks.N.{img,txt}_attn_qkv` (rows q|k|v), `single_blocks.N.linear1` (rows q|k|v|mlp) and
-  `single_blocks.N.linear2` (the model's `linear2.fc`); the official loader
-  (`convert_hunyuan_dict_for_tensor_parallel`) splits them by rows.
+- The released base file and what is made from it (sd-scripts, Comfy-Org's repackaged files, city96's GGUF
+  convert tool, which keeps the source keys) use the fused HunyuanVideo layout; some released files use the
+  split one (`dit_fused_keys` gives the evidence per file). Both are read, the fused rows split by
+  `dit_fused_keys.split_parts`.
 - ComfyUI stores a diffusion model under a prefix (`model.diffusion_model.` in checkpoints, `model.model.`
   in some saves; LoRAs use `diffusion_model.`) and, inside ComfyUI, renames the HunyuanVideo keys
   (`supported_models.HunyuanVideo.process_unet_state_dict`, also used for HunyuanImage 2.1):
@@ -30,8 +29,9 @@ from hyimage.loading.safetensors_io import GetTensor, Rows, Translate
 
 PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.")
 
-# ComfyUI-internal -> official, applied to "key" strings in this order (the reverse of ComfyUI's renames;
-# `mlp.0.` -> `mlp.fc1.` must run before `_in.in_layer.` -> `_in.mlp.0.` recreates official `mlp.0.`).
+# ComfyUI-internal -> official, applied to "key" strings in this order (the reverse of ComfyUI's renames).
+# `mlp.0.` -> `mlp.fc1.` must not touch the official `mlp.0.` of the timestep embedders that the later rules
+# recreate, so `txt_in.t_embedder`'s goes through a placeholder (MLP0/MLP2) until the end.
 _COMFY_TO_OFFICIAL = (
     ("txt_in.t_embedder.in_layer.", "txt_in.t_embedder.MLP0."),
     ("txt_in.t_embedder.out_layer.", "txt_in.t_embedder.MLP2."),

@@ -1,11 +1,12 @@
 """Load a GGUF-quantised DiT (QuantStack's HunyuanImage-2.1 GGUF files, city96's ComfyUI-GGUF convert tool).
 
 Facts: city96's `tools/convert.py` keeps the source checkpoint's keys (a ComfyUI `model.diffusion_model.`
-prefix is stripped; HunyuanImage-2.1 files match its "hyvid" key detection, the fused official layout
-`img_attn_qkv`, `linear1`, `linear2`), writes 1-D and small tensors as F32 and the rest as F16/BF16, which
-llama.cpp's patched `llama-quantize` turns into Q8_0 ... Q2_K; ComfyUI-GGUF's loader reverses the ggml
-shape order and honours `comfy.gguf.orig_shape.<name>` metadata. Not verified on the real files (not
-downloadable here): which tensors QuantStack kept at higher precision.
+prefix is stripped; HunyuanImage-2.1 files pass its "hyvid" key detection, `img_attn_proj` and the token
+refiner's `self_attn_qkv`, so they keep the source's fused or split layout), writes 1-D and small tensors as F32
+and the rest as F16/BF16, which llama.cpp's patched `llama-quantize` turns into Q8_0 ... Q2_K; ComfyUI-GGUF's
+loader reverses the ggml shape order and honours `comfy.gguf.orig_shape.<name>` metadata. Not verified on the
+real files (not downloadable here): which layout QuantStack's files have and which tensors they kept at
+higher precision; both layouts and every listed type are read.
 
 The `gguf` package (PyPI, `pip install hyimage[gguf]`) reads the header: names, types, shapes and
 offsets. The bytes of each tensor are then read straight into fresh memory (as in `safetensors_io`), so
