@@ -160,7 +160,7 @@ def check(block: bytes, qtype: T, expected: list[float]) -> None:
 
 
 def write_gguf(
-    model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = ""
+    model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = "", fused: bool = True
 ) -> dict[str, torch.Tensor]:
     """Write the model in the fused layout; the block linears' weights take `qtypes` in turn, the rest F32 (as
     city96's convert tool keeps 1-D and small tensors). Returns the weights as stored (dequantised by gguf)."""
@@ -168,7 +168,8 @@ def write_gguf(
     writer = gguf.GGUFWriter(str(path), "hyvid")
     stored = {}
     turn = 0
-    for key, tensor in fused_layout(model.state_dict()).items():
+    state = fused_layout(model.state_dict()) if fused else model.state_dict()
+    for key, tensor in state.items():
         data = tensor.float().numpy()
         kind = T.F32
         if "blocks" in key and key.endswith(".weight") and data.ndim == 2 and "individual" not in key:
@@ -183,7 +184,7 @@ def write_gguf(
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    return split_by_hand(stored, H)
+    return split_by_hand(stored, H) if fused else stored
 
 
 @pytest.fixture(scope="module")
@@ -244,6 +245,19 @@ def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> N
     pipe.unload_lora_weights()
     assert torch.equal(pipe(**call), ours)
     assert pipe.memory.streamer(gguf_dit).counts["load"] >= len(pipe.memory.streamer(gguf_dit).plan.streamed) > 0
+
+
+def test_split_layout_gguf(model, tmp_path: Path) -> None:
+    """A GGUF made from a split-layout file (the distilled release) keeps its keys: read as they are."""
+    path = tmp_path / "split.gguf"
+    stored = write_gguf(model, path, [T.Q5_K, T.Q8_0], fused=False)
+    loaded = load_dit(path, CONFIG.to_dict(), dtype=torch.float32)
+    assert isinstance(loaded.double_blocks[0].img_attn_k, GGUFLinear)
+    reference = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+    reference.load_state_dict(stored)
+    inputs = make_inputs(CONFIG)
+    with torch.no_grad():
+        assert max_rel_error(loaded(**inputs), reference(**inputs)) <= 1e-5
 
 
 def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
