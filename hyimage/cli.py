@@ -28,6 +28,7 @@ from hyimage.loading.download import (
 )
 from hyimage.loading.layout import model_root
 from hyimage.offload import MEMORY_MODES
+from hyimage.offload.planner import add_plan_parser
 
 VARIANT_ALIASES = {
     "base": "hunyuanimage-v2.1",
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the Hub repository holding dit/ and vae/ in the official layout")
     download.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     download.set_defaults(run=run_download)
+    add_plan_parser(commands)
     return parser
 
 
@@ -124,10 +126,11 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                        help="FP8 DiT weights (the official _fp8 files, or the bf16 file quantized while loading)")
     group.add_argument("--device", default=None, help="default cuda when available, else cpu")
     group.add_argument("--memory-mode", choices=MEMORY_MODES, default=None,
-                       help="none: all on the GPU; model: each part on the GPU while it runs (default); "
-                            "block: stream the DiT and text encoder block by block")
+                       help="auto (default): as `hyimage plan` places each part; none: all on the GPU; "
+                            "model: each part on the GPU while it runs; block: stream the DiT and text encoder "
+                            "block by block")
     group.add_argument("--gpu-budget-gb", type=float, default=None,
-                       help="GPU memory for weights in block mode (implies --memory-mode block)")
+                       help="GPU memory (GiB) the auto plan keeps within; in block mode, for streamed weights")
 
 
 def default_device() -> str:

@@ -60,6 +60,7 @@ def load_pipeline(
     text_encoder_dtype: torch.dtype | None = None,
     memory_mode: str | None = None,
     gpu_budget_gb: float | None = None,
+    host_budget_gb: float | None = None,
     memory: MemoryManager | None = None,
     reprompt_model: str = "32b",
     trust_remote_code: bool = False,
@@ -73,8 +74,8 @@ def load_pipeline(
     """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
 
     `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16
-    file quantized while loading. `memory_mode` "none" | "model" | "block" (default "model", the official
-    offloading; "block" when only `gpu_budget_gb` is given). `device` is where parts run (default CPU
+    file quantized while loading. `memory_mode` "auto" (default: the memory plan of `hyimage.offload.planner`
+    within `gpu_budget_gb`, else the free GPU memory, and `host_budget_gb`) | "none" | "model" | "block". `device` is where parts run (default CPU
     until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to bf16 (the official
     DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
     `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
@@ -94,11 +95,12 @@ def load_pipeline(
         raise ValueError(f"model_name {model_name!r} is unknown; choose one of {', '.join(VARIANTS)}")
     if reprompt_model not in REPROMPT_SIZES:
         raise ValueError(f"reprompt_model {reprompt_model!r} is unknown; choose one of {', '.join(REPROMPT_SIZES)}")
-    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb)
+    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner)
     check_present(needs, layout.root, progress=progress_bar)
 
     config = _dit_config(layout, model_name, dit_config)
+    plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES[reprompt_model], config)
     dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file)
     vae_dir = _require(layout.vae / "config.json", "VAE", needs, command_root).parent
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
@@ -140,6 +142,7 @@ def load_refiner_pipeline(
     text_encoder_dtype: torch.dtype | None = None,
     memory_mode: str | None = None,
     gpu_budget_gb: float | None = None,
+    host_budget_gb: float | None = None,
     memory: MemoryManager | None = None,
     dit_config: Any = None,
     progress_bar: bool = True,
@@ -148,9 +151,10 @@ def load_refiner_pipeline(
     """Build `cls` (HunyuanImageRefinerPipeline) alone, e.g. to refine existing images; arguments as `load_pipeline`."""
     if model_name != REFINER:
         raise ValueError(f"model_name {model_name!r} is not the refiner; use {REFINER!r}")
-    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb)
+    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
     check_present(needs, layout.root, progress=progress_bar)
+    plan_for(memory, VARIANTS[1], use_fp8, True, None, REFINER)
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
@@ -189,11 +193,12 @@ def _setup(
     device: str | torch.device | None,
     memory_mode: str | None,
     gpu_budget_gb: float | None,
+    host_budget_gb: float | None = None,
 ) -> tuple[CheckpointLayout, MemoryManager, Path | None]:
     """The layout of the checked checkpoint root, the memory manager (the given one, else one for the mode) and
     the root to name in `hyimage download` hints (None when it is the default)."""
     path = model_root_for(root)
-    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb)
+    memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb, host_budget_gb)
     return CheckpointLayout(path), memory, None if root is None else path
 
 
@@ -209,11 +214,28 @@ def model_root_for(root: str | os.PathLike | None) -> Path:
     return path
 
 
-def make_memory(device: str | torch.device | None, mode: str | None, gpu_budget_gb: float | None) -> MemoryManager:
-    """The memory manager for a mode name; a budget alone means block streaming."""
-    if mode is None:
-        mode = "block" if gpu_budget_gb is not None else "model"
-    return MemoryManager(device if device is not None else "cpu", mode, gpu_budget_gb=gpu_budget_gb)
+def make_memory(
+    device: str | torch.device | None,
+    mode: str | None,
+    gpu_budget_gb: float | None,
+    host_budget_gb: float | None = None,
+) -> MemoryManager:
+    """The memory manager for a mode name (default "auto": the memory plan, within `gpu_budget_gb` when given)."""
+    return MemoryManager(
+        device if device is not None else "cpu", mode or "auto", gpu_budget_gb=gpu_budget_gb,
+        host_budget_gb=host_budget_gb,
+    )
+
+
+def plan_for(
+    memory: MemoryManager, variant: str, fp8: bool, refiner: bool, reprompt: str | None, config: Any
+) -> None:
+    """Tell an "auto" manager what it plans for (the released configuration's name, or the DiT's own config)."""
+    from hyimage.offload.planner import PlanRequest
+
+    if memory.mode == "auto" and memory.request is None:
+        memory.request = PlanRequest(variant=variant, fp8=fp8, refiner=refiner, reprompt=reprompt,
+                                     dit_config=None if isinstance(config, str) else config)
 
 
 def compute_dtype(memory: MemoryManager, cuda_dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,10 @@
 """Placement of pipeline parts around the stage that uses them.
 
-Three memory modes, one switch:
+Four memory modes, one switch:
+- "auto":  each part as the memory plan places it (`hyimage.offload.planner`): resident, model-offloaded or
+           streamed with the resident blocks its budget allows; the plan is made on the first stage that runs
+           on CUDA, from `gpu_budget_gb` (else the free GPU memory then) and `host_budget_gb`. On other devices
+           parts stay where they are (as "none").
 - "none":  every part moves to the device once and stays there (fastest, needs the most memory).
 - "model": each part is on the device only while it runs (the official pipeline's offloading); its host
            copy stays in place, so leaving the stage drops the device copy instead of copying back.
@@ -12,14 +16,18 @@ Three memory modes, one switch:
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+from loguru import logger
 from torch import nn
 
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
 
-MEMORY_MODES = ("none", "model", "block")
+if TYPE_CHECKING:
+    from hyimage.offload.planner import Plan, PlanRequest
+
+MEMORY_MODES = ("auto", "none", "model", "block")
 
 
 class Movable(Protocol):
@@ -29,7 +37,7 @@ class Movable(Protocol):
 class MemoryManager:
     """Moves a part onto the execution device for the stage that runs it.
 
-    `gpu_budget_gb` bounds the weights a streamed part keeps on the device in mode "block"
+    `gpu_budget_gb` (GiB, as every "gb" here) bounds the weights a streamed part keeps on the device in mode "block"
     (activations come on top); None streams every block.
     """
 
@@ -39,6 +47,8 @@ class MemoryManager:
         mode: str = "none",
         gpu_budget_gb: float | None = None,
         offload_device: str | torch.device = "cpu",
+        host_budget_gb: float | None = None,
+        request: "PlanRequest | None" = None,
     ) -> None:
         if mode not in MEMORY_MODES:
             raise ValueError(f"memory mode {mode!r} is unknown; choose one of {', '.join(MEMORY_MODES)}")
@@ -48,18 +58,53 @@ class MemoryManager:
         self.mode = mode
         self.gpu_budget_gb = gpu_budget_gb
         self.offload_device = torch.device(offload_device)
+        self.host_budget_gb = host_budget_gb
+        self.request = request
+        """What the "auto" plan is made for (the loader sets it); None plans the released distilled model at 2K."""
+        self._plan: "Plan | None" = None
         self._streamers: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
 
     def to(self, device: str | torch.device) -> "MemoryManager":
         """Run parts on `device` from now on."""
         self.device = torch.device(device)
         self._streamers.clear()
+        self._plan = None
         return self
+
+    @property
+    def plan(self) -> "Plan":
+        """The memory plan of mode "auto" for the current device and budgets (made once per device)."""
+        from hyimage.offload.planner import PlanRequest, gpu_budget_gib, make_plan
+
+        if self._plan is None:
+            request = self.request if self.request is not None else PlanRequest()
+            self._plan = make_plan(request, gpu_budget_gib(self.device, self.gpu_budget_gb), self.host_budget_gb)
+            logger.info(f"{self._plan}")
+        return self._plan
+
+    def placement(self, module: object) -> tuple[str, float | None]:
+        """The mode ("none", "model" or "block") and weight budget (GB) that `module` runs with."""
+        if self.mode != "auto":
+            return self.mode, self.gpu_budget_gb
+        if self.device.type != "cuda":
+            return "none", None
+        from hyimage.offload.planner import stage_of
+
+        stage = self.plan.stage(stage_of(module) or "")
+        if stage is None:
+            return "model", None
+        if stage.placement == "refused":
+            raise MemoryError(
+                f"the memory plan refuses the {stage.stage} stage: {stage.reason}. See `hyimage plan --gpu-gb "
+                f"{self.plan.gpu_gib:g}` for every stage; give a larger gpu_budget_gb, a smaller image or use_fp8=True"
+            )
+        return stage.mode, stage.weight_budget_gib
 
     @contextmanager
     def running(self, module: Movable) -> Iterator[Movable]:
         """Context in which `module` is ready to run on `self.device`."""
-        if self.mode == "none":
+        mode, _ = self.placement(module)
+        if mode == "none":
             module.to(self.device)
             yield module
             return
@@ -70,7 +115,7 @@ class MemoryManager:
             finally:
                 module.to(self.offload_device)
             return
-        placer = self.streamer(module) if self.mode == "block" else None
+        placer = self.streamer(module) if mode == "block" else None
         if placer is None:
             placer = DeviceCopy(module, self.device, self.offload_device)
         placer.attach()
@@ -89,7 +134,8 @@ class MemoryManager:
         if not isinstance(module, nn.Module):
             return None
         if module not in self._streamers:
-            budget = None if self.gpu_budget_gb is None else int(self.gpu_budget_gb * 1024**3)
+            _, budget_gb = self.placement(module)
+            budget = None if budget_gb is None else int(budget_gb * 1024**3)
             streamer = BlockStreamer(module, self.device, budget, self.offload_device)
             if not streamer.plan.resident and not streamer.plan.streamed:
                 return None

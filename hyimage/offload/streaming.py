@@ -46,6 +46,18 @@ def _nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+def resident_count(rest_bytes: int, sizes: list[int], budget_bytes: int) -> int:
+    """How many leading blocks stay on the device: all if everything fits, else what fits next to two buffers."""
+    if rest_bytes + sum(sizes) <= budget_bytes:
+        return len(sizes)
+    free = budget_bytes - rest_bytes - 2 * max(sizes, default=0)
+    count = 0
+    while count < len(sizes) and sizes[count] <= free:
+        free -= sizes[count]
+        count += 1
+    return count
+
+
 @dataclass
 class _Slot:
     """One tensor of a module: where it is attached and its copy in host memory."""
@@ -54,6 +66,12 @@ class _Slot:
     name: str
     is_parameter: bool
     host: torch.Tensor
+
+    def key(self) -> torch.Tensor:
+        """The object registered in the owner: the Parameter itself (shared by every module that shares it), or
+        the buffer. Unlike `param.data`, a new temporary on every access whose id may be reused, it identifies
+        the tensor while it is held."""
+        return self.owner._parameters[self.name] if self.is_parameter else self.owner._buffers[self.name]
 
     def current(self) -> torch.Tensor:
         """The tensor attached now."""
@@ -88,12 +106,12 @@ def _slots(module: nn.Module, skip: set[int] = frozenset()) -> list[_Slot]:
 
 def _move(slots: list[_Slot], device: torch.device) -> None:
     """Attach a copy on `device` of each slot's current tensor; shared tensors stay shared."""
-    moved: dict[int, torch.Tensor] = {}
+    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(key) -> (key, kept alive so ids stay unique; copy)
     for slot in slots:
-        current = slot.current()
-        if id(current) not in moved:
-            moved[id(current)] = current.to(device, non_blocking=True)
-        slot.attach(moved[id(current)])
+        key = slot.key()
+        if id(key) not in moved:
+            moved[id(key)] = (key, slot.current().to(device, non_blocking=True))
+        slot.attach(moved[id(key)][1])
 
 
 class DeviceCopy:
@@ -139,14 +157,14 @@ class _StreamedBlock:
             slot.host = slot.current()
 
     def pin(self) -> None:
-        pinned: dict[int, torch.Tensor] = {}
+        pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # as in `_move`: keyed by the held Parameter
         for slot in self.slots:
             if slot.host.is_pinned():
                 continue
-            key = id(slot.host)
-            if key not in pinned:
-                pinned[key] = slot.host.pin_memory()
-            slot.host = pinned[key]
+            key = slot.key()
+            if id(key) not in pinned:
+                pinned[id(key)] = (key, slot.host.pin_memory())
+            slot.host = pinned[id(key)][1]
             slot.attach(slot.host)
 
     def copy_in(self, device: torch.device, stream: "torch.cuda.Stream | None") -> None:
@@ -223,31 +241,19 @@ class BlockStreamer:
         self.plan = StreamPlan(rest_bytes=sum(s.host.numel() * s.host.element_size() for s in self._rest))
 
         sizes = [_nbytes(block) for _, block in named_blocks]
-        resident_count = self._resident_count(sizes, budget_bytes)
+        resident = 0 if budget_bytes is None else resident_count(self.plan.rest_bytes, sizes, budget_bytes)
         self._resident: list[_Slot] = []
         self._streamed: list[_StreamedBlock] = []
         for i, ((name, block), size) in enumerate(zip(named_blocks, sizes)):
-            if i < resident_count:
+            if i < resident:
                 self._resident.extend(_slots(block))
                 self.plan.resident.append(name)
                 self.plan.resident_bytes += size
             else:
                 self._streamed.append(_StreamedBlock(len(self._streamed), block, _slots(block)))
                 self.plan.streamed.append(name)
-        self.plan.buffer_bytes = 2 * max(sizes[resident_count:], default=0)
+        self.plan.buffer_bytes = 2 * max(sizes[resident:], default=0)
 
-    def _resident_count(self, sizes: list[int], budget_bytes: int | None) -> int:
-        """How many leading blocks stay on the device: all if everything fits, else what fits next to two buffers."""
-        if budget_bytes is None:
-            return 0
-        if self.plan.rest_bytes + sum(sizes) <= budget_bytes:
-            return len(sizes)
-        free = budget_bytes - self.plan.rest_bytes - 2 * max(sizes, default=0)
-        count = 0
-        while count < len(sizes) and sizes[count] <= free:
-            free -= sizes[count]
-            count += 1
-        return count
 
     def attach(self) -> None:
         """Copy the rest and the resident blocks to the device and install the streaming hooks."""
