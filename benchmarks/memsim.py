@@ -171,6 +171,9 @@ def _getitem(t: torch.Tensor, index: Any) -> torch.Tensor:
 
 
 def _efficient_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **_: Any):
+    if q.ndim == 3:  # (B, L, E): one head
+        out = _efficient_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), attn_mask, scale=scale)
+        return out.squeeze(1)
     bias = None
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -241,5 +244,124 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
 
 def materialize(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module:
     """A module built on `meta` given fake storage on `device` (call inside `fake_cuda()`), gradients off."""
-    module.to_empty(device=device)
-    return module.requires_grad_(False)
+    module.requires_grad_(False)
+    return module.to_empty(device=device)
+
+
+# Stages at full size.
+MANIFESTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "tests" / "data" / "manifests"
+
+
+def build_dit(config: Any, fp8: bool, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """The DiT of `config` on meta in `dtype` (FP8 linears when `fp8`), as loaded for a CUDA run."""
+    from hyimage.models.dit.model import HYImageDiffusionTransformer
+
+    with torch.device("meta"):
+        model = HYImageDiffusionTransformer(**config.to_dict(), dtype=dtype)
+    if fp8:
+        from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
+
+        convert_to_fp8_linear(model, fp8_linear_modules(model))
+    return model.eval()
+
+
+def simulate_dit(
+    config: Any,
+    *,
+    fp8: bool,
+    batch: int,
+    image_tokens: tuple[int, ...],
+    text_tokens: int,
+    glyph_tokens: int,
+    mode: str = "model",
+    weight_budget_gib: float | None = None,
+    device: str = "cuda",
+    dtype: torch.dtype | None = None,
+) -> dict[str, float]:
+    """Peak GiB on `device` of one DiT forward as the pipeline runs it (`run_dit` under `memory.running`).
+
+    `image_tokens` is the latent grid (h, w) or (t, h, w); on "cuda" everything is fake, on "cpu" (float32,
+    real tensors) the caller must keep the model small. `dtype`: bf16 on CUDA (under autocast, as the pipeline
+    runs it), float32 on the CPU; float32 on CUDA runs without autocast (the real-vs-simulated check). Returns the peak, the weights on the device and the
+    activations (peak minus what was live before the forward)."""
+    from hyimage.diffusion.pipelines.parts import run_dit
+    from hyimage.offload import MemoryManager
+
+    fake = device == "cuda"
+    dtype = dtype or (torch.bfloat16 if fake else torch.float32)
+    if fake:
+        dit = build_dit(config, fp8, dtype)  # on meta, outside fake mode (see simulate_vae_decode)
+    else:
+        from hyimage.models.dit.model import HYImageDiffusionTransformer
+
+        dit = HYImageDiffusionTransformer(**config.to_dict(), dtype=dtype).eval().requires_grad_(False)
+    with fake_cuda() if fake else torch.no_grad():
+        if fake:
+            materialize(dit)
+        tracker = LiveBytes()
+        with tracker:
+            tracker.track([*dit.parameters(), *dit.buffers()])
+            memory = MemoryManager(device, mode, gpu_budget_gb=weight_budget_gib)
+            x = torch.randn(batch, config.in_channels, *image_tokens, device=device, dtype=dtype)
+            t = torch.full((batch,), 900.0, device=device)
+            text = torch.randn(batch, text_tokens, config.text_states_dim, device=device, dtype=dtype)
+            text_mask = torch.ones(batch, text_tokens, dtype=torch.long, device=device)
+            extra = {}
+            if config.glyph_byT5_v2:
+                extra["byt5_text_states"] = torch.randn(batch, glyph_tokens, 1472, device=device, dtype=dtype)
+                extra["byt5_text_mask"] = torch.ones(batch, glyph_tokens, dtype=torch.long, device=device)
+            if config.guidance_embed:
+                extra["guidance"] = torch.full((batch,), 3250.0, device=device)
+            if config.use_meanflow:
+                extra["timesteps_r"] = t
+            start = tracker.gib(device, "current")
+            with memory.running(dit):
+                weights = tracker.gib(device, "current") - start
+                before = tracker.gib(device, "current")
+                tracker.reset_peak()
+                out = run_dit(dit, None if dtype == torch.float32 else dtype, x, t, text, text_mask, **extra)
+                del out
+                peak = tracker.gib(device)
+    return {"peak": peak, "weights": weights, "activations": peak - before}
+
+
+def vae_config(stage: str) -> dict:
+    import json
+
+    name = "vae_2_1" if stage == "vae_decode" else "vae_refiner"
+    return json.loads((MANIFESTS / f"{name}.json").read_text())["config"]
+
+
+def simulate_vae_decode(stage: str, width: int, height: int) -> dict[str, float]:
+    """Peak GiB on fake CUDA of the VAE decode of one image (stage "vae_decode": 2D, float32 as stored;
+    "refiner_vae": the 3D VAE in float16, a frame pair, as the refiner decodes)."""
+    import hyimage.models as models
+    from hyimage.offload import MemoryManager
+
+    config = vae_config(stage)
+    cls = models.HunyuanVAE2D if stage == "vae_decode" else models.AutoencoderKLConv3D
+    dtype = torch.float32 if stage == "vae_decode" else torch.float16
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):  # outside fake mode: the fake tensor cache keeps weak references to meta tensors
+            vae = cls(**config).eval()
+    finally:
+        torch.set_default_dtype(default)
+    with fake_cuda():
+        materialize(vae)
+        factor = config["ffactor_spatial"]
+        frames = 1  # the refiner decodes one latent frame (its channel pair holds the two image frames)
+        tracker = LiveBytes()
+        with tracker:
+            tracker.track([*vae.parameters(), *vae.buffers()])
+            memory = MemoryManager("cuda", "model")
+            z = torch.randn(1, config["latent_channels"], frames, height // factor, width // factor,
+                            device="cuda", dtype=dtype)
+            with memory.running(vae):
+                before = tracker.gib("cuda", "current")
+                tracker.reset_peak()
+                image = vae.decode(z, return_dict=False)[0]
+                del image
+                peak = tracker.gib("cuda")
+    return {"peak": peak, "weights": before, "activations": peak - before}

@@ -43,13 +43,17 @@ MARGIN_SHARE = 0.08
 DIT_ACTIVATION_UNITS = 24
 """Peak activations of a DiT forward in units of batch x tokens x hidden x 2 bytes. A single-stream block holds
 its input, the modulated input (float32 under autocast: 2), q, k, v, the MLP input (4) and its activation (4),
-their concatenation (5) and the output: about 20; the simulator measures 22.1 at 2K (bf16 and FP8 alike);
-24 keeps a margin."""
+their concatenation (5) and the output: about 20. The simulator measures 22.1 (distilled, bf16, 2048x2048),
+22.1 (base, bf16, CFG batch 2, 2560x1536) and 23.2 (refiner, FP8, 2048x2048, with FP8's dequantized weights);
+24 keeps a margin. FP8 adds the two bf16 temporaries of the largest dequantized weight (see
+`dit_activation_bytes`): the distilled FP8 DiT at 2K simulates 0.98 GiB against 1.08 GiB planned."""
 VAE_ACTIVATION_UNITS = {"vae_decode": 4.0, "refiner_vae": 4.0}
 """Peak VAE activations in units of one full-resolution activation (pixels x first-level channels x dtype
 size): a resnet block at full resolution holds its input, the GroupNorm output, the SiLU output and the
-convolution output; the simulator measures 3.4 (2D decode) at 2K. A cuDNN workspace of about one such
-activation is covered by the margin."""
+convolution output. The simulator measures 3.5 for the 2D decode at 2048x2048 (7.0 GiB in float32; peak 8.5
+with the weights) and 3.5 per frame for the refiner's 3D decode (fp16, one latent frame = two image frames:
+7.0 GiB; peak 9.4). The 3D encode is not simulated yet. A cuDNN workspace of about one such activation is
+covered by the margin only on large budgets: below 11 GiB the whole decode is refused anyway."""
 
 # Parts whose sizes come from their released configurations (see the module docstring).
 QWEN25VL_7B = dict(hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
