@@ -52,8 +52,9 @@ VAE_ACTIVATION_UNITS = {"vae_decode": 4.0, "refiner_vae": 4.0}
 size): a resnet block at full resolution holds its input, the GroupNorm output, the SiLU output and the
 convolution output. The simulator measures 3.5 for the 2D decode at 2048x2048 (7.0 GiB in float32; peak 8.5
 with the weights) and 3.5 per frame for the refiner's 3D decode (fp16, one latent frame = two image frames:
-7.0 GiB; peak 9.4). The 3D encode is not simulated yet. A cuDNN workspace of about one such activation is
-covered by the margin only on large budgets: below 11 GiB the whole decode is refused anyway."""
+7.0 GiB; peak 9.4). The 3D encode is not simulated yet. Convolution workspaces are not planned beyond the
+margin: on the CPU one was about one full-resolution activation, but cuDNN picks algorithms whose workspace
+fits the memory left free (measure it with benchmarks/bench_memory_modes_gpu.py where a GPU is lent)."""
 
 # Parts whose sizes come from their released configurations (see the module docstring).
 QWEN25VL_7B = dict(hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
