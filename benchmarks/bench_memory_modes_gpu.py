@@ -6,6 +6,11 @@ runs. Modes: "none" (the whole DiT on the GPU), "model" (moved to the GPU for th
 apart), "block" (double/single blocks streamed from pinned host memory, at several weight budgets).
 
     python benchmarks/bench_memory_modes_gpu.py [--steps 3] [--budgets 0,8,16] [--variant hunyuanimage-v2.1]
+    python benchmarks/bench_memory_modes_gpu.py --plan 24,16,12,8 [--variant hunyuanimage-v2.1-distilled]
+
+`--plan` measures the DiT stage as the memory planner places it for each GPU budget (run as the pipeline runs
+it: bf16 autocast, batch 2 for the base model's CFG, 1 for the distilled) and prints the planned peak next to
+`torch.cuda.max_memory_allocated`; the planner keeps its margin free on top of the planned peak.
 
 Needs CUDA, about 40 GB of host RAM (bf16 weights) and, for mode "none" in bf16, an 80 GB GPU; rows that
 do not fit report "out of memory". Without CUDA it says so and exits 0.
@@ -80,14 +85,66 @@ def measure(model: HYImageDiffusionTransformer, memory: MemoryManager, steps: in
     return entered, per_step, torch.cuda.max_memory_allocated() / GIB
 
 
+def measure_plan(variant: str, budgets: list[float], steps: int) -> None:
+    """Planned vs measured peak of the DiT stage per budget, FP8 off and on."""
+    from hyimage.diffusion.pipelines.parts import run_dit
+    from hyimage.offload.planner import PlanRequest, make_plan
+
+    device = torch.device("cuda")
+    print(f"{'weights':>8} {'budget':>7} {'placement':>12} {'planned':>8} {'measured':>9} {'s/step':>8}")
+    for fp8 in (False, True):
+        model = random_dit(variant, fp8)
+        batch = inputs(model, device)
+        if model.config.guidance_embed:
+            batch = {k: v[:1] for k, v in batch.items()}
+            batch["guidance"] = torch.full((1,), 3250.0, device=device)
+            batch["timesteps_r"] = batch["timestep"]
+        for budget in budgets:
+            stage = make_plan(PlanRequest(variant=variant, fp8=fp8, refiner=False), budget).stage("dit")
+            label = stage.placement if stage.placement != "block" else f"block {stage.resident_blocks}"
+            if stage.placement == "refused":
+                print(f"{'fp8' if fp8 else 'bf16':>8} {budget:7g} {label:>12}")
+                continue
+            memory = MemoryManager(device, stage.mode, gpu_budget_gb=stage.weight_budget_gib)
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            with memory.running(model), torch.no_grad():
+                positional = [batch[k] for k in ("hidden_states", "timestep", "text_states", "encoder_attention_mask")]
+                extra = {k: v for k, v in batch.items() if k in ("byt5_text_states", "byt5_text_mask", "guidance",
+                                                                  "timesteps_r")}
+
+                def run() -> None:
+                    run_dit(model, torch.bfloat16, *positional, **extra)
+
+                run()
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    run()
+                torch.cuda.synchronize()
+                per_step = (time.perf_counter() - start) / steps
+            peak = torch.cuda.max_memory_allocated() / GIB
+            print(f"{'fp8' if fp8 else 'bf16':>8} {budget:7g} {label:>12} {stage.predicted_peak_gib:8.2f} "
+                  f"{peak:9.2f} {per_step:8.3f}")
+            model.to("cpu")
+            gc.collect()
+        del model
+        gc.collect()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--plan", default=None, help="GPU budgets (GiB) to measure the planned DiT stage at")
     parser.add_argument("--variant", default="hunyuanimage-v2.1")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--budgets", default="0,8,16", help="block-mode weight budgets in GiB (0: stream every block)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("CUDA is not available: this benchmark needs a GPU; nothing measured.")
+        return
+    if args.plan:
+        measure_plan(args.variant, [float(b) for b in args.plan.split(",")], args.steps)
         return
     device = torch.device("cuda")
     print(f"{torch.cuda.get_device_name()}, {args.variant}, 2048x2048, CFG batch 2, {args.steps} timed steps")

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from hyimage.offload.planner import Plan, PlanRequest
 
 MEMORY_MODES = ("auto", "none", "model", "block")
+CORE_STAGES = ("text_encoder", "glyph_encoder", "dit", "vae_decode")
+"""Stages every call runs (reprompt and refiner run only when asked)."""
 
 
 class Movable(Protocol):
@@ -93,7 +95,10 @@ class MemoryManager:
         stage = self.plan.stage(stage_of(module) or "")
         if stage is None:
             return "model", None
-        if stage.placement == "refused":
+        # every call runs the core stages: refuse at the first of them rather than after the denoising loop
+        core = [s for s in self.plan.stages if s.stage in CORE_STAGES and s.placement == "refused"]
+        if stage.placement == "refused" or core:
+            stage = stage if stage.placement == "refused" else core[0]
             raise MemoryError(
                 f"the memory plan refuses the {stage.stage} stage: {stage.reason}. See `hyimage plan --gpu-gb "
                 f"{self.plan.gpu_gib:g}` for every stage; give a larger gpu_budget_gb, a smaller image or use_fp8=True"
