@@ -178,3 +178,14 @@ def test_simulated_vae_decode_stays_within_the_plan() -> None:
     stage = make_plan(DISTILLED_FP8, 24).stage("vae_decode")
     assert stage.weights_gib == pytest.approx(simulated["weights"], rel=1e-3)
     assert 0.8 * stage.activations_gib < simulated["activations"] <= stage.activations_gib
+
+
+def test_from_pretrained_defaults_to_auto_with_its_budgets() -> None:
+    from hyimage.loading.pipeline_loader import make_memory, plan_for
+
+    memory = make_memory(None, None, 12, 32)
+    assert (memory.mode, memory.gpu_budget_gb, memory.host_budget_gb) == ("auto", 12, 32)
+    plan_for(memory, "hunyuanimage-v2.1", True, False, "7b", "hunyuanimage-v2.1")
+    assert memory.request == PlanRequest(variant="hunyuanimage-v2.1", fp8=True, refiner=False, reprompt="7b")
+    assert [s.stage for s in memory.plan.stages][:2] == ["reprompt", "text_encoder"]
+    assert make_memory("cpu", "block", 4).mode == "block"
