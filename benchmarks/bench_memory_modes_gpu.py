@@ -17,6 +17,7 @@ do not fit report "out of memory". Without CUDA it says so and exits 0.
 """
 
 import argparse
+import functools
 import gc
 import time
 
@@ -113,10 +114,7 @@ def measure_plan(variant: str, budgets: list[float], steps: int) -> None:
                 positional = [batch[k] for k in ("hidden_states", "timestep", "text_states", "encoder_attention_mask")]
                 extra = {k: v for k, v in batch.items() if k in ("byt5_text_states", "byt5_text_mask", "guidance",
                                                                   "timesteps_r")}
-
-                def run() -> None:
-                    run_dit(model, torch.bfloat16, *positional, **extra)
-
+                run = functools.partial(run_dit, model, torch.bfloat16, *positional, **extra)
                 run()
                 torch.cuda.synchronize()
                 start = time.perf_counter()

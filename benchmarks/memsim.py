@@ -282,8 +282,8 @@ def simulate_dit(
 
     `image_tokens` is the latent grid (h, w) or (t, h, w); on "cuda" everything is fake, on "cpu" (float32,
     real tensors) the caller must keep the model small. `dtype`: bf16 on CUDA (under autocast, as the pipeline
-    runs it), float32 on the CPU; float32 on CUDA runs without autocast (the real-vs-simulated check). Returns the peak, the weights on the device and the
-    activations (peak minus what was live before the forward)."""
+    runs it), float32 on the CPU; float32 on CUDA runs without autocast (the real-vs-simulated check). Returns
+    the peak, the weights on the device and the activations (peak minus what was live before the forward)."""
     from hyimage.diffusion.pipelines.parts import run_dit
     from hyimage.offload import MemoryManager
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from benchmarks.memsim import LiveBytes, fake_cuda, simulate_dit, simulate_vae_decode
 from hyimage.cli import main
-from hyimage.models.dit.configs import DiTConfig, resolve_dit_config
+from hyimage.models.dit.configs import DiTConfig
 from hyimage.offload import MemoryManager
 from hyimage.offload.planner import (
     GIB,

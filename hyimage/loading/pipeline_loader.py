@@ -75,8 +75,9 @@ def load_pipeline(
 
     `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16
     file quantized while loading. `memory_mode` "auto" (default: the memory plan of `hyimage.offload.planner`
-    within `gpu_budget_gb`, else the free GPU memory, and `host_budget_gb`) | "none" | "model" | "block". `device` is where parts run (default CPU
-    until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype` default to bf16 (the official
+    within `gpu_budget_gb`, else the free GPU memory, and `host_budget_gb`) | "none" | "model" | "block".
+    `device` is where parts run (default CPU until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype`
+    default to bf16 (the official
     DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
     `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
     (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code` set to True.

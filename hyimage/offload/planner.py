@@ -411,7 +411,7 @@ def stage_of(module: Any) -> str | None:
 # `hyimage plan`.
 def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
     """Register `hyimage plan` on the CLI's subcommands."""
-    parser = commands.add_parser("plan", help="show the memory plan per stage for a GPU and host budget (loads nothing)")
+    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
     parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
     parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
     parser.add_argument("--variant", default="distilled",

@@ -254,7 +254,6 @@ class BlockStreamer:
                 self.plan.streamed.append(name)
         self.plan.buffer_bytes = 2 * max(sizes[resident:], default=0)
 
-
     def attach(self) -> None:
         """Copy the rest and the resident blocks to the device and install the streaming hooks."""
         if self.device.type == "cuda" and self._stream is None:
