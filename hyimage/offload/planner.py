@@ -414,7 +414,7 @@ def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
     parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
     parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
     parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
-    parser.add_argument("--variant", default="distilled",
+    parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",
                         choices=["base", "distilled", "hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled"])
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--refiner", action="store_true", help="include the refiner stages")
