@@ -77,9 +77,8 @@ def load_pipeline(
     file quantized while loading. `memory_mode` "auto" (default: the memory plan of `hyimage.offload.planner`
     within `gpu_budget_gb`, else the free GPU memory, and `host_budget_gb`) | "none" | "model" | "block".
     `device` is where parts run (default CPU until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype`
-    default to bf16 (the official
-    DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA and to float32 elsewhere, decided when the part is first built (after
-    `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
+    default to bf16 (the official DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA
+    and to float32 elsewhere, decided when the part is first built (after `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
     (the official names work too); the 7B's tokenizer is remote code and needs `trust_remote_code` set to True.
     `refiner=False` drops the refiner. `dit_config`/`refiner_dit_config`: see the module docstring.
     `model_name` may also be a Hub repository id in the official layout (e.g. "tencent/HunyuanImage-2.1"):
