@@ -10,12 +10,14 @@ DiT loop, refiner VAE (encode and decode). Each stage gets one placement:
 - "refused": it cannot fit, with the reason.
 
 Predicted peak of a stage = weights on the GPU + activation peak. Weights are exact: the DiTs are built on
-`meta` (FP8 linears included) and their tensors counted per block; the other parts' parameter counts come
-from their released configurations (constants below, each checked against a meta build in
-tests/test_memory_plan.py). Activation peaks are formulas in tokens x width (transformers) and pixels x
-channels (VAEs); their coefficients are read from the code and checked with the full-size simulator
-(benchmarks/memsim.py, which runs this package's code on fake CUDA tensors): the planner's figure must bound
-the simulated peak. A stage fits when peak + MARGIN <= budget; the margin holds what neither the formulas nor
+`meta` (FP8 linears included) and their tensors counted per block; the VAEs' counts are the released
+manifests'; the Qwen2.5-VL language models' come from their configurations (checked against meta builds in
+tests/test_memory_plan.py); the ByT5 glyph encoder, the 32B's vision tower and the 7B reprompt model
+(whose configuration was not seen) are approximate. Activation peaks are formulas in tokens x width
+(transformers) and pixels x channels (VAEs); their coefficients are read from the code and, for the DiTs and
+the VAE decodes, checked with the full-size simulator (benchmarks/memsim.py, which runs this package's code on
+fake CUDA tensors): the planner's figure must bound the simulated peak. The encoders' activations (well under
+1 GiB) are formulas only. A stage fits when peak + MARGIN <= budget; the margin holds what neither the formulas nor
 the simulator see (CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation).
 
 Host RAM: every part a call has built stays in host memory (parts load on first use and are kept), so the
