@@ -5,8 +5,9 @@
 Planned: `hyimage.offload.planner.make_plan`. Simulated: the stage's real code on fake CUDA tensors at full
 size (benchmarks/memsim.py). DiT stages run 1 double + 1 single block at full width and token count; the
 weights of the full model that the plan keeps on the GPU are counted by the block streamer on its meta build
-and added (activations are per-block transients, independent of depth). The text, glyph and reprompt
-encoders are planned from formulas only ("-" under simulated). Peaks in GiB; the plan keeps its margin free
+and added (activations are per-block transients, independent of depth); the text encoder likewise (1 decoder
+layer simulated, the 26-layer model's placed weights counted). The glyph and reprompt models are planned from
+formulas only ("-" under simulated). Peaks in GiB; the plan keeps its margin free
 on top. No GPU needed; a few minutes on 2 CPU cores.
 """
 
@@ -17,9 +18,23 @@ from dataclasses import replace
 
 import torch
 
-from benchmarks.memsim import GIB, build_dit, simulate_dit, simulate_vae_decode
+from benchmarks.memsim import (
+    GIB,
+    build_dit,
+    qwen_text_model,
+    simulate_dit,
+    simulate_text_encoder,
+    simulate_vae_decode,
+)
 from hyimage.models.dit.configs import resolve_dit_config
-from hyimage.offload.planner import PlanRequest, dit_config, make_plan
+from hyimage.offload.planner import (
+    TEMPLATE_TOKENS,
+    TEXT_ENCODER_LAYERS,
+    TEXT_TOKENS,
+    PlanRequest,
+    dit_config,
+    make_plan,
+)
 from hyimage.offload.streaming import BlockStreamer
 
 VARIANTS = {"distilled": "hunyuanimage-v2.1-distilled", "base": "hunyuanimage-v2.1"}
@@ -38,6 +53,19 @@ def full_weights_gib(config, fp8: bool, placement: str, weight_budget_gib: float
     return BlockStreamer(dit, torch.device("cuda"), int(weight_budget_gib * GIB)).plan.device_bytes / GIB
 
 
+@functools.lru_cache(maxsize=1)
+def _meta_text_model() -> torch.nn.Module:
+    return qwen_text_model(TEXT_ENCODER_LAYERS)
+
+
+def text_encoder_weights_gib(placement: str, weight_budget_gib: float | None) -> float:
+    """GiB of the 26-layer text model the memory manager keeps on the GPU for this placement."""
+    model = _meta_text_model()
+    if placement in ("model", "resident"):
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / GIB
+    return BlockStreamer(model, torch.device("cuda"), int(weight_budget_gib * GIB)).plan.device_bytes / GIB
+
+
 def dit_activations(config, fp8: bool, batch: int, width: int, height: int, refiner: bool) -> float:
     small = replace(config, mm_double_blocks_depth=1, mm_single_blocks_depth=1)
     if refiner:
@@ -52,6 +80,7 @@ def dit_activations(config, fp8: bool, batch: int, width: int, height: int, refi
 def rows(budgets: list[float], sizes: list[tuple[int, int]]):
     for width, height in sizes:
         vae = {stage: simulate_vae_decode(stage, width, height)["peak"] for stage in ("vae_decode", "refiner_vae")}
+        text_activations = simulate_text_encoder(TEXT_TOKENS + TEMPLATE_TOKENS)["activations"]
         for name, variant in VARIANTS.items():
             for fp8 in (True, False):
                 request = PlanRequest(variant=variant, fp8=fp8, refiner=True, width=width, height=height)
@@ -70,6 +99,9 @@ def rows(budgets: list[float], sizes: list[tuple[int, int]]):
                             simulated = weights + acts[stage.stage]
                         elif stage.stage in vae:
                             simulated = vae[stage.stage]
+                        elif stage.stage == "text_encoder" and stage.placement != "refused":
+                            simulated = text_encoder_weights_gib(stage.placement, stage.weight_budget_gib)
+                            simulated += text_activations
                         placement = stage.placement
                         if placement == "block":
                             placement = f"block {stage.resident_blocks}/{stage.total_blocks}"

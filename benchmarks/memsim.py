@@ -149,6 +149,10 @@ def _getitem(t: torch.Tensor, index: Any) -> torch.Tensor:
     """`t[index]` for None, int, slice, Ellipsis and integer tensor indices, through aten ops (Python indexing
     of a CUDA tensor takes a device guard)."""
     index = index if isinstance(index, tuple) else (index,)
+    if sum(isinstance(i, torch.Tensor) for i in index) > 1:  # several advanced indices: numpy semantics in one op
+        if not all(isinstance(i, torch.Tensor) or i == slice(None) for i in index):
+            raise NotImplementedError("fake CUDA indexing: several tensor indices mixed with other than ':'")
+        return torch.ops.aten.index.Tensor(t, [i if isinstance(i, torch.Tensor) else None for i in index])
     consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
     out, dim = t, 0
     for i in index:
@@ -363,5 +367,48 @@ def simulate_vae_decode(stage: str, width: int, height: int) -> dict[str, float]
                 tracker.reset_peak()
                 image = vae.decode(z, return_dict=False)[0]
                 del image
+                peak = tracker.gib("cuda")
+    return {"peak": peak, "weights": before, "activations": peak - before}
+
+
+def qwen_text_model(layers: int) -> torch.nn.Module:
+    """Qwen2.5-VL-7B's language model with `layers` decoder layers, on meta in bf16 (as the text encoder)."""
+    from transformers import Qwen2_5_VLTextConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+
+    from hyimage.offload.planner import QWEN25VL_7B as c
+
+    config = Qwen2_5_VLTextConfig(hidden_size=c["hidden"], intermediate_size=c["intermediate"],
+                                  num_hidden_layers=layers, num_attention_heads=c["heads"],
+                                  num_key_value_heads=c["kv_heads"], vocab_size=c["vocab"])
+    config._attn_implementation = "sdpa"
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            return Qwen2_5_VLTextModel(config).eval()
+    finally:
+        torch.set_default_dtype(default)
+
+
+def simulate_text_encoder(tokens: int, layers: int = 1) -> dict[str, float]:
+    """Peak GiB on fake CUDA of the MLLM text encoder's language model over one padded prompt of `tokens`
+    (the call `MLLMTextEncoder._run` makes; the tokenizer is left out)."""
+    from hyimage.offload import MemoryManager
+
+    model = qwen_text_model(layers)
+    with fake_cuda():
+        materialize(model)
+        tracker = LiveBytes()
+        with tracker:
+            tracker.track([*model.parameters(), *model.buffers()])
+            ids = torch.zeros(1, tokens, dtype=torch.long, device="cuda")
+            mask = torch.ones(1, tokens, dtype=torch.long, device="cuda")
+            position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            with MemoryManager("cuda", "model").running(model):
+                before = tracker.gib("cuda", "current")
+                tracker.reset_peak()
+                hidden = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+                del hidden
                 peak = tracker.gib("cuda")
     return {"peak": peak, "weights": before, "activations": peak - before}

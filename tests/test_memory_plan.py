@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.memsim import LiveBytes, fake_cuda, simulate_dit, simulate_vae_decode
+from benchmarks.memsim import LiveBytes, fake_cuda, simulate_dit, simulate_text_encoder, simulate_vae_decode
 from hyimage.cli import main
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.offload import MemoryManager
@@ -21,7 +21,9 @@ from hyimage.offload.planner import (
     GIB,
     QWEN25VL_7B,
     QWEN25VL_32B,
+    TEMPLATE_TOKENS,
     TEXT_ENCODER_LAYERS,
+    TEXT_TOKENS,
     PlanRequest,
     dit_activation_bytes,
     dit_config,
@@ -74,7 +76,7 @@ def test_24_gib_streams_nothing_and_base_cfg_fits_24_and_16_with_fp8() -> None:
 
 
 @pytest.mark.slow
-def test_language_model_sizes_match_meta_builds() -> None:
+def test_language_model_sizes_and_text_activations() -> None:
     from transformers import Qwen2_5_VLTextConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
@@ -88,6 +90,10 @@ def test_language_model_sizes_match_meta_builds() -> None:
                 vocab_size=config["vocab"]))
         counted = sum(p.numel() for p in model.parameters()) * 2
         assert language_model(config, layers, lm_head=False).total == counted
+    # and the text encoder's simulated activations (one decoder layer, a padded 2K prompt) stay within the plan
+    simulated = simulate_text_encoder(TEXT_TOKENS + TEMPLATE_TOKENS)["activations"]
+    planned = make_plan(DISTILLED_FP8, 24).stage("text_encoder").activations_gib
+    assert 0.05 < simulated <= planned
 
 
 def test_auto_mode_places_each_part_as_the_plan_says() -> None:

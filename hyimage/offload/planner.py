@@ -272,7 +272,8 @@ def vae_activation_bytes(stage: str, request: PlanRequest, itemsize: int) -> int
 
 
 def text_activation_bytes(c: dict, tokens: int) -> int:
-    """One prompt through a decoder layer: hidden states, q/k/v, the MLP's gate, up and product, in bf16 (x2)."""
+    """One prompt through a decoder layer: hidden states, q/k/v, the MLP's gate, up and product, in bf16, twice
+    over (a batch of two prompts; the simulator measures 0.13 GiB for one padded 2K prompt, 0.30 planned)."""
     return 2 * tokens * (6 * c["hidden"] + 3 * c["intermediate"]) * 2
 
 
