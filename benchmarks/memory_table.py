@@ -7,7 +7,7 @@ size (benchmarks/memsim.py). DiT stages run 1 double + 1 single block at full wi
 weights of the full model that the plan keeps on the GPU are counted by the block streamer on its meta build
 and added (activations are per-block transients, independent of depth); the text encoder likewise (1 decoder
 layer simulated, the 26-layer model's placed weights counted). The glyph and reprompt models are planned from
-formulas only ("-" under simulated). Peaks in GiB; the plan keeps its margin free
+formulas only ("-" under simulated). The refiner VAE row is the larger of its encode and its decode. Peaks in GiB; the plan keeps its margin free
 on top. No GPU needed; a few minutes on 2 CPU cores.
 """
 
@@ -80,6 +80,7 @@ def dit_activations(config, fp8: bool, batch: int, width: int, height: int, refi
 def rows(budgets: list[float], sizes: list[tuple[int, int]]):
     for width, height in sizes:
         vae = {stage: simulate_vae_decode(stage, width, height)["peak"] for stage in ("vae_decode", "refiner_vae")}
+        vae["refiner_vae"] = max(vae["refiner_vae"], simulate_vae_decode("refiner_vae", width, height, True)["peak"])
         text_activations = simulate_text_encoder(TEXT_TOKENS + TEMPLATE_TOKENS)["activations"]
         for name, variant in VARIANTS.items():
             for fp8 in (True, False):

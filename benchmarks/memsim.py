@@ -336,9 +336,10 @@ def vae_config(stage: str) -> dict:
     return json.loads((MANIFESTS / f"{name}.json").read_text())["config"]
 
 
-def simulate_vae_decode(stage: str, width: int, height: int) -> dict[str, float]:
+def simulate_vae_decode(stage: str, width: int, height: int, encode: bool = False) -> dict[str, float]:
     """Peak GiB on fake CUDA of the VAE decode of one image (stage "vae_decode": 2D, float32 as stored;
-    "refiner_vae": the 3D VAE in float16, a frame pair, as the refiner decodes)."""
+    "refiner_vae": the 3D VAE in float16, a frame pair, as the refiner decodes); `encode`: the refiner's encode
+    of the image it refines instead."""
     import hyimage.models as models
     from hyimage.offload import MemoryManager
 
@@ -362,11 +363,12 @@ def simulate_vae_decode(stage: str, width: int, height: int) -> dict[str, float]
             memory = MemoryManager("cuda", "model")
             z = torch.randn(1, config["latent_channels"], frames, height // factor, width // factor,
                             device="cuda", dtype=dtype)
+            pixels = torch.randn(1, 3, 1, height, width, device="cuda", dtype=dtype) if encode else None
             with memory.running(vae):
                 before = tracker.gib("cuda", "current")
                 tracker.reset_peak()
-                image = vae.decode(z, return_dict=False)[0]
-                del image
+                out = vae.encode(pixels).latent_dist.mean if encode else vae.decode(z, return_dict=False)[0]
+                del out
                 peak = tracker.gib("cuda")
     return {"peak": peak, "weights": before, "activations": peak - before}
 
