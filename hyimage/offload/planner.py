@@ -55,9 +55,9 @@ size): a resnet block at full resolution holds its input, the GroupNorm output, 
 convolution output. The simulator measures 3.5 for the 2D decode at 2048x2048 (7.0 GiB in float32; peak 8.5
 with the weights) and 3.5 per frame for the refiner's 3D decode (fp16, one latent frame = two image frames:
 7.0 GiB; peak 9.4); 3.6 keeps 3% over both (the simulator runs the same convolutions and norms, so its
-count is exact up to workspaces). The refiner's 3D encode of a 2K image simulates 7.0 GiB too (peak 9.4). Convolution workspaces are not planned beyond the
-margin: on the CPU one was about one full-resolution activation, but cuDNN picks algorithms whose workspace
-fits the memory left free (measure it with benchmarks/bench_memory_modes_gpu.py where a GPU is lent)."""
+count is exact up to workspaces). The refiner's 3D encode of a 2K image simulates 7.0 GiB too (peak 9.4).
+Convolution workspaces are not planned beyond the margin: on the CPU one was about one full-resolution
+activation, but cuDNN picks algorithms whose workspace fits the memory left free (measure it with benchmarks/bench_memory_modes_gpu.py where a GPU is lent)."""
 
 # Parts whose sizes come from their released configurations (see the module docstring).
 QWEN25VL_7B = dict(hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
