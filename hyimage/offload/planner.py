@@ -343,8 +343,9 @@ def make_plan(request: PlanRequest, gpu_gib: float, host_gib: float | None = Non
     room = (gpu_gib - margin) * GIB
     needs = _needs(request)
     resident_total = sum(n.part.total for n in needs if n.stage != "reprompt")
+    # resident parts stay on the GPU from one call to the next, so a reprompt model must fit beside them
     all_resident = resident_total + max(n.activations for n in needs) <= room and all(
-        n.part.total + n.activations <= room for n in needs if n.stage == "reprompt"
+        resident_total + n.part.total + n.activations <= room for n in needs if n.stage == "reprompt"
     )
     stages, host = [], 0
     for need in needs:
@@ -364,6 +365,10 @@ def _stage_plan(need: _Need, room: float, all_resident: bool, resident_total: in
     if all_resident and need.stage != "reprompt":
         return StagePlan(need.stage, "resident", (resident_total + act) / GIB, resident_total / GIB, act / GIB,
                          reason="every part stays on the GPU")
+    if all_resident:  # the reprompt model visits the GPU beside the resident parts (from the second call on)
+        weights = resident_total + need.part.total
+        return StagePlan(need.stage, "model", (weights + act) / GIB, weights / GIB, act / GIB,
+                         reason="beside the resident parts")
     if need.part.total + act <= room:
         return StagePlan(need.stage, "model", (need.part.total + act) / GIB, need.part.total / GIB, act / GIB)
     blocks = need.part.blocks
