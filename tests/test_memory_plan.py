@@ -72,6 +72,10 @@ def test_24_gib_streams_nothing_and_base_cfg_fits_24_and_16_with_fp8() -> None:
     assert make_plan(base, 24).stage("dit").placement == "model"
     assert make_plan(base, 16).stage("dit").placement == "block"
     assert make_plan(PlanRequest(refiner=False), 80).stage("dit").placement == "resident"
+    with_reprompt = make_plan(PlanRequest(refiner=False, reprompt="7b"), 80)
+    resident, reprompt = with_reprompt.stage("dit"), with_reprompt.stage("reprompt")
+    assert resident.placement == "resident" and reprompt.placement == "model"
+    assert reprompt.weights_gib > resident.weights_gib and reprompt.predicted_peak_gib + with_reprompt.margin_gib <= 80
     assert "host RAM" in make_plan(DISTILLED_FP8, 24, 32).stage("refiner_dit").reason
 
 
