@@ -4,7 +4,8 @@ Numbers follow the official pipeline (schedule, Euler step, MeanFlow, guidance e
 guidance); unlike it, a call takes batches of prompts and images, and the guidance state is per call.
 """
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,22 +15,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig
+from hyimage.diffusion.pipelines.finite import check_finite
 from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
     cat_padded,
-    check_embeds,
-    check_output_type,
     decode_to_images,
     format_images,
     run_dit,
     running,
+    step_hook,
+    to_arguments,
     to_uint8,
 )
+from hyimage.diffusion.request import RequestError, check_device, check_request, unknown_keywords_error
 from hyimage.diffusion.sampling import (
     StepCallback,
-    after_step,
     euler_step,
     guidance_embedding_input,
     initial_noise,
@@ -74,11 +76,22 @@ DISTILLED_DEFAULTS = SamplingDefaults(num_inference_steps=8, guidance_scale=3.25
 
 @dataclass
 class HunyuanImageOutput:
-    """Images of one call and what produced each: the prompt as used (after reprompting) and its seed."""
+    """Images of one call and what produced each: the prompt as used (after reprompting) and its seed.
+
+    Indexable as diffusers' outputs are: `out[0]` and `out["images"]` are `out.images`."""
 
     images: list[Image.Image] | Any
     prompts: list[str | None]
     seeds: list[int | None]
+
+    def to_tuple(self) -> tuple:
+        return (self.images, self.prompts, self.seeds)
+
+    def __getitem__(self, key: int | slice | str) -> Any:
+        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
+
+    def __len__(self) -> int:
+        return 3
 
 
 @dataclass
@@ -149,12 +162,13 @@ class HunyuanImagePipeline(LoraMixin):
 
     @classmethod
     def from_pretrained(
-        cls, model_name: str = "hunyuanimage-v2.1", use_fp8: bool = False, **kwargs: Any
+        cls, model_name_or_path: str | Any = None, use_fp8: bool = False, **kwargs: Any
     ) -> "HunyuanImagePipeline":
-        """Build the pipeline from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts)."""
+        """Build the pipeline from a variant name ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts) or a local
+        `ckpts/` folder; keywords as `hyimage.loading.pipeline_loader.load_pipeline` (official ones included)."""
         from hyimage.loading.pipeline_loader import load_pipeline
 
-        return load_pipeline(cls, model_name=model_name, use_fp8=use_fp8, **kwargs)
+        return load_pipeline(cls, model_name_or_path, use_fp8, **kwargs)
 
     # Parts, built on first use.
     @property
@@ -185,12 +199,19 @@ class HunyuanImagePipeline(LoraMixin):
     def device(self) -> torch.device:
         return self.memory.device
 
-    def to(self, device: str | torch.device) -> "HunyuanImagePipeline":
-        """Run on `device` from now on (parts move there when their stage runs)."""
-        self.memory.to(device)
+    def to(self, *args: Any, device: Any = None, dtype: Any = None) -> "HunyuanImagePipeline":
+        """Run on `device` from now on (parts move there when their stage runs; the device must exist) and/or
+        cast the parts' weights to `dtype` (FP8-stored weights stay FP8): `to("cuda")`, `to(torch.bfloat16)`,
+        `to("cuda", torch.bfloat16)`."""
+        device, dtype = to_arguments(args, device, dtype)
+        if device is not None:
+            self.memory.to(check_device(device))
+        if dtype is not None:
+            self.parts.cast(dtype)
+            self.memory.to(self.memory.device)  # streamers hold copies of the old weights
         refiner = self.parts.loaded("refiner_pipeline")
-        if refiner is not None and refiner.memory is not self.memory:
-            refiner.to(device)
+        if refiner is not None and (refiner.memory is not self.memory or dtype is not None):
+            refiner.to(device=device if refiner.memory is not self.memory else None, dtype=dtype)
         return self
 
     @property
@@ -239,45 +260,40 @@ class HunyuanImagePipeline(LoraMixin):
         use_reprompt: bool = False,
         use_refiner: bool = False,
         refiner_handoff: str = "uint8",
-    ) -> Image.Image | HunyuanImageOutput | torch.Tensor:
+        return_dict: bool | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unknown: Any,
+    ) -> Image.Image | HunyuanImageOutput | torch.Tensor | tuple:
         """Generate images.
 
-        Returns a `PIL.Image` for one prompt, one image and output_type "pil"; the final latents (before the
-        VAE) for output_type "latent"; else a `HunyuanImageOutput`. `seed` (image i gets seed + i, or one per
-        image) or `generator` (one, or one per image) fix the noise; the same seed gives the same image.
-        `callback(step, timestep, latents)` runs after each step and may return replacement latents.
+        Returns (official behaviour, `return_dict` unset) a `PIL.Image` for one prompt, one image and
+        output_type "pil"; the final latents (before the VAE) for output_type "latent"; else a
+        `HunyuanImageOutput`. `return_dict=True` always returns a `HunyuanImageOutput` (`.images`), False its
+        tuple, as diffusers does. `seed` (an int in [0, 2**64): image i gets seed + i; or one per image; None
+        draws one, reported in `.seeds`) or `generator` (one, or one per image) fix the noise.
+        `callback(step, timestep, latents)` runs after each step and may return replacement latents; diffusers'
+        `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict` too.
         `refiner_handoff` "uint8" passes the refiner an 8-bit image as the official pipeline does; "float" the
         decoded image unrounded. Precomputed embeddings replace the encoders' output; a DiT with glyph input
-        given neither `glyph_embeds` nor prompt text gets zeros (no text to render).
+        given neither `glyph_embeds` nor prompt text gets zeros (no text to render). Every argument is checked
+        before any part is loaded; non-finite values after a stage raise `NonFiniteError`.
         """
-        check_output_type(output_type)
-        if refiner_handoff not in ("uint8", "float"):
-            raise ValueError(f"refiner_handoff {refiner_handoff!r} is unknown; choose 'uint8' or 'float'")
-        if use_refiner and prompt is None:
-            raise ValueError(
-                "use_refiner=True needs `prompt` text: the refiner encodes the prompt with its own template"
-            )
-        if use_refiner and not self.parts.given("refiner_pipeline"):
-            raise ValueError(
-                "use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained"
-            )
-        if num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt must be at least 1, got {num_images_per_prompt}")
+        if unknown:
+            unknown_keywords_error("HunyuanImagePipeline.__call__", type(self).__call__, unknown)
+        request = dict(locals())
+        check_request(
+            {k: v for k, v in request.items() if k not in ("self", "unknown", "request")}, aspect_ratios=ASPECT_RATIOS
+        )
+        self._check_parts_given(prompt_embeds, negative_prompt_embeds, use_refiner, use_reprompt)
         dit, vae = self.dit, self.vae
         self.check_parts()
         dit_cfg = dit.config
         factor = vae.config.ffactor_spatial * dit_cfg.patch_size[-1]
 
-        prompts = self._prompts(prompt, prompt_embeds, use_reprompt)
+        prompts = self._prompts(prompt, prompt_embeds)
         n_prompts = len(prompts)
         negative_prompts = as_list(negative_prompt if negative_prompt is not None else "", n_prompts, "negative_prompt")
-        for name, embeds, mask in (
-            ("prompt_embeds", prompt_embeds, prompt_embeds_mask),
-            ("negative_prompt_embeds", negative_prompt_embeds, negative_prompt_embeds_mask),
-            ("glyph_embeds", glyph_embeds, glyph_embeds_mask),
-            ("negative_glyph_embeds", negative_glyph_embeds, negative_glyph_embeds_mask),
-        ):
-            check_embeds(embeds, mask, name, n_prompts)
 
         batch = n_prompts * num_images_per_prompt
         if latents is not None:
@@ -290,6 +306,11 @@ class HunyuanImagePipeline(LoraMixin):
         guidance_scale = guidance_scale if guidance_scale is not None else defaults.guidance_scale
         shift = shift if shift is not None else defaults.shift
         do_cfg = not self.is_distilled and guidance_scale > 1
+        if not do_cfg and (any(negative_prompts) or negative_prompt_embeds is not None):
+            reason = "the distilled model has no classifier-free guidance" if self.is_distilled else (
+                f"guidance_scale={guidance_scale} <= 1 turns classifier-free guidance off"
+            )
+            warnings.warn(f"the negative prompt is ignored: {reason}", stacklevel=3)
 
         if use_reprompt:
             prompts = self._reprompt(prompts)
@@ -325,13 +346,19 @@ class HunyuanImagePipeline(LoraMixin):
         else:
             conditioning, guider = cond, None
 
-        latents = self._denoise(
-            dit, latents, conditioning, steps, shift, guidance_scale, guider, compute_dtype, callback
+        hook = step_hook(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        latents = self._denoise(dit, latents, conditioning, steps, shift, guidance_scale, guider, compute_dtype, hook)
+        check_finite(
+            latents,
+            "denoising",
+            "NaN/Inf weights in the DiT checkpoint (load with verify=True to name the tensor), non-finite `latents` "
+            "passed in, a callback that returned them, or a half-precision overflow",
         )
         if output_type == "latent":
-            return latents
+            return self._output(latents, image_prompts, seeds, output_type, return_dict, batch)
 
         images = self._decode(vae, latents)
+        check_finite(images, "VAE decoding", "NaN/Inf weights in the VAE checkpoint (vae/vae_2_1) or a half-precision overflow")
         if use_refiner:
             images = self._refine(
                 images,
@@ -346,30 +373,36 @@ class HunyuanImagePipeline(LoraMixin):
                 refiner_handoff,
             )
         images = format_images(images, output_type)
-        if output_type == "pil" and batch == 1:
-            return images[0]
-        return HunyuanImageOutput(images=images, prompts=image_prompts, seeds=seeds)
+        return self._output(images, image_prompts, seeds, output_type, return_dict, batch)
 
     # Inputs.
-    def _prompts(
-        self, prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None, use_reprompt: bool
-    ) -> list[str | None]:
-        if prompt is None and prompt_embeds is None:
-            raise ValueError(
-                "pass `prompt` (a string or a list of strings) or `prompt_embeds` with `prompt_embeds_mask`"
+    def _check_parts_given(
+        self,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        use_refiner: bool,
+        use_reprompt: bool,
+    ) -> None:
+        """The parts a request needs were given (checked before any is built)."""
+        if use_refiner and not self.parts.given("refiner_pipeline"):
+            raise RequestError(
+                "use_refiner", "use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained"
             )
-        if use_reprompt and prompt is None:
-            raise ValueError("use_reprompt=True rewrites `prompt` text; it cannot rewrite precomputed `prompt_embeds`")
+        if use_reprompt and not self.parts.given("reprompt_model"):
+            raise RequestError(
+                "use_reprompt", "use_reprompt=True needs a `reprompt_model`; pass one to the pipeline or load it with from_pretrained"
+            )
+        if prompt_embeds is None and not self.parts.given("text_encoder"):
+            raise RequestError(
+                "prompt_embeds", "no `text_encoder` to encode prompts; pass one to the pipeline, or pass `prompt_embeds` "
+                "and `negative_prompt_embeds` (with masks)"
+            )
+
+    @staticmethod
+    def _prompts(prompt: str | list[str] | None, prompt_embeds: torch.Tensor | None) -> list[str | None]:
         if prompt is None:
             return [None] * prompt_embeds.shape[0]
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("`prompt` must be a string or a non-empty list of strings")
-        if prompt_embeds is not None and prompt_embeds.shape[0] != len(prompts):
-            raise ValueError(
-                f"`prompt` has {len(prompts)} entries but `prompt_embeds` has batch {prompt_embeds.shape[0]}"
-            )
-        return prompts
+        return [prompt] if isinstance(prompt, str) else list(prompt)
 
     @staticmethod
     def _size_from_latents(
@@ -397,10 +430,6 @@ class HunyuanImagePipeline(LoraMixin):
         return size
 
     def _reprompt(self, prompts: list[str]) -> list[str]:
-        if not self.parts.given("reprompt_model"):
-            raise ValueError(
-                "use_reprompt=True needs a `reprompt_model`; pass one to the pipeline or load it with from_pretrained"
-            )
         model = self.reprompt_model
         with running(self.memory, model):
             rewritten = [model.rewrite(p) for p in prompts]
@@ -420,16 +449,17 @@ class HunyuanImagePipeline(LoraMixin):
         """Text (and glyph) embeddings for a list of prompts, encoding only what was not given."""
         device = self.device
         if embeds is None:
-            if not self.parts.given("text_encoder"):
-                raise ValueError(
-                    "no `text_encoder` to encode prompts; pass one to the pipeline, or pass `prompt_embeds` and "
-                    "`negative_prompt_embeds` (with masks)"
-                )
             encoder = self.text_encoder
             with running(self.memory, encoder):
                 embeds, mask = encoder.encode(prompts)
+            check_finite(embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)")
+        else:
+            check_finite(embeds, "the text embeddings given", "the `prompt_embeds` passed in hold NaN or Inf")
         if use_glyph and glyph is None:
             glyph, glyph_mask = self._encode_glyph(prompts)
+            check_finite(glyph, "the glyph encoder", "NaN/Inf weights in the glyph checkpoint (text_encoder/Glyph-SDXL-v2)")
+        elif use_glyph:
+            check_finite(glyph, "the glyph embeddings given", "the `glyph_embeds` passed in hold NaN or Inf")
         if not use_glyph:
             glyph = glyph_mask = None
         ocr_mask = (
@@ -489,7 +519,7 @@ class HunyuanImagePipeline(LoraMixin):
         guidance_scale: float,
         guider: Guidance | None,
         compute_dtype: torch.dtype | None,
-        callback: StepCallback | None,
+        hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         device = self.device
         sigmas = shifted_sigmas(steps, shift).to(device)
@@ -521,10 +551,23 @@ class HunyuanImagePipeline(LoraMixin):
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = guider(pred_cond, pred_uncond, i)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                latents = after_step(callback, i, t, latents)
+                latents = hook(i, t, latents)
         return latents
 
     # Output.
+    @staticmethod
+    def _output(
+        images: Any, prompts: list[str | None], seeds: list[int | None], output_type: str, return_dict: bool | None,
+        batch: int,
+    ) -> Any:
+        """The official return (a PIL image for one image, a tensor for latents) unless `return_dict` is set."""
+        output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
+        if return_dict is None:
+            if output_type == "latent":
+                return images
+            return images[0] if output_type == "pil" and batch == 1 else output
+        return output if return_dict else output.to_tuple()
+
     def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the official does."""
         latents = unscale_latents(latents, vae.config)
@@ -549,6 +592,8 @@ class HunyuanImagePipeline(LoraMixin):
         refiner = self.refiner_pipeline
         if refiner.device != self.device:
             refiner.to(self.device)
+        if self.parts.dtype is not None:
+            refiner.to(dtype=self.parts.dtype)
         handed = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255 if handoff == "uint8" else images
         use_seeds = all(s is not None for s in seeds)
         refined = refiner(
@@ -561,5 +606,6 @@ class HunyuanImagePipeline(LoraMixin):
             seed=seeds if use_seeds else None,
             generator=None if use_seeds else list(generators),
             output_type="pt",
+            return_dict=True,
         )
         return refined.images

@@ -6,7 +6,7 @@ latents] on the channel axis, the condition augmented with 25% of its own noise,
 through its guidance embedding (no classifier-free guidance).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,21 +14,29 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from hyimage.diffusion.pipelines.finite import check_finite
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput
 from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
-    check_output_type,
     decode_to_images,
     format_images,
     module_dtype,
     run_dit,
     running,
+    step_hook,
+    to_arguments,
+)
+from hyimage.diffusion.request import (
+    RequestError,
+    RequestTypeError,
+    check_device,
+    check_request,
+    unknown_keywords_error,
 )
 from hyimage.diffusion.sampling import (
     StepCallback,
-    after_step,
     euler_step,
     guidance_embedding_input,
     initial_noise,
@@ -65,7 +73,7 @@ def images_to_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, (list, tuple)) and all(isinstance(i, Image.Image) for i in image):
         arrays = [np.asarray(i.convert("RGB")) for i in image]
         if len({a.shape for a in arrays}) != 1:
-            raise ValueError("all images given to the refiner must have the same size")
+            raise RequestError("image", "all images given to the refiner must have the same size")
         return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
     if isinstance(image, np.ndarray):
         array = image[None] if image.ndim == 3 else image
@@ -74,10 +82,10 @@ def images_to_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         tensor = image[None] if image.ndim == 3 else image
         if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise ValueError(f"an image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+            raise RequestError("image", f"an image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
         return tensor.float()
-    raise TypeError(
-        f"`image` must be a PIL image, a list of them, a uint8 array or a tensor, got {type(image).__name__}"
+    raise RequestTypeError(
+        "image", f"`image` must be a PIL image, a list of them, a uint8 array or a tensor, got {type(image).__name__}"
     )
 
 
@@ -107,11 +115,12 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         self.progress_bar = progress_bar
 
     @classmethod
-    def from_pretrained(cls, **kwargs: Any) -> "HunyuanImageRefinerPipeline":
-        """Build the refiner from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts)."""
+    def from_pretrained(cls, model_name_or_path: str | Any = None, **kwargs: Any) -> "HunyuanImageRefinerPipeline":
+        """Build the refiner from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts) or a
+        local `ckpts/` folder given first."""
         from hyimage.loading.pipeline_loader import load_refiner_pipeline
 
-        return load_refiner_pipeline(cls, **kwargs)
+        return load_refiner_pipeline(cls, model_name_or_path, **kwargs)
 
     @property
     def dit(self) -> torch.nn.Module:
@@ -129,9 +138,15 @@ class HunyuanImageRefinerPipeline(LoraMixin):
     def device(self) -> torch.device:
         return self.memory.device
 
-    def to(self, device: str | torch.device) -> "HunyuanImageRefinerPipeline":
-        """Run on `device` from now on."""
-        self.memory.to(device)
+    def to(self, *args: Any, device: Any = None, dtype: Any = None) -> "HunyuanImageRefinerPipeline":
+        """Run on `device` from now on (it must exist) and/or cast the parts' weights to `dtype`, as
+        `HunyuanImagePipeline.to`."""
+        device, dtype = to_arguments(args, device, dtype)
+        if device is not None:
+            self.memory.to(check_device(device))
+        if dtype is not None:
+            self.parts.cast(dtype)
+            self.memory.to(self.memory.device)
         return self
 
     def check_parts(self) -> None:
@@ -165,51 +180,52 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         prompt_embeds_mask: torch.Tensor | None = None,
         output_type: str = "pil",
         callback: StepCallback | None = None,
-    ) -> Image.Image | HunyuanImageOutput | torch.Tensor:
+        return_dict: bool | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **unknown: Any,
+    ) -> Image.Image | HunyuanImageOutput | torch.Tensor | tuple:
         """Refine `image` (one or a batch) guided by `prompt`; width/height default to the image's size.
 
         `negative_prompt` is accepted for symmetry with the base pipeline and unused (the refiner has no CFG).
         Returns a PIL image for one image and output_type "pil", the final latents for "latent", else a
-        `HunyuanImageOutput`. Each image's noise, VAE sample and condition noise come from its seed.
+        `HunyuanImageOutput` (`return_dict` as in `HunyuanImagePipeline.__call__`). Each image's noise, VAE
+        sample and condition noise come from its seed. Arguments are checked before any part is loaded.
         """
-        check_output_type(output_type)
-        dit, vae = self.dit, self.vae
-        self.check_parts()
+        if unknown:
+            unknown_keywords_error("HunyuanImageRefinerPipeline.__call__", type(self).__call__, unknown)
         pixels = images_to_tensor(image)
         batch = pixels.shape[0]
+        if not bool(torch.isfinite(pixels).all()):
+            raise RequestError("image", "`image` holds NaN or Inf values; pass an image in [0, 1]")
+        request = {k: v for k, v in locals().items() if k not in ("self", "unknown", "image", "pixels", "batch")}
+        request["width"] = pixels.shape[-1] if width is None else width
+        request["height"] = pixels.shape[-2] if height is None else height
+        check_request(request, size_multiple=16, image_count=batch)
+        if prompt_embeds is None and not self.parts.given("text_encoder"):
+            raise RequestError(
+                "prompt_embeds", "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`"
+            )
+        dit, vae = self.dit, self.vae
+        self.check_parts()
         factor = vae.config.ffactor_spatial
-        width = pixels.shape[-1] if width is None else width
-        height = pixels.shape[-2] if height is None else height
+        width, height = request["width"], request["height"]
         for name, value in (("width", width), ("height", height)):
             if value < factor or value % factor:
-                raise ValueError(f"`{name}`={value} must be a positive multiple of {factor} (the refiner VAE's factor)")
+                raise RequestError(name, f"`{name}`={value} must be a positive multiple of {factor} (the refiner VAE's factor)")
         if (height, width) != tuple(pixels.shape[-2:]):
             pixels = torch.nn.functional.interpolate(
                 pixels, size=(height, width), mode="bicubic", align_corners=False
             ).clamp(0, 1)
 
+        prompts = as_list(prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) == 1 else prompt, batch, "prompt")
         if prompt_embeds is None:
-            if prompt is None:
-                raise ValueError(
-                    "pass `prompt` (one per image or one for all) or `prompt_embeds` with `prompt_embeds_mask`"
-                )
-            prompts = as_list(prompt, batch, "prompt")
-            if not self.parts.given("text_encoder"):
-                raise ValueError(
-                    "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`"
-                )
             encoder = self.text_encoder
             with running(self.memory, encoder):
                 prompt_embeds, prompt_embeds_mask = encoder.encode(prompts)
+            check_finite(prompt_embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)")
         else:
-            if prompt_embeds_mask is None:
-                raise ValueError(
-                    "`prompt_embeds` was given without `prompt_embeds_mask`; pass the mask the encoder returned"
-                )
-            if prompt_embeds.shape[0] != batch:
-                raise ValueError(f"`prompt_embeds` has batch {prompt_embeds.shape[0]} but {batch} images were given")
-            prompts = as_list(prompt, batch, "prompt")
-        as_list(negative_prompt, batch, "negative_prompt")
+            check_finite(prompt_embeds, "the text embeddings given", "the `prompt_embeds` passed in hold NaN or Inf")
 
         steps = num_inference_steps if num_inference_steps is not None else self.default_num_inference_steps
         guidance_scale = guidance_scale if guidance_scale is not None else self.default_guidance_scale
@@ -223,6 +239,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         shape = (batch, dit.config.out_channels, 1, height // factor, width // factor)
         latents = initial_noise(shape, noise_generators, compute_dtype or torch.float32, self.device)
         condition = self._condition(vae, pixels, condition_generators)
+        check_finite(condition, "the refiner VAE's encoding", "NaN/Inf weights in the refiner VAE checkpoint (vae/vae_refiner)")
         latents = self._denoise(
             dit,
             latents,
@@ -233,14 +250,23 @@ class HunyuanImageRefinerPipeline(LoraMixin):
             shift,
             guidance_scale,
             compute_dtype,
-            callback,
+            step_hook(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs),
+        )
+        check_finite(
+            latents, "refining", "NaN/Inf weights in the refiner DiT checkpoint (load with verify=True to name the tensor)"
         )
         if output_type == "latent":
-            return latents
-        images = format_images(self._decode(vae, latents), output_type)
-        if output_type == "pil" and batch == 1:
-            return images[0]
-        return HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
+            images = latents
+        else:
+            decoded = self._decode(vae, latents)
+            check_finite(decoded, "the refiner VAE's decoding", "NaN/Inf weights in vae/vae_refiner or a half-precision overflow")
+            images = format_images(decoded, output_type)
+        output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
+        if return_dict is None:
+            if output_type == "latent":
+                return latents
+            return images[0] if output_type == "pil" and batch == 1 else output
+        return output if return_dict else output.to_tuple()
 
     def _condition(
         self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]
@@ -265,7 +291,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         shift: float,
         guidance_scale: float,
         compute_dtype: torch.dtype | None,
-        callback: StepCallback | None,
+        hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         device = self.device
         sigmas = shifted_sigmas(steps, shift).to(device)
@@ -279,7 +305,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
                 guidance = guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
                 pred = run_dit(dit, compute_dtype, model_input, t.repeat(n), text, text_mask, guidance=guidance)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                latents = after_step(callback, i, t, latents)
+                latents = hook(i, t, latents)
         return latents
 
     def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:

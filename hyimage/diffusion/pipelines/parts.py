@@ -2,6 +2,7 @@
 
 import functools
 import inspect
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -9,7 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from hyimage.diffusion.request import RequestTypeError, check_dtype
+from hyimage.diffusion.sampling import StepCallback, after_step
 from hyimage.offload import MemoryManager
+from hyimage.quantization.fp8 import FP8Linear
 
 
 def is_factory(part: Any) -> bool:
@@ -22,13 +26,23 @@ class Parts:
 
     def __init__(self, **parts: Any) -> None:
         self._parts = dict(parts)
+        self.dtype: torch.dtype | None = None
 
     def get(self, name: str) -> Any:
         part = self._parts[name]
         if is_factory(part):
             part = part()
             self._parts[name] = part
+            if self.dtype is not None and isinstance(part, torch.nn.Module):
+                cast_floating(part, self.dtype)
         return part
+
+    def cast(self, dtype: torch.dtype) -> None:
+        """Cast the built parts' floating weights to `dtype` now, and the others when they are built."""
+        self.dtype = dtype
+        for part in self._parts.values():
+            if isinstance(part, torch.nn.Module):
+                cast_floating(part, dtype)
 
     def given(self, name: str) -> bool:
         return self._parts.get(name) is not None
@@ -37,6 +51,63 @@ class Parts:
         """The part if it is built already, else None (does not build it)."""
         part = self._parts.get(name)
         return None if part is None or is_factory(part) else part
+
+
+def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """`module.to(dtype)` for its floating parameters and buffers, except FP8-stored weights and their scales."""
+    for sub in module.modules():
+        keep = ("weight", "weight_scale") if isinstance(sub, FP8Linear) else ()
+        for tensors in (sub._parameters, sub._buffers):
+            for name, tensor in tensors.items():
+                if tensor is None or name in keep or not tensor.is_floating_point() or tensor.dtype == dtype:
+                    continue
+                if tensor.element_size() == 1:
+                    continue
+                converted = tensor.data.to(dtype)
+                if isinstance(tensor, torch.nn.Parameter):
+                    tensors[name] = torch.nn.Parameter(converted, requires_grad=tensor.requires_grad)
+                else:
+                    tensors[name] = converted
+
+
+def to_arguments(
+    args: Sequence[Any], device: Any = None, dtype: Any = None
+) -> tuple[Any, torch.dtype | None]:
+    """`pipe.to` arguments as diffusers takes them: a device, a dtype, or both, positionally or by keyword."""
+    for arg in args:
+        if isinstance(arg, torch.dtype):
+            if dtype is not None:
+                raise RequestTypeError("dtype", "pipe.to() got two dtypes; pass one")
+            dtype = arg
+        elif isinstance(arg, (str, torch.device)):
+            if device is not None:
+                raise RequestTypeError("device", "pipe.to() got two devices; pass one")
+            device = arg
+        else:
+            raise RequestTypeError(
+                "device", f"pipe.to() takes a device ('cuda', 'cpu') and/or a dtype (torch.bfloat16), got {arg!r}"
+            )
+    return device, None if dtype is None else check_dtype(dtype)
+
+
+def step_hook(
+    pipe: Any,
+    callback: StepCallback | None,
+    callback_on_step_end: Callable[..., dict] | None,
+    tensor_inputs: Sequence[str],
+) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The per-step user hooks: `callback(step, timestep, latents)` and diffusers'
+    `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict` (its "latents" replace the latents)."""
+
+    def hook(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        latents = after_step(callback, step, timestep, latents)
+        if callback_on_step_end is not None:
+            outputs = callback_on_step_end(pipe, step, timestep, {name: latents for name in tensor_inputs})
+            if outputs is not None:
+                latents = outputs.get("latents", latents)
+        return latents
+
+    return hook
 
 
 def running(memory: MemoryManager, part: Any) -> AbstractContextManager:
@@ -113,25 +184,6 @@ def as_list(value: Any, n: int, name: str) -> list:
     return values
 
 
-def check_embeds(embeds: torch.Tensor | None, mask: torch.Tensor | None, name: str, batch: int | None) -> None:
-    """An embedding tensor needs its mask, of matching batch and length."""
-    if embeds is None:
-        if mask is not None:
-            raise ValueError(f"`{name}_mask` was given without `{name}`; pass both or neither")
-        return
-    if mask is None:
-        raise ValueError(
-            f"`{name}` was given without `{name}_mask`; pass the attention mask the encoder returned with it "
-            "(1 for valid tokens, 0 for padding)"
-        )
-    if embeds.ndim != 3 or mask.ndim != 2 or mask.shape != embeds.shape[:2]:
-        raise ValueError(
-            f"`{name}` must be (batch, length, dim) and `{name}_mask` (batch, length); got {tuple(embeds.shape)} and {tuple(mask.shape)}"
-        )
-    if batch is not None and embeds.shape[0] != batch:
-        raise ValueError(f"`{name}` has batch {embeds.shape[0]} but there are {batch} prompts")
-
-
 def pad_tokens(embeds: torch.Tensor, mask: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad embeddings with zeros and the mask with 0 to `length` tokens."""
     extra = length - embeds.shape[1]
@@ -150,12 +202,6 @@ def cat_padded(
     e1, m1 = pad_tokens(*first, length)
     e2, m2 = pad_tokens(*second, length)
     return torch.cat([e1, e2.to(e1.dtype)]), torch.cat([m1, m2.to(m1.dtype)])
-
-
-def check_output_type(output_type: str) -> None:
-    """A pipeline call returns images as "pil", "np" or "pt", or the final latents for "latent"."""
-    if output_type not in ("pil", "np", "pt", "latent"):
-        raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
