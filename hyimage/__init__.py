@@ -1,13 +1,18 @@
 """hyimage: reference inference for HunyuanImage-2.1.
 
 The pipelines are imported on first use, so `import hyimage` stays cheap
-(transformers and the models load only when asked for).
+(transformers and the models load only when asked for). The library's log is off until enabled:
+`from loguru import logger; logger.enable("hyimage")` (the `hyimage` command enables it).
 """
 
 from importlib import import_module
 from typing import Any
 
+from loguru import logger
+
 __version__ = "0.1.0"
+
+logger.disable("hyimage")
 
 _LAZY = {
     "HunyuanImagePipeline": "hyimage.diffusion.pipelines.hunyuanimage_pipeline",

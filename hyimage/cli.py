@@ -3,19 +3,28 @@
     hyimage generate "a red fox in the snow" --download --variant distilled --fp8
     hyimage refine photo.png --prompt "a red fox in the snow" --output refined.png
     hyimage download --variant distilled --fp8 --no-refiner
+
+Every argument is checked before anything loads; a mistake the user can fix ends in one line on stderr and
+exit code 1 (`-v`/`--debug` add the traceback). `-v` (debug), `-q` (warnings only) go anywhere on the line.
 """
 
 import argparse
-import json
+import errno
+import os
 import random
 import sys
-from collections.abc import Sequence
+import traceback
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from loguru import logger
 
 from hyimage import __version__
+from hyimage.diffusion.pipelines.finite import NonFiniteError
+from hyimage.diffusion.request import RequestError, check_device, check_real, check_request
 from hyimage.loading.download import (
     OFFICIAL_REPO,
     DownloadConfig,
@@ -27,6 +36,7 @@ from hyimage.loading.download import (
     plan,
 )
 from hyimage.loading.layout import model_root
+from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
 from hyimage.offload.planner import add_plan_parser
 
@@ -36,40 +46,117 @@ VARIANT_ALIASES = {
     "hunyuanimage-v2.1": "hunyuanimage-v2.1",
     "hunyuanimage-v2.1-distilled": "hunyuanimage-v2.1-distilled",
 }
-METADATA_KEY = "hyimage"
+RANDOM_SEED = -1
+LOG_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
+GENERATE_NAMES = {
+    "prompt": "PROMPT", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
+    "aspect_ratio": "--aspect-ratio", "num_inference_steps": "--steps", "guidance_scale": "--guidance-scale",
+    "shift": "--shift", "seed": "--seed", "num_images_per_prompt": "--num-images", "use_refiner": "--refiner",
+    "use_reprompt": "--reprompt", "device": "--device", "image": "IMAGE",
+}
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, DownloadError, NonFiniteError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logger.remove()
-    logger.add(sys.stderr, level="DEBUG" if args.verbose else "INFO")
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False) or getattr(args, "debug", False)
+    handler = configure_logging(verbose, getattr(args, "quiet", False))
     try:
-        return args.run(args)
-    except (DownloadError, FileNotFoundError, FileExistsError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        with warnings_to_log():
+            return args.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - user errors become one line, others keep their traceback
+        if not is_user_error(error):
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {describe(error)}", file=sys.stderr)
         return 1
+    finally:
+        logger.remove(handler)
+        logger.disable("hyimage")
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Errors a user can fix (arguments, files, disk, memory), as opposed to bugs."""
+    import torch
+
+    return isinstance(error, (*USER_ERRORS, torch.OutOfMemoryError))
+
+
+def describe(error: BaseException) -> str:
+    """One line saying what went wrong and what to do."""
+    import torch
+
+    if isinstance(error, torch.OutOfMemoryError):
+        return ("out of GPU memory; try --memory-mode block with --gpu-budget-gb, --fp8, a smaller size or fewer "
+                "--num-images")
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" writing {error.filename}" if error.filename else ""
+        return f"no space left on the device{where}; free some space or choose another --output / --model-root"
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def configure_logging(verbose: bool, quiet: bool) -> int:
+    """hyimage's log on stderr: INFO with a short format, DEBUG with -v, warnings only with -q."""
+    logger.remove()
+    logger.enable("hyimage")
+    level = "DEBUG" if verbose else "WARNING" if quiet else "INFO"
+    return logger.add(lambda message: sys.stderr.write(message), level=level, format=LOG_FORMAT,
+                      colorize=sys.stderr.isatty())
+
+
+@contextmanager
+def warnings_to_log() -> Iterator[None]:
+    """Python warnings (an ignored argument, ...) as one log line each."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("default")
+        previous = warnings.showwarning
+        warnings.showwarning = lambda message, category, *_args, **_kwargs: logger.warning(str(message))
+        try:
+            yield
+        finally:
+            warnings.showwarning = previous
+
+
+def seed_argument(text: str) -> int:
+    """An int seed in [0, 2**64), or -1 for a random one."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass e.g. 42, or -1 for a random seed") from None
+    if not RANDOM_SEED <= seed < 2**64:
+        raise argparse.ArgumentTypeError(f"{seed} is out of range: pass 0 to 2**64-1, or -1 for a random seed")
+    return seed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hyimage", description="HunyuanImage-2.1 text-to-image.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only")
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging and the traceback of an error")
+    parser = argparse.ArgumentParser(prog="hyimage", description="HunyuanImage-2.1 text-to-image.", parents=[common])
     parser.add_argument("--version", action="version", version=f"hyimage {__version__}")
-    parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    generate = commands.add_parser("generate", help="draw images from a prompt")
+    generate = commands.add_parser("generate", help="draw images from a prompt", parents=[common])
     generate.add_argument("prompt")
-    generate.add_argument("--negative-prompt", default=None)
-    generate.add_argument("--variant", default="base", choices=sorted(VARIANT_ALIASES),
+    generate.add_argument("--negative-prompt", default=None, help="used by the base model only (CFG)")
+    generate.add_argument("--variant", default=None, choices=sorted(VARIANT_ALIASES),
                           help="base (50 steps, CFG) or distilled (8 steps); default base")
     size = generate.add_argument_group("size (default 2048x2048; HunyuanImage-2.1 is made for 2K)")
-    size.add_argument("--width", type=int)
-    size.add_argument("--height", type=int)
+    size.add_argument("--width", type=int, help="a multiple of 32, at most 4096")
+    size.add_argument("--height", type=int, help="a multiple of 32, at most 4096")
     size.add_argument("--aspect-ratio", help="an official 2K preset: 1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3")
     generate.add_argument("--steps", type=int, help="default: 50 base, 8 distilled")
     generate.add_argument("--guidance-scale", type=float, help="default: 3.5 base, 3.25 distilled")
     generate.add_argument("--shift", type=float, help="default: 5 base, 4 distilled")
-    generate.add_argument("--seed", type=int, help="default: a random seed, printed and stored in the PNG")
+    generate.add_argument("--seed", type=seed_argument, default=RANDOM_SEED,
+                          help="default (or -1): a random seed, printed and stored in the PNG")
     generate.add_argument("--num-images", type=int, default=1)
     generate.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=True,
                           help="run the refiner after the base stage (default on, as the official README advises)")
@@ -84,21 +171,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_loading_arguments(generate)
     generate.set_defaults(run=run_generate)
 
-    refine = commands.add_parser("refine", help="refine an existing image with the refiner model")
+    refine = commands.add_parser("refine", help="refine an existing image with the refiner model", parents=[common])
     refine.add_argument("image", type=Path)
     refine.add_argument("--prompt", required=True, help="what the image shows (the refiner is prompt-guided)")
     refine.add_argument("--width", type=int, help="default: the image's width (a multiple of 16)")
     refine.add_argument("--height", type=int, help="default: the image's height (a multiple of 16)")
     refine.add_argument("--steps", type=int, help="default 4")
-    refine.add_argument("--guidance-scale", type=float)
-    refine.add_argument("--seed", type=int)
+    refine.add_argument("--guidance-scale", type=float, help="default 3.5")
+    refine.add_argument("--seed", type=seed_argument, default=RANDOM_SEED, help="default (or -1): a random seed")
     refine.add_argument("--output", "-o", type=Path, default=None, help="default <image>-refined.png")
     refine.add_argument("--overwrite", action="store_true")
     add_loading_arguments(refine)
     refine.set_defaults(run=run_refine)
 
-    download = commands.add_parser("download", help="fetch the checkpoints a configuration needs")
-    download.add_argument("--variant", default="base", choices=sorted(VARIANT_ALIASES))
+    download = commands.add_parser("download", help="fetch the checkpoints a configuration needs", parents=[common])
+    download.add_argument("--variant", default=None, choices=sorted(VARIANT_ALIASES), help="default base")
     download.add_argument("--fp8", action="store_true", help="the FP8 DiT files instead of the bf16 ones")
     download.add_argument("--no-refiner", dest="refiner", action="store_false")
     download.add_argument("--refiner-only", action="store_true", help="only what `hyimage refine` needs")
@@ -111,7 +198,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="hash every present file again and fetch those that do not match")
     download.add_argument("--repo-id", default=OFFICIAL_REPO,
                           help="the Hub repository holding dit/ and vae/ in the official layout")
-    download.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     download.set_defaults(run=run_download)
     add_plan_parser(commands)
     return parser
@@ -126,11 +212,39 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                        help="FP8 DiT weights (the official _fp8 files, or the bf16 file quantized while loading)")
     group.add_argument("--device", default=None, help="default cuda when available, else cpu")
     group.add_argument("--memory-mode", choices=MEMORY_MODES, default=None,
-                       help="auto (default): as `hyimage plan` places each part; none: all on the GPU; "
+                       help="auto (default): as `hyimage plan` places each part; none: every part stays on the GPU; "
                             "model: each part on the GPU while it runs; block: stream the DiT and text encoder "
                             "block by block")
     group.add_argument("--gpu-budget-gb", type=float, default=None,
                        help="GPU memory (GiB) the auto plan keeps within; in block mode, for streamed weights")
+
+
+def check_loading_arguments(args: argparse.Namespace) -> str:
+    """Memory options that agree with each other and a device that exists; returns the device."""
+    if args.gpu_budget_gb is not None:
+        check_real("gpu_budget_gb", args.gpu_budget_gb, 0.0, 1e6, low_open=True,
+                   namer={"gpu_budget_gb": "--gpu-budget-gb"})
+        if args.memory_mode in ("none", "model"):
+            raise RequestError(
+                "--gpu-budget-gb", f"--gpu-budget-gb applies to --memory-mode auto and block, but --memory-mode "
+                f"{args.memory_mode} was given; drop one of them"
+            )
+    device = args.device or default_device()
+    check_device(device, "device", GENERATE_NAMES)
+    return device
+
+
+def check_output(path: Path, flag: str = "--output") -> None:
+    """`path` can be written: not a folder, no file where a parent folder must be, a writable parent."""
+    if path.is_dir():
+        raise RequestError(flag, f"{flag} {path} is a folder; pass a file name ending in .png")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise RequestError(flag, f"{flag} {path}: {parent} is a file, not a folder; choose another path")
+            if not os.access(parent, os.W_OK):
+                raise RequestError(flag, f"{flag} {path}: the folder {parent} is not writable; choose another path")
+            return
 
 
 def default_device() -> str:
@@ -141,11 +255,18 @@ def default_device() -> str:
 
 
 def run_download(args: argparse.Namespace) -> int:
+    if args.refiner_only:
+        clashes = [flag for flag, given in (("--no-refiner", not args.refiner), ("--variant", args.variant is not None),
+                                            ("--reprompt", args.reprompt is not None)) if given]
+        if clashes:
+            raise RequestError("--refiner-only", f"--refiner-only fetches the refiner alone; it cannot be combined "
+                               f"with {', '.join(clashes)}")
     config = DownloadConfig(
-        variant=VARIANT_ALIASES[args.variant], fp8=args.fp8, refiner=args.refiner or args.refiner_only,
+        variant=VARIANT_ALIASES[args.variant or "base"], fp8=args.fp8, refiner=args.refiner or args.refiner_only,
         reprompt=args.reprompt, base=not args.refiner_only, repo_id=args.repo_id,
     )
-    fetch(config, args.model_root, dry_run=args.dry_run, verify=args.verify, progress=not args.quiet)
+    quiet = getattr(args, "quiet", False)  # -q: warnings only, and no progress bars
+    fetch(config, args.model_root, dry_run=args.dry_run, verify=args.verify, progress=not quiet)
     return 0
 
 
@@ -184,20 +305,39 @@ def fetch(
     print(f"done: {len(placed)} files put in place, everything for {config.describe()} checked")
 
 
+def pick_seed(seed: int) -> int:
+    """The seed to use: the given one, or a random one (reported) for -1."""
+    if seed != RANDOM_SEED:
+        return seed
+    seed = random.randrange(2**31)
+    logger.info(f"random seed {seed}")
+    return seed
+
+
 def run_generate(args: argparse.Namespace) -> int:
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import ASPECT_RATIOS, HunyuanImagePipeline
     from hyimage.lora.mixin import parse_lora_spec
 
-    variant = VARIANT_ALIASES[args.variant]
+    variant = VARIANT_ALIASES[args.variant or "base"]
     loras = [parse_lora_spec(spec) for spec in args.lora]
     for path, _ in loras:
         if not path.is_file():
             raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
-    if args.num_images < 1:
-        raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    seed = pick_seed(args.seed)
+    request = dict(
+        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        aspect_ratio=args.aspect_ratio, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
+        shift=args.shift, seed=seed, num_images_per_prompt=args.num_images, use_refiner=args.refiner,
+        use_reprompt=args.reprompt is not None,
+    )
+    check_request(request, aspect_ratios=ASPECT_RATIOS, names=GENERATE_NAMES)
+    device = check_loading_arguments(args)
+    if args.trust_remote_code and args.reprompt != "7b":
+        logger.warning("--trust-remote-code is only used by --reprompt 7b; ignored")
     stem = args.output if args.output is not None else Path(f"hyimage-{seed}.png")
     outputs = output_paths(stem, args.num_images)
+    for path in outputs:
+        check_output(path)
     refuse_overwrite(outputs, args.overwrite)
     if args.download:
         fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner, reprompt=args.reprompt),
@@ -213,34 +353,24 @@ def run_generate(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
     )
-    pipe.to(args.device or default_device())
+    pipe.to(device)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
-    result = pipe(
-        prompt=args.prompt,
-        negative_prompt=args.negative_prompt,
-        width=args.width,
-        height=args.height,
-        aspect_ratio=args.aspect_ratio,
-        num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        shift=args.shift,
-        seed=seed,
-        num_images_per_prompt=args.num_images,
-        use_reprompt=args.reprompt is not None,
-        use_refiner=args.refiner,
-        output_type="pt",
-    )
+    result = pipe(**request, output_type="pt", return_dict=True)
     defaults = pipe.defaults
+    width, height = result.images.shape[-1], result.images.shape[-2]
     settings = {
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt or "",
-        "variant": variant,
+        "model": variant,
         "fp8": args.fp8,
+        "width": width,
+        "height": height,
         "steps": args.steps if args.steps is not None else defaults.num_inference_steps,
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else defaults.guidance_scale,
         "shift": args.shift if args.shift is not None else defaults.shift,
         "refiner": args.refiner,
+        "refiner_steps": default_refiner_steps() if args.refiner else None,
         "reprompt": args.reprompt,
         "lora": args.lora,
     }
@@ -250,29 +380,59 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_refine(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+def default_refiner_steps() -> int:
     from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
 
-    if not args.image.is_file():
-        raise FileNotFoundError(f"{args.image} not found; pass the path of an image to refine")
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    return HunyuanImageRefinerPipeline.default_num_inference_steps
+
+
+def open_image(path: Path) -> Any:
+    """The RGB image at `path`, read before any model loads; a clear error when it is not an image."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise RequestError("IMAGE", f"{path} not found (or not a file); pass the path of an image to refine")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        message = f"{path} is not an image that can be read (PNG, JPEG, WebP, ...): {error}"
+        raise RequestError("IMAGE", message) from None
+
+
+def run_refine(args: argparse.Namespace) -> int:
+    from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
+
+    image = open_image(args.image)
+    seed = pick_seed(args.seed)
+    width, height = args.width or image.width, args.height or image.height
+    request = dict(prompt=args.prompt, width=width, height=height, num_inference_steps=args.steps,
+                   guidance_scale=args.guidance_scale, seed=seed)
+    check_request(request, size_multiple=16, image_count=1, names=dict(GENERATE_NAMES, prompt="--prompt"))
+    device = check_loading_arguments(args)
     output = args.output if args.output is not None else args.image.with_name(args.image.stem + "-refined.png")
+    output_paths(output, 1)
+    check_output(output)
     refuse_overwrite([output], args.overwrite)
     if args.download:
         fetch(DownloadConfig(fp8=args.fp8, refiner=True, base=False), args.model_root)
-    image = Image.open(args.image).convert("RGB")
     pipe = HunyuanImageRefinerPipeline.from_pretrained(
         use_fp8=args.fp8, model_root=args.model_root, memory_mode=args.memory_mode, gpu_budget_gb=args.gpu_budget_gb
     )
-    pipe.to(args.device or default_device())
-    result = pipe(
-        image=image, prompt=args.prompt, width=args.width, height=args.height,
-        num_inference_steps=args.steps, guidance_scale=args.guidance_scale, seed=seed, output_type="pt",
-    )
-    settings = {"prompt": args.prompt, "refined_from": str(args.image), "fp8": args.fp8, "steps": args.steps,
-                "seed": seed}
+    pipe.to(device)
+    result = pipe(image=image, **request, output_type="pt", return_dict=True)
+    settings = {
+        "prompt": args.prompt,
+        "model": "hunyuanimage-refiner",
+        "refined_from": str(args.image),
+        "fp8": args.fp8,
+        "width": width,
+        "height": height,
+        "steps": args.steps if args.steps is not None else pipe.default_num_inference_steps,
+        "guidance_scale": args.guidance_scale if args.guidance_scale is not None else pipe.default_guidance_scale,
+        "shift": pipe.default_shift,
+        "seed": seed,
+    }
     save_png(result.images[0:1], output, settings)
     print(f"saved {output} (seed {seed})")
     return 0
@@ -281,7 +441,7 @@ def run_refine(args: argparse.Namespace) -> int:
 def output_paths(stem: Path, count: int) -> list[Path]:
     """`stem` for one image; `name-0.png`, `name-1.png`, ... for several."""
     if stem.suffix.lower() != ".png":
-        raise ValueError(f"--output {stem} must end in .png (the settings are stored as PNG metadata)")
+        raise RequestError("--output", f"--output {stem} must end in .png (the settings are stored as PNG metadata)")
     if count == 1:
         return [stem]
     return [stem.with_name(f"{stem.stem}-{i}{stem.suffix}") for i in range(count)]
@@ -296,19 +456,26 @@ def refuse_overwrite(paths: list[Path], overwrite: bool) -> None:
 
 
 def save_png(image: Any, path: Path, settings: dict) -> None:
-    """Save one image tensor (3, H, W) or (1, 3, H, W) in [0, 1] with `settings` as PNG text metadata."""
+    """Save one image tensor (3, H, W) or (1, 3, H, W) in [0, 1] with `settings` as PNG text metadata
+    (`parameters` in the A1111 style and `hyimage` JSON); a failed write leaves no partial file."""
     from PIL import Image, PngImagePlugin
 
     from hyimage.diffusion.pipelines.parts import to_uint8
 
     pixels = image if image.ndim == 4 else image.unsqueeze(0)
     info = PngImagePlugin.PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(settings, ensure_ascii=False))
-    for key in ("prompt", "seed"):
-        if settings.get(key) is not None:
-            info.add_text(key, str(settings[key]))
+    for key, text in png_text(settings).items():
+        info.add_text(key, text)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(pixels)[0]).save(path, pnginfo=info)
+    partial = path.with_name(path.name + ".part")
+    try:
+        Image.fromarray(to_uint8(pixels)[0]).save(partial, format="PNG", pnginfo=info)
+        os.replace(partial, path)
+    except OSError as error:
+        partial.unlink(missing_ok=True)
+        if error.errno == errno.ENOSPC and not error.filename:
+            error.filename = str(path)
+        raise
 
 
 if __name__ == "__main__":

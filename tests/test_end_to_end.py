@@ -124,21 +124,25 @@ def test_parts_load_only_when_needed(in_tree: Path) -> None:
 
 
 def test_cli_generate_writes_sized_images_with_settings(in_tree: Path) -> None:
-    args = ["generate", 'a shop sign that reads "OPEN"', "--variant", "distilled", "--fp8", "--width", "128",
-            "--height", "96", "--steps", "2", "--seed", "11", "--num-images", "2", "--device", "cpu", "-o", "out.png"]
+    args = ["generate", 'a shop sign that reads "OPEN"', "--variant", "distilled", "--fp8", "--width", "64",
+            "--height", "32", "--steps", "1", "--seed", "11", "--num-images", "2", "--device", "cpu", "-o", "out.png"]
     assert main(args) == 0
     for i in range(2):
         image = Image.open(in_tree / f"out-{i}.png")
-        assert image.size == (128, 96)
-        assert image.text["seed"] == str(11 + i)
+        assert image.size == (64, 32)
         settings = json.loads(image.text["hyimage"])
-        assert settings["variant"] == "hunyuanimage-v2.1-distilled" and settings["fp8"] is True
-        assert settings["steps"] == 2 and settings["shift"] == 4 and settings["refiner"] is True
+        assert settings["seed"] == 11 + i and "prompt" not in image.text
+        assert settings["model"] == "hunyuanimage-v2.1-distilled" and settings["fp8"] is True
+        assert settings["steps"] == 1 and settings["shift"] == 4 and settings["refiner"] is True
+        assert (settings["width"], settings["height"], settings["refiner_steps"]) == (64, 32, 4)
+        assert f"Seed: {11 + i}, Size: 64x32" in image.text["parameters"]
 
     assert main(args) == 1  # refuses to overwrite
-    assert main(["refine", "out-0.png", "--prompt", "a shop sign", "--seed", "3", "--device", "cpu"]) == 0
+    assert main(["refine", "out-0.png", "--prompt", "a shop sign", "--seed", "3", "--steps", "1", "--device", "cpu"]) == 0
     refined = Image.open(in_tree / "out-0-refined.png")
-    assert refined.size == (128, 96) and refined.text["seed"] == "3"
+    settings = json.loads(refined.text["hyimage"])
+    assert refined.size == (64, 32) and settings["seed"] == 3 and settings["steps"] == 1
+    assert settings["model"] == "hunyuanimage-refiner" and settings["refined_from"] == "out-0.png"
 
 
 def hub_repos(tree: Path, tmp_path: Path) -> dict[str, dict[str, bytes]]:

@@ -67,9 +67,11 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def check_int(name: str, value: Any, low: int, high: int, fix: str = "", namer: _Namer | None = None) -> None:
-    """`value` is an int in [low, high]."""
-    namer = namer or _Namer(None)
+def check_int(
+    name: str, value: Any, low: int, high: int, fix: str = "", namer: "_Namer | Mapping[str, str] | None" = None
+) -> None:
+    """`value` is an int in [low, high]; `namer` maps argument names to what the user typed."""
+    namer = namer if isinstance(namer, _Namer) else _Namer(namer)
     if not is_int(value):
         hint = f" such as {int(value)}" if is_real(value) and math.isfinite(value) and value == int(value) else ""
         raise namer.error(name, f"must be an int{hint}, got {value!r} ({_type_name(value)}){fix}", RequestTypeError)
@@ -78,10 +80,16 @@ def check_int(name: str, value: Any, low: int, high: int, fix: str = "", namer: 
 
 
 def check_real(
-    name: str, value: Any, low: float, high: float = math.inf, *, low_open: bool = False, namer: _Namer | None = None
+    name: str,
+    value: Any,
+    low: float,
+    high: float = math.inf,
+    *,
+    low_open: bool = False,
+    namer: "_Namer | Mapping[str, str] | None" = None,
 ) -> None:
     """`value` is a finite real number in [low, high] ((low, high] when `low_open`)."""
-    namer = namer or _Namer(None)
+    namer = namer if isinstance(namer, _Namer) else _Namer(namer)
     if not is_real(value):
         raise namer.error(name, f"must be a number, got {value!r} ({_type_name(value)})", RequestTypeError)
     if not math.isfinite(value):

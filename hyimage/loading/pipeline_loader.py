@@ -9,8 +9,15 @@ A DiT that is not the released size (a tiny test model, a fine-tune with another
 by `dit_config=` (a variant name, a dict of constructor arguments or a DiTConfig), or by a JSON file of
 constructor arguments next to the checkpoint (`dit/hunyuanimage2.1.json` for `dit/hunyuanimage2.1*.safetensors`).
 Without either, the named variant's released configuration is used.
+
+`from_pretrained` keywords are normalised here before anything is read (`pipeline_from_pretrained`):
+`torch_dtype` is an alias of `dtype`; the official keywords (`enable_stage1_offloading`,
+`enable_full_dit_offloading` and the other `enable_*_offloading`, `device`, `reprompt_model=None`) map onto
+the memory modes; an unknown keyword is refused naming the method and the closest valid keyword; the
+first argument is a variant name or a local `ckpts/` folder.
 """
 
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -20,6 +27,7 @@ from typing import Any, TypeVar
 import torch
 from loguru import logger
 
+from hyimage.diffusion.request import RequestError, check_device, check_dtype, check_keywords
 from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
 from hyimage.offload import MemoryManager
@@ -27,6 +35,15 @@ from hyimage.offload import MemoryManager
 VARIANTS = ("hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled")
 REFINER = "hunyuanimage-refiner"
 REPROMPT_SIZES = {"32b": "32b", "7b": "7b", "hunyuanimage-reprompt-32b": "32b", "hunyuanimage-reprompt": "7b"}
+OFFICIAL_OFFLOADING = (
+    "enable_stage1_offloading",
+    "enable_reprompt_model_offloading",
+    "enable_refiner_offloading",
+    "enable_text_encoder_offloading",
+    "enable_full_dit_offloading",
+    "enable_vae_offloading",
+    "enable_byt5_offloading",
+)
 BASE_TEMPLATE = "dit-llm-encode-v2"
 REFINER_TEMPLATE = "dit-llm-encode"
 
@@ -49,6 +66,86 @@ def once(factory: Callable[[], T]) -> Callable[[], T]:
     return get
 
 
+def pipeline_from_pretrained(cls: type, model_name_or_path: Any, use_fp8: bool, kwargs: dict[str, Any]) -> Any:
+    """`HunyuanImagePipeline.from_pretrained`: keywords normalised (see the module docstring), then `load_pipeline`."""
+    kwargs = normalize_keywords("HunyuanImagePipeline.from_pretrained", load_pipeline, kwargs)
+    variant, root = resolve_source(model_name_or_path, kwargs.pop("model_name", None), kwargs.pop("model_root", None))
+    return load_pipeline(cls, model_name=variant or VARIANTS[0], use_fp8=use_fp8, model_root=root, **kwargs)
+
+
+def refiner_from_pretrained(cls: type, model_name_or_path: Any, kwargs: dict[str, Any]) -> Any:
+    """`HunyuanImageRefinerPipeline.from_pretrained`: as `pipeline_from_pretrained`, then `load_refiner_pipeline`."""
+    kwargs = normalize_keywords("HunyuanImageRefinerPipeline.from_pretrained", load_refiner_pipeline, kwargs)
+    variant, root = resolve_source(
+        model_name_or_path, kwargs.pop("model_name", None), kwargs.pop("model_root", None), (REFINER,)
+    )
+    return load_refiner_pipeline(cls, model_name=variant or REFINER, model_root=root, **kwargs)
+
+
+def normalize_keywords(method: str, loader: Callable, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`torch_dtype` and the official offloading keywords turned into the loader's own; unknown ones refused."""
+    kwargs = dict(kwargs)
+    valid = [p.name for p in inspect.signature(loader).parameters.values() if p.name != "cls"]
+    check_keywords(method, kwargs, [*valid, "torch_dtype", *OFFICIAL_OFFLOADING])
+    torch_dtype = kwargs.pop("torch_dtype", None)
+    if torch_dtype is not None:
+        torch_dtype = check_dtype(torch_dtype, "torch_dtype")
+        if kwargs.get("dtype") is not None and check_dtype(kwargs["dtype"]) != torch_dtype:
+            raise RequestError(
+                "torch_dtype", f"`torch_dtype`={torch_dtype} and `dtype`={kwargs['dtype']} differ; pass one"
+            )
+        kwargs["dtype"] = torch_dtype
+    elif kwargs.get("dtype") is not None:
+        kwargs["dtype"] = check_dtype(kwargs["dtype"])
+    if kwargs.get("device") is not None:
+        kwargs["device"] = check_device(kwargs["device"])
+    flags = {name: kwargs.pop(name) for name in OFFICIAL_OFFLOADING if name in kwargs}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise RequestError(name, f"`{name}` must be True or False, got {value!r}")
+    if flags:
+        # every part kept on the device only when all named offloading is off; otherwise the official offloading
+        mode = "none" if not any(flags.values()) else "model"
+        asked = kwargs.get("memory_mode")
+        if asked is not None and (asked == "none") != (mode == "none"):
+            raise RequestError(
+                "memory_mode", f"memory_mode={asked!r} contradicts {', '.join(f'{k}={v}' for k, v in flags.items())}; "
+                "pass one of them (offloading off is memory_mode='none')"
+            )
+        kwargs["memory_mode"] = asked if asked is not None else mode
+    return kwargs
+
+
+def resolve_source(
+    model_name_or_path: Any, model_name: str | None, root: Any, variants: tuple[str, ...] = VARIANTS
+) -> tuple[str | None, Any]:
+    """The variant and the checkpoint root from `from_pretrained`'s first argument: a variant name, a local
+    `ckpts/` folder (the variant then from `model_name`, default the base model) or a Hub repo id (passed on
+    to `load_pipeline`, which fetches it)."""
+    if model_name_or_path is None:
+        return model_name, root
+    name = os.fspath(model_name_or_path) if isinstance(model_name_or_path, (str, os.PathLike)) else None
+    if name is None:
+        raise RequestError(
+            "model_name_or_path", f"must be a variant name or a folder, got {type(model_name_or_path).__name__}"
+        )
+    if variants == VARIANTS and is_hub_repo_id(name):
+        return name, root
+    if name in variants:
+        if model_name is not None and model_name != name:
+            raise RequestError("model_name", f"`model_name`={model_name!r} and the first argument {name!r} differ")
+        return name, root
+    if Path(name).expanduser().is_dir():
+        if root is not None and Path(root).resolve() != Path(name).expanduser().resolve():
+            raise RequestError("model_root", f"`model_root`={root} and the folder {name} differ; pass one")
+        return model_name, Path(name).expanduser()
+    raise RequestError(
+        "model_name_or_path",
+        f"{name!r} is neither a variant ({', '.join(variants)}), an existing local ckpts/ folder nor a Hub "
+        "repository id (owner/name)",
+    )
+
+
 def load_pipeline(
     cls: type,
     model_name: str = "hunyuanimage-v2.1",
@@ -62,7 +159,7 @@ def load_pipeline(
     gpu_budget_gb: float | None = None,
     host_budget_gb: float | None = None,
     memory: MemoryManager | None = None,
-    reprompt_model: str = "32b",
+    reprompt_model: str | None = "32b",
     trust_remote_code: bool = False,
     refiner: bool = True,
     dit_config: Any = None,
@@ -93,14 +190,14 @@ def load_pipeline(
         model_name = "hunyuanimage-v2.1-distilled"
     if model_name not in VARIANTS:
         raise ValueError(f"model_name {model_name!r} is unknown; choose one of {', '.join(VARIANTS)}")
-    if reprompt_model not in REPROMPT_SIZES:
+    if reprompt_model is not None and reprompt_model not in REPROMPT_SIZES:
         raise ValueError(f"reprompt_model {reprompt_model!r} is unknown; choose one of {', '.join(REPROMPT_SIZES)}")
     layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner)
     check_present(needs, layout.root, progress=progress_bar)
 
     config = _dit_config(layout, model_name, dit_config)
-    plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES[reprompt_model], config)
+    plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config)
     dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file)
     vae_dir = _require(layout.vae / "config.json", "VAE", needs, command_root).parent
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
@@ -118,14 +215,18 @@ def load_pipeline(
                 text_encoder=lambda: _with_template(text_encoder(), REFINER_TEMPLATE), progress_bar=progress_bar,
             )
         )
-    size = REPROMPT_SIZES[reprompt_model]
+    size = REPROMPT_SIZES.get(reprompt_model)
     reprompt_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner, reprompt=size)
     return cls(
         dit=dit,
         vae=once(lambda: _vae("HunyuanVAE2D", vae_dir, memory)),
         text_encoder=text_encoder,
         glyph_encoder=(lambda: _glyph_encoder(layout, memory)) if uses_glyph else None,
-        reprompt_model=lambda: _reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root),
+        reprompt_model=(
+            (lambda: _reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root))
+            if size
+            else None
+        ),
         refiner_pipeline=refiner_pipeline,
         memory=memory,
         progress_bar=progress_bar,

@@ -166,9 +166,9 @@ class HunyuanImagePipeline(LoraMixin):
     ) -> "HunyuanImagePipeline":
         """Build the pipeline from a variant name ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts) or a local
         `ckpts/` folder; keywords as `hyimage.loading.pipeline_loader.load_pipeline` (official ones included)."""
-        from hyimage.loading.pipeline_loader import load_pipeline
+        from hyimage.loading.pipeline_loader import pipeline_from_pretrained
 
-        return load_pipeline(cls, model_name_or_path, use_fp8, **kwargs)
+        return pipeline_from_pretrained(cls, model_name_or_path, use_fp8, kwargs)
 
     # Parts, built on first use.
     @property

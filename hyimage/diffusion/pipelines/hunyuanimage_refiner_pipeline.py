@@ -118,9 +118,9 @@ class HunyuanImageRefinerPipeline(LoraMixin):
     def from_pretrained(cls, model_name_or_path: str | Any = None, **kwargs: Any) -> "HunyuanImageRefinerPipeline":
         """Build the refiner from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts) or a
         local `ckpts/` folder given first."""
-        from hyimage.loading.pipeline_loader import load_refiner_pipeline
+        from hyimage.loading.pipeline_loader import refiner_from_pretrained
 
-        return load_refiner_pipeline(cls, model_name_or_path, **kwargs)
+        return refiner_from_pretrained(cls, model_name_or_path, kwargs)
 
     @property
     def dit(self) -> torch.nn.Module:
