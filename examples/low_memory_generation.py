@@ -22,6 +22,11 @@ def main() -> None:
     parser.add_argument("--gpu-budget-gb", type=float, default=8.0, help="GPU memory for weights (activations extra)")
     parser.add_argument("--variant", default="hunyuanimage-v2.1-distilled")
     parser.add_argument("--no-refiner", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=int, help="with --height instead of the 3:4 2K preset; a multiple of 32")
+    parser.add_argument("--height", type=int)
+    parser.add_argument("--steps", type=int, help="default: the variant's (8 distilled, 50 base)")
+    parser.add_argument("--output", default="low_memory.png")
     args = parser.parse_args()
 
     pipe = HunyuanImagePipeline.from_pretrained(
@@ -29,15 +34,19 @@ def main() -> None:
         use_fp8=True,  # the official *_fp8.safetensors when present, else the bf16 file quantized while loading
         gpu_budget_gb=args.gpu_budget_gb,
         refiner=not args.no_refiner,
-    ).to("cuda")
+    ).to(args.device)
+    size = dict(width=args.width, height=args.height) if args.width or args.height else dict(aspect_ratio="3:4")
     image = pipe(
         prompt='A vintage travel poster of a mountain railway, large title text "ALPINE EXPRESS".',
-        aspect_ratio="3:4",
+        **size,
+        num_inference_steps=args.steps,
         seed=42,
         use_refiner=not args.no_refiner,
     )
-    image.save("low_memory.png")
-    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    image.save(args.output)
+    print(f"saved {args.output}")
+    if pipe.device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
 
 
 if __name__ == "__main__":

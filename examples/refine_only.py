@@ -7,6 +7,7 @@ Same as `hyimage refine input.png --prompt "..."`.
 import argparse
 from pathlib import Path
 
+import torch
 from PIL import Image
 
 from hyimage import HunyuanImageRefinerPipeline
@@ -18,13 +19,18 @@ def main() -> None:
     parser.add_argument("prompt")
     parser.add_argument("--output", type=Path, default=Path("refined.png"))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--width", type=int, help="default: the image's width (a multiple of 16)")
+    parser.add_argument("--height", type=int, help="default: the image's height (a multiple of 16)")
+    parser.add_argument("--steps", type=int, default=4, help="default 4 (the official)")
     args = parser.parse_args()
 
     refiner = HunyuanImageRefinerPipeline.from_pretrained(use_fp8=True).to(args.device)
     image = Image.open(args.image).convert("RGB")
-    # width/height default to the image's own size; both must be multiples of 16
-    refined = refiner(image=image, prompt=args.prompt, seed=args.seed)
+    refined = refiner(
+        image=image, prompt=args.prompt, width=args.width, height=args.height, num_inference_steps=args.steps,
+        seed=args.seed,
+    )
     refined.save(args.output)
     print(f"saved {args.output}")
 
