@@ -10,12 +10,15 @@ tested step by step against the official one in the pipeline tests; here it only
 import json
 import os
 import re
+import runpy
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from hyimage.cli import main
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
@@ -253,3 +256,62 @@ def test_released_layout_is_found(model_name: str) -> None:
     """With the released checkpoints: the pipeline is assembled (nothing heavy is read) for both variants."""
     pipe = HunyuanImagePipeline.from_pretrained(model_name=model_name, model_root=os.environ["HYIMAGE_CKPTS"])
     assert pipe.parts.loaded("dit") is None and pipe.parts.given("glyph_encoder")
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+TINY = ["--device", "cpu", "--width", "64", "--height", "32", "--steps", "1"]
+
+
+@pytest.mark.slow
+def test_examples_run_on_the_tiny_tree(in_tree: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Every example, with the options that make it run on a CPU at a tiny size (the released sizes otherwise)."""
+    Image.new("RGB", (32, 32), (200, 80, 40)).save(in_tree / "input.png")
+    runs = {
+        "official_snippet.py": ["--model-name", "hunyuanimage-v2.1-distilled", "--no-refiner", *TINY],
+        "batch_generation.py": ["--no-refiner", "--output-dir", "batch", *TINY],
+        "low_memory_generation.py": ["--no-refiner", "--gpu-budget-gb", "0.001", *TINY],
+        "refine_only.py": ["input.png", "an orange square", "--device", "cpu", "--steps", "1"],
+    }
+    assert set(runs) == {p.name for p in EXAMPLES.glob("*.py")}
+    for name, argv in runs.items():
+        monkeypatch.setattr(sys, "argv", [name, *argv])
+        runpy.run_path(str(EXAMPLES / name), run_name="__main__")
+    assert Image.open(in_tree / "generated_image.png").size == (64, 32)
+    assert len(list((in_tree / "batch").glob("*.png"))) == 3
+    assert Image.open(in_tree / "low_memory.png").size == (64, 32)
+    assert Image.open(in_tree / "refined.png").size == (32, 32)
+
+
+def test_cli_random_seed_is_drawn_reported_and_stored(in_tree: Path, capsys) -> None:
+    args = ["generate", "a fox", "--variant", "distilled", "--no-refiner", "--seed", "-1", *TINY]
+    assert main(args) == 0
+    saved = re.search(r"saved (hyimage-(\d+)\.png) \(seed (\d+)\)", capsys.readouterr().out)
+    assert saved and saved[2] == saved[3]
+    image = Image.open(in_tree / saved[1])
+    assert json.loads(image.text["hyimage"])["seed"] == int(saved[3]) and f"Seed: {saved[3]}," in image.text["parameters"]
+    assert "prompt" not in image.text
+
+
+def test_nan_weight_ends_in_an_error_and_no_png(tree: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    root = partial_tree(tree, tmp_path / "ckpts", "dit/hunyuanimage2.1-distilled.safetensors")
+    state = load_file(str(tree / "dit/hunyuanimage2.1-distilled.safetensors"))
+    name = next(k for k in state if k.startswith("final_layer"))
+    state[name].view(-1)[0] = float("nan")
+    save_file(state, str(root / "dit/hunyuanimage2.1-distilled.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    code = main(["generate", "a fox", "--variant", "distilled", "--no-refiner", "--seed", "1", "--model-root",
+                 str(root), "-o", "nan.png", *TINY])
+    err = capsys.readouterr().err
+    assert code == 1 and "error: denoising produced non-finite values" in err and "DiT checkpoint" in err
+    assert "Traceback" not in err and not list(tmp_path.glob("*.png*"))
+
+
+def test_from_pretrained_diffusers_habits(tree: Path) -> None:
+    """A local folder first, `torch_dtype`, and the official offloading keywords (all off: memory mode none)."""
+    pipe = HunyuanImagePipeline.from_pretrained(
+        str(tree), model_name="hunyuanimage-v2.1-distilled", torch_dtype=torch.bfloat16,
+        enable_stage1_offloading=False, enable_full_dit_offloading=False, device="cpu",
+    )
+    assert pipe.memory.mode == "none" and pipe.is_distilled
+    assert {p.dtype for p in pipe.dit.parameters()} == {torch.bfloat16}
+    assert HunyuanImagePipeline.from_pretrained(tree, enable_full_dit_offloading=True).memory.mode == "model"
