@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -472,3 +473,13 @@ def test_library_log_is_off_until_enabled() -> None:
     finally:
         logger.disable("hyimage")
         logger.remove(handler)
+
+
+def test_cli_log_levels_anywhere(no_loading, capsys) -> None:
+    """INFO by default in a short format (time, level, message); -q keeps warnings only, before or after the command."""
+    assert main(["generate", "a fox", "--steps", "0"]) == 1  # the random seed is drawn (and logged) first
+    assert re.search(r"^\d\d:\d\d:\d\d INFO +random seed \d+$", capsys.readouterr().err, re.M)
+    for argv in (["-q", "generate", "a fox", "--steps", "0"], ["generate", "a fox", "--steps", "0", "--quiet"]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "random seed" not in err and err.startswith("error: --steps")
