@@ -8,6 +8,7 @@ models' presets are at most 2560), 1-1000 steps, at most 64 images per call.
 """
 
 import difflib
+import inspect
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -72,11 +73,15 @@ def check_int(
 ) -> None:
     """`value` is an int in [low, high]; `namer` maps argument names to what the user typed."""
     namer = namer if isinstance(namer, _Namer) else _Namer(namer)
+    _require_int(namer, name, value, fix)
+    if not low <= value <= high:
+        raise namer.error(name, f"must be between {low} and {high}, got {value}{fix}")
+
+
+def _require_int(namer: _Namer, name: str, value: Any, fix: str = "") -> None:
     if not is_int(value):
         hint = f" such as {int(value)}" if is_real(value) and math.isfinite(value) and value == int(value) else ""
         raise namer.error(name, f"must be an int{hint}, got {value!r} ({_type_name(value)}){fix}", RequestTypeError)
-    if not low <= value <= high:
-        raise namer.error(name, f"must be between {low} and {high}, got {value}{fix}")
 
 
 def check_real(
@@ -102,7 +107,7 @@ def check_real(
 
 def check_side(name: str, value: Any, multiple: int, namer: _Namer, what: str = "VAE's downsampling factor") -> None:
     """A width or height: an int, a positive multiple of `multiple`, at most MAX_SIDE."""
-    check_int(name, value, -(2**63), 2**63, namer=namer)
+    _require_int(namer, name, value)
     if value < multiple or value % multiple or value > MAX_SIDE:
         nearest = min(MAX_SIDE, max(multiple, round(value / multiple) * multiple))
         raise namer.error(
@@ -347,9 +352,7 @@ def check_request(
         raise namer.error("use_reprompt", "=True rewrites `prompt` text; it cannot rewrite precomputed `prompt_embeds`")
 
 
-def unknown_keywords_error(method: str, signature_of: Callable, given: Mapping[str, Any]) -> None:
+def refuse_unknown_keywords(method: str, signature_of: Callable, given: Mapping[str, Any]) -> None:
     """Raise for keywords `signature_of` does not take, naming `method` and the closest valid keyword."""
-    import inspect
-
     valid = [p.name for p in inspect.signature(signature_of).parameters.values() if p.kind != p.VAR_KEYWORD]
     check_keywords(method, given, valid)

@@ -29,7 +29,7 @@ from hyimage.diffusion.pipelines.parts import (
     to_arguments,
     to_uint8,
 )
-from hyimage.diffusion.request import RequestError, check_device, check_request, unknown_keywords_error
+from hyimage.diffusion.request import RequestError, check_device, check_request, refuse_unknown_keywords
 from hyimage.diffusion.sampling import (
     StepCallback,
     euler_step,
@@ -280,8 +280,8 @@ class HunyuanImagePipeline(LoraMixin):
         before any part is loaded; non-finite values after a stage raise `NonFiniteError`.
         """
         if unknown:
-            unknown_keywords_error("HunyuanImagePipeline.__call__", type(self).__call__, unknown)
-        request = dict(locals())
+            refuse_unknown_keywords("HunyuanImagePipeline.__call__", type(self).__call__, unknown)
+        request = dict(locals())  # every argument of this call, by name, checked in one place
         check_request(
             {k: v for k, v in request.items() if k not in ("self", "unknown", "request")}, aspect_ratios=ASPECT_RATIOS
         )

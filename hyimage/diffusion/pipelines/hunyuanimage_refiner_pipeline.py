@@ -33,7 +33,7 @@ from hyimage.diffusion.request import (
     RequestTypeError,
     check_device,
     check_request,
-    unknown_keywords_error,
+    refuse_unknown_keywords,
 )
 from hyimage.diffusion.sampling import (
     StepCallback,
@@ -193,7 +193,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         sample and condition noise come from its seed. Arguments are checked before any part is loaded.
         """
         if unknown:
-            unknown_keywords_error("HunyuanImageRefinerPipeline.__call__", type(self).__call__, unknown)
+            refuse_unknown_keywords("HunyuanImageRefinerPipeline.__call__", type(self).__call__, unknown)
         pixels = images_to_tensor(image)
         batch = pixels.shape[0]
         if not bool(torch.isfinite(pixels).all()):
