@@ -431,7 +431,7 @@ def test_random_seed_is_reported() -> None:
     out = pipe("a fox", width=64, height=32, num_inference_steps=1, seed=None, return_dict=True, output_type="np")
     (seed,) = out.seeds
     assert isinstance(seed, int) and 0 <= seed < 2**64
-    again = pipe("a fox", width=64, height=32, num_inference_steps=1, seed=seed, output_type="np").images
+    again = pipe("a fox", width=64, height=32, num_inference_steps=1, seed=np.uint64(seed), output_type="np").images
     assert np.array_equal(again, out.images)
 
 

@@ -117,6 +117,13 @@ def check_side(name: str, value: Any, multiple: int, namer: _Namer, what: str = 
         )
 
 
+def plain_seed(seed: Any) -> int | list[int] | None:
+    """A checked seed as Python ints (a NumPy integer or a tuple of them passes the check too)."""
+    if seed is None:
+        return None
+    return int(seed) if is_int(seed) else [int(s) for s in seed]
+
+
 def check_device(device: Any, name: str = "device", names: Mapping[str, str] | None = None) -> torch.device:
     """The torch device named by `device`, which must exist on this machine."""
     namer = _Namer(names)

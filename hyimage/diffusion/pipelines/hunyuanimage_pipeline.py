@@ -29,7 +29,13 @@ from hyimage.diffusion.pipelines.parts import (
     to_arguments,
     to_uint8,
 )
-from hyimage.diffusion.request import RequestError, check_device, check_request, refuse_unknown_keywords
+from hyimage.diffusion.request import (
+    RequestError,
+    check_device,
+    check_request,
+    plain_seed,
+    refuse_unknown_keywords,
+)
 from hyimage.diffusion.sampling import (
     StepCallback,
     euler_step,
@@ -330,7 +336,7 @@ class HunyuanImagePipeline(LoraMixin):
         cond = self._repeat(cond, num_images_per_prompt)
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
 
-        generators, seeds = make_generators(batch, seed, generator)
+        generators, seeds = make_generators(batch, plain_seed(seed), generator)
         compute_dtype = autocast_dtype(dit)
         if latents is None:
             shape = latent_shape(batch, dit_cfg.in_channels, height, width, factor, len(dit_cfg.patch_size))

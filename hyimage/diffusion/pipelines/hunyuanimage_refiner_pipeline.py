@@ -33,6 +33,7 @@ from hyimage.diffusion.request import (
     RequestTypeError,
     check_device,
     check_request,
+    plain_seed,
     refuse_unknown_keywords,
 )
 from hyimage.diffusion.sampling import (
@@ -230,7 +231,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         steps = num_inference_steps if num_inference_steps is not None else self.default_num_inference_steps
         guidance_scale = guidance_scale if guidance_scale is not None else self.default_guidance_scale
         shift = shift if shift is not None else self.default_shift
-        noise_generators, seeds = make_generators(batch, seed, generator)
+        noise_generators, seeds = make_generators(batch, plain_seed(seed), generator)
         condition_generators = (
             [torch.Generator().manual_seed(s) for s in seeds] if all(s is not None for s in seeds) else noise_generators
         )
