@@ -278,8 +278,9 @@ def test_cli_refine_input_is_checked_first(no_loading, tmp_path, capsys) -> None
     assert "not found" in cli_error(["refine", str(tmp_path / "missing.png"), "--prompt", "x"], capsys)
     Image.new("RGB", (40, 48)).save(tmp_path / "odd.png")
     assert "--width" in cli_error(["refine", str(tmp_path / "odd.png"), "--prompt", "x"], capsys)
-    assert "--steps" in cli_error(["refine", str(tmp_path / "odd.png"), "--prompt", "x", "--width", "32",
-                                   "--steps", "0"], capsys)
+    assert "--steps" in cli_error(
+        ["refine", str(tmp_path / "odd.png"), "--prompt", "x", "--width", "32", "--steps", "0"], capsys
+    )
     assert no_loading == []
 
 
@@ -297,8 +298,11 @@ def test_cli_bad_seed_is_an_argparse_error(no_loading, capsys) -> None:
 
 
 def test_cli_verbose_anywhere_adds_the_traceback(no_loading, capsys) -> None:
-    for argv in (["-v", "generate", "a fox", "--steps", "0"], ["generate", "a fox", "--steps", "0", "-v"],
-                 ["generate", "--debug", "a fox", "--steps", "0"]):
+    for argv in (
+        ["-v", "generate", "a fox", "--steps", "0"],
+        ["generate", "a fox", "--steps", "0", "-v"],
+        ["generate", "--debug", "a fox", "--steps", "0"],
+    ):
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "Traceback" in err and err.strip().splitlines()[-1].startswith("error: --steps")
@@ -327,8 +331,9 @@ def test_nan_weight_in_the_dit_is_reported_not_returned() -> None:
     dit = tiny_model(TINY_CONFIGS["hunyuanimage-v2.1-distilled"])
     with torch.no_grad():
         next(p for n, p in dit.named_parameters() if "final_layer" in n).view(-1)[0] = NAN
-    pipe = HunyuanImagePipeline(dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(),
-                                glyph_encoder=FakeGlyphEncoder(), progress_bar=False)
+    pipe = HunyuanImagePipeline(
+        dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False
+    )
     for output_type in ("pil", "latent"):
         with pytest.raises(NonFiniteError, match="denoising.*DiT checkpoint") as raised:
             pipe("a fox", width=64, height=32, num_inference_steps=1, seed=0, output_type=output_type)
@@ -340,8 +345,9 @@ def test_nan_in_the_vae_or_the_text_embeddings_is_named() -> None:
     vae = tiny_vae()
     with torch.no_grad():
         vae.decoder.conv_out.weight.view(-1)[0] = NAN
-    pipe = HunyuanImagePipeline(dit=dit, vae=vae, text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(),
-                                progress_bar=False)
+    pipe = HunyuanImagePipeline(
+        dit=dit, vae=vae, text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False
+    )
     with pytest.raises(NonFiniteError, match="VAE decoding"):
         pipe("a fox", width=64, height=32, num_inference_steps=1, seed=0)
     embeds = torch.full((1, 4, TINY_CONFIGS["hunyuanimage-v2.1-distilled"].text_states_dim), NAN)
@@ -349,8 +355,7 @@ def test_nan_in_the_vae_or_the_text_embeddings_is_named() -> None:
         pipe(prompt_embeds=embeds, prompt_embeds_mask=torch.ones(1, 4), width=64, height=32, num_inference_steps=1)
 
 
-ABSURD = textwrap.dedent(
-    """
+ABSURD = textwrap.dedent("""
     import resource, sys
     import torch
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
@@ -372,18 +377,25 @@ ABSURD = textwrap.dedent(
             print("refused:", error.argument)
         else:
             sys.exit("accepted " + repr(kwargs))
-    """
-)
+    """)
 
 
 def test_absurd_requests_are_refused_before_allocating() -> None:
     """In a subprocess under RLIMIT_AS: a regression dies of MemoryError fast instead of hurting the machine."""
     root = Path(__file__).resolve().parent.parent
-    done = subprocess.run([sys.executable, "-c", ABSURD], cwd=root, capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"))
+    done = subprocess.run(
+        [sys.executable, "-c", ABSURD],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1"),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split("\n")[:4] == [
-        "refused: width", "refused: num_inference_steps", "refused: num_images_per_prompt",
+        "refused: width",
+        "refused: num_inference_steps",
+        "refused: num_images_per_prompt",
         "refused: num_images_per_prompt",
     ]
 
@@ -393,8 +405,9 @@ def test_absurd_requests_are_refused_before_allocating() -> None:
 
 def test_diffusers_habits(built: Built) -> None:
     dit = tiny_model(TINY_CONFIGS["hunyuanimage-v2.1-distilled"])
-    pipe = HunyuanImagePipeline(dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(),
-                                glyph_encoder=FakeGlyphEncoder(), progress_bar=False)
+    pipe = HunyuanImagePipeline(
+        dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False
+    )
     common = dict(prompt="a fox", width=64, height=32, num_inference_steps=1, seed=3)
     official = pipe(**common)
     assert isinstance(official, Image.Image)  # the official return for one image
@@ -426,8 +439,9 @@ def test_diffusers_habits(built: Built) -> None:
 
 def test_random_seed_is_reported() -> None:
     dit = tiny_model(TINY_CONFIGS["hunyuanimage-v2.1-distilled"])
-    pipe = HunyuanImagePipeline(dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(),
-                                glyph_encoder=FakeGlyphEncoder(), progress_bar=False)
+    pipe = HunyuanImagePipeline(
+        dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False
+    )
     out = pipe("a fox", width=64, height=32, num_inference_steps=1, seed=None, return_dict=True, output_type="np")
     (seed,) = out.seeds
     assert isinstance(seed, int) and 0 <= seed < 2**64
@@ -437,8 +451,9 @@ def test_random_seed_is_reported() -> None:
 
 def test_negative_prompt_on_the_distilled_model_warns() -> None:
     dit = tiny_model(TINY_CONFIGS["hunyuanimage-v2.1-distilled"])
-    pipe = HunyuanImagePipeline(dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(),
-                                glyph_encoder=FakeGlyphEncoder(), progress_bar=False)
+    pipe = HunyuanImagePipeline(
+        dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False
+    )
     with pytest.warns(UserWarning, match="negative prompt is ignored: the distilled model"):
         pipe("a fox", negative_prompt="blurry", width=64, height=32, num_inference_steps=1, output_type="latent")
 
@@ -446,8 +461,18 @@ def test_negative_prompt_on_the_distilled_model_warns() -> None:
 def test_metadata_chunks() -> None:
     from hyimage.metadata import png_text
 
-    chunks = png_text({"prompt": "a fox", "negative_prompt": "blurry", "steps": 8, "guidance_scale": 3.25,
-                       "seed": 7, "width": 64, "height": 32, "model": "hunyuanimage-v2.1-distilled"})
+    chunks = png_text(
+        {
+            "prompt": "a fox",
+            "negative_prompt": "blurry",
+            "steps": 8,
+            "guidance_scale": 3.25,
+            "seed": 7,
+            "width": 64,
+            "height": 32,
+            "model": "hunyuanimage-v2.1-distilled",
+        }
+    )
     assert set(chunks) == {"parameters", "hyimage"}
     lines = chunks["parameters"].split("\n")
     assert lines[0] == "a fox" and lines[1] == "Negative prompt: blurry"

@@ -25,8 +25,14 @@ REFINER_HANDOFFS = ("uint8", "float")
 CALLBACK_TENSOR_INPUTS = ("latents",)
 EMBEDDING_NAMES = ("prompt_embeds", "negative_prompt_embeds", "glyph_embeds", "negative_glyph_embeds")
 DTYPES = {
-    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-    "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+    "half": torch.float16,
+    "fp32": torch.float32,
+    "float32": torch.float32,
+    "float": torch.float32,
 }
 
 
@@ -98,7 +104,9 @@ def check_real(
     if not is_real(value):
         raise namer.error(name, f"must be a number, got {value!r} ({_type_name(value)})", RequestTypeError)
     if not math.isfinite(value):
-        raise namer.error(name, f"must be a finite number, got {value}; pass e.g. the variant's default (leave it unset)")
+        raise namer.error(
+            name, f"must be a finite number, got {value}; pass e.g. the variant's default (leave it unset)"
+        )
     if value < low or (low_open and value == low) or value > high:
         bound = f"greater than {low}" if low_open else f"at least {low}"
         bound += "" if high == math.inf else f" and at most {high}"
@@ -135,17 +143,23 @@ def check_device(device: Any, name: str = "device", names: Mapping[str, str] | N
         except RuntimeError:
             raise namer.error(name, f"{device!r} is not a device; use 'cpu', 'cuda', 'cuda:1' or 'mps'") from None
     else:
-        raise namer.error(name, f"must be a device name such as 'cuda' or 'cpu', got {_type_name(device)}",
-                          RequestTypeError)
+        raise namer.error(
+            name, f"must be a device name such as 'cuda' or 'cpu', got {_type_name(device)}", RequestTypeError
+        )
     if parsed.type == "cpu":
         return parsed
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise namer.error(name, f"is {device!r} but CUDA is not available on this machine (torch "
-                              f"{torch.__version__}); use 'cpu', or install a CUDA build of torch")
+            raise namer.error(
+                name,
+                f"is {device!r} but CUDA is not available on this machine (torch "
+                f"{torch.__version__}); use 'cpu', or install a CUDA build of torch",
+            )
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise namer.error(name, f"is {device!r} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+            raise namer.error(
+                name, f"is {device!r} but this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}"
+            )
         return parsed
     if parsed.type == "mps":
         if not torch.backends.mps.is_available():
@@ -191,13 +205,15 @@ def _check_embeds(namer: _Namer, name: str, embeds: Any, mask: Any) -> None:
         return
     if mask is None:
         raise namer.error(
-            name, f"was given without {namer(name + '_mask')}; pass the attention mask the encoder returned with it "
-            "(1 for valid tokens, 0 for padding)"
+            name,
+            f"was given without {namer(name + '_mask')}; pass the attention mask the encoder returned with it "
+            "(1 for valid tokens, 0 for padding)",
         )
     if embeds.ndim != 3 or mask.ndim != 2 or mask.shape != embeds.shape[:2]:
         raise namer.error(
-            name, f"must be (batch, length, dim) and {namer(name + '_mask')} (batch, length); got "
-            f"{tuple(embeds.shape)} and {tuple(mask.shape)}"
+            name,
+            f"must be (batch, length, dim) and {namer(name + '_mask')} (batch, length); got "
+            f"{tuple(embeds.shape)} and {tuple(mask.shape)}",
         )
 
 
@@ -218,14 +234,19 @@ def _prompt_count(namer: _Namer, args: Mapping[str, Any], image_count: int | Non
     elif prompt is None:
         prompts = None
     else:
-        raise namer.error("prompt", f"must be a string or a list of strings, got {_type_name(prompt)}",
-                          RequestTypeError)
+        raise namer.error(
+            "prompt", f"must be a string or a list of strings, got {_type_name(prompt)}", RequestTypeError
+        )
     if prompts is None and embeds is None:
-        raise namer.error("prompt", "is missing; pass a string, a list of strings, or `prompt_embeds` with `prompt_embeds_mask`")
+        raise namer.error(
+            "prompt", "is missing; pass a string, a list of strings, or `prompt_embeds` with `prompt_embeds_mask`"
+        )
     if image_count is not None:
         n = image_count
         if prompts is not None and len(prompts) not in (1, n):
-            raise namer.error("prompt", f"has {len(prompts)} entries but {n} images were given; pass one per image or one")
+            raise namer.error(
+                "prompt", f"has {len(prompts)} entries but {n} images were given; pass one per image or one"
+            )
     elif prompts is not None:
         n = len(prompts)
     else:
@@ -239,11 +260,13 @@ def _prompt_count(namer: _Namer, args: Mapping[str, Any], image_count: int | Non
     negative = args.get("negative_prompt")
     if negative is not None and not isinstance(negative, str):
         if not isinstance(negative, (list, tuple)) or not all(isinstance(p, str) for p in negative):
-            raise namer.error("negative_prompt", f"must be a string or a list of strings, got {negative!r}",
-                              RequestTypeError)
+            raise namer.error(
+                "negative_prompt", f"must be a string or a list of strings, got {negative!r}", RequestTypeError
+            )
         if len(negative) != n:
             raise namer.error(
-                "negative_prompt", f"has {len(negative)} entries but there are {n} prompts; pass one per prompt or a single string"
+                "negative_prompt",
+                f"has {len(negative)} entries but there are {n} prompts; pass one per prompt or a single string",
             )
     return n
 
@@ -257,12 +280,14 @@ def _check_seeds(namer: _Namer, seed: Any, generator: Any, batch: int) -> None:
             check_int("seed", s, 0, SEED_LIMIT - 1, fix, namer)
         if len(seed) != batch:
             raise namer.error(
-                "seed", f"is a list of {len(seed)} seeds but {batch} images are requested; pass one seed per image or one int"
+                "seed",
+                f"is a list of {len(seed)} seeds but {batch} images are requested; pass one seed per image or one int",
             )
     elif seed is not None:
         if isinstance(seed, str):
-            raise namer.error("seed", f"is the string {seed!r}; pass an int (e.g. {seed.strip()[:20] or 42})",
-                              RequestTypeError)
+            raise namer.error(
+                "seed", f"is the string {seed!r}; pass an int (e.g. {seed.strip()[:20] or 42})", RequestTypeError
+            )
         check_int("seed", seed, 0, SEED_LIMIT - 1, fix, namer)
         if seed + batch - 1 >= SEED_LIMIT:
             raise namer.error("seed", f"+ {batch - 1} (one seed per image) passes 2**64; pass a smaller seed")
@@ -271,8 +296,9 @@ def _check_seeds(namer: _Namer, seed: Any, generator: Any, batch: int) -> None:
             raise namer.error("generator", "must be a torch.Generator or a list of them", RequestTypeError)
         if len(generator) != batch:
             raise namer.error(
-                "generator", f"is a list of {len(generator)} generators but {batch} images are requested; pass "
-                "one generator per image (prompts x num_images_per_prompt)"
+                "generator",
+                f"is a list of {len(generator)} generators but {batch} images are requested; pass "
+                "one generator per image (prompts x num_images_per_prompt)",
             )
 
 
@@ -294,7 +320,8 @@ def check_request(
     image_count: int | None = None,
     names: Mapping[str, str] | None = None,
 ) -> None:
-    """Check the arguments of one call (absent or None ones take defaults later); raise `RequestError` on the first bad one.
+    """Check the arguments of one call (absent or None ones take defaults later); raise `RequestError` on the first
+    bad one.
 
     `image_count` is the number of input images of a refinement (None for generation); `names` maps Python
     argument names to the names the user typed (e.g. CLI flags).
@@ -315,13 +342,17 @@ def check_request(
     if "callback_on_step_end_tensor_inputs" in present:
         inputs = present["callback_on_step_end_tensor_inputs"]
         if isinstance(inputs, str) or not all(i in CALLBACK_TENSOR_INPUTS for i in inputs):
-            raise namer.error("callback_on_step_end_tensor_inputs", f"={inputs!r}: only {list(CALLBACK_TENSOR_INPUTS)} can be passed")
+            raise namer.error(
+                "callback_on_step_end_tensor_inputs", f"={inputs!r}: only {list(CALLBACK_TENSOR_INPUTS)} can be passed"
+            )
 
     # sizes
     if "aspect_ratio" in present:
         ratio = present["aspect_ratio"]
         if "width" in present or "height" in present:
-            raise namer.error("aspect_ratio", f"and {namer('width')}/{namer('height')} were both given; pass one of them")
+            raise namer.error(
+                "aspect_ratio", f"and {namer('width')}/{namer('height')} were both given; pass one of them"
+            )
         if aspect_ratios is not None:
             _check_choice(namer, "aspect_ratio", ratio, list(aspect_ratios))
     for name in ("width", "height"):
@@ -344,17 +375,22 @@ def check_request(
     if batch > MAX_IMAGES_PER_CALL:
         raise namer.error(
             "num_images_per_prompt" if present.get("num_images_per_prompt", 1) > 1 else "prompt",
-            f"asks for {batch} images in one call (at most {MAX_IMAGES_PER_CALL}); split the request into several calls",
+            f"asks for {batch} images in one call (at most {MAX_IMAGES_PER_CALL}); split the request into several "
+            "calls",
         )
     _check_seeds(namer, present.get("seed"), present.get("generator"), batch)
     if "latents" in present:
         latents = present["latents"]
         _is_tensor_or_none(namer, "latents", latents)
         if latents.ndim not in (4, 5) or latents.shape[0] != batch:
-            raise namer.error("latents", f"must be (batch={batch}, channels, [1,] h, w), got shape {tuple(latents.shape)}")
+            raise namer.error(
+                "latents", f"must be (batch={batch}, channels, [1,] h, w), got shape {tuple(latents.shape)}"
+            )
     text_only = "prompt" not in present
     if present.get("use_refiner") and text_only:
-        raise namer.error("use_refiner", "=True needs `prompt` text: the refiner encodes the prompt with its own template")
+        raise namer.error(
+            "use_refiner", "=True needs `prompt` text: the refiner encodes the prompt with its own template"
+        )
     if present.get("use_reprompt") and text_only:
         raise namer.error("use_reprompt", "=True rewrites `prompt` text; it cannot rewrite precomputed `prompt_embeds`")
 

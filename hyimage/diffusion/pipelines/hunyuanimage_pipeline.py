@@ -313,8 +313,10 @@ class HunyuanImagePipeline(LoraMixin):
         shift = shift if shift is not None else defaults.shift
         do_cfg = not self.is_distilled and guidance_scale > 1
         if not do_cfg and (any(negative_prompts) or negative_prompt_embeds is not None):
-            reason = "the distilled model has no classifier-free guidance" if self.is_distilled else (
-                f"guidance_scale={guidance_scale} <= 1 turns classifier-free guidance off"
+            reason = (
+                "the distilled model has no classifier-free guidance"
+                if self.is_distilled
+                else (f"guidance_scale={guidance_scale} <= 1 turns classifier-free guidance off")
             )
             warnings.warn(f"the negative prompt is ignored: {reason}", stacklevel=3)
 
@@ -364,7 +366,9 @@ class HunyuanImagePipeline(LoraMixin):
             return self._output(latents, image_prompts, seeds, output_type, return_dict, batch)
 
         images = self._decode(vae, latents)
-        check_finite(images, "VAE decoding", "NaN/Inf weights in the VAE checkpoint (vae/vae_2_1) or a half-precision overflow")
+        check_finite(
+            images, "VAE decoding", "NaN/Inf weights in the VAE checkpoint (vae/vae_2_1) or a half-precision overflow"
+        )
         if use_refiner:
             images = self._refine(
                 images,
@@ -392,16 +396,19 @@ class HunyuanImagePipeline(LoraMixin):
         """The parts a request needs were given (checked before any is built)."""
         if use_refiner and not self.parts.given("refiner_pipeline"):
             raise RequestError(
-                "use_refiner", "use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained"
+                "use_refiner",
+                "use_refiner=True needs a `refiner_pipeline`; pass one or load the pipeline with from_pretrained",
             )
         if use_reprompt and not self.parts.given("reprompt_model"):
             raise RequestError(
-                "use_reprompt", "use_reprompt=True needs a `reprompt_model`; pass one to the pipeline or load it with from_pretrained"
+                "use_reprompt",
+                "use_reprompt=True needs a `reprompt_model`; pass one to the pipeline or load it with from_pretrained",
             )
         if prompt_embeds is None and not self.parts.given("text_encoder"):
             raise RequestError(
-                "prompt_embeds", "no `text_encoder` to encode prompts; pass one to the pipeline, or pass `prompt_embeds` "
-                "and `negative_prompt_embeds` (with masks)"
+                "prompt_embeds",
+                "no `text_encoder` to encode prompts; pass one to the pipeline, or pass `prompt_embeds` "
+                "and `negative_prompt_embeds` (with masks)",
             )
 
     @staticmethod
@@ -458,12 +465,16 @@ class HunyuanImagePipeline(LoraMixin):
             encoder = self.text_encoder
             with running(self.memory, encoder):
                 embeds, mask = encoder.encode(prompts)
-            check_finite(embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)")
+            check_finite(
+                embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)"
+            )
         else:
             check_finite(embeds, "the text embeddings given", "the `prompt_embeds` passed in hold NaN or Inf")
         if use_glyph and glyph is None:
             glyph, glyph_mask = self._encode_glyph(prompts)
-            check_finite(glyph, "the glyph encoder", "NaN/Inf weights in the glyph checkpoint (text_encoder/Glyph-SDXL-v2)")
+            check_finite(
+                glyph, "the glyph encoder", "NaN/Inf weights in the glyph checkpoint (text_encoder/Glyph-SDXL-v2)"
+            )
         elif use_glyph:
             check_finite(glyph, "the glyph embeddings given", "the `glyph_embeds` passed in hold NaN or Inf")
         if not use_glyph:
@@ -563,7 +574,11 @@ class HunyuanImagePipeline(LoraMixin):
     # Output.
     @staticmethod
     def _output(
-        images: Any, prompts: list[str | None], seeds: list[int | None], output_type: str, return_dict: bool | None,
+        images: Any,
+        prompts: list[str | None],
+        seeds: list[int | None],
+        output_type: str,
+        return_dict: bool | None,
         batch: int,
     ) -> Any:
         """The official return (a PIL image for one image, a tensor for latents) unless `return_dict` is set."""

@@ -83,7 +83,9 @@ def images_to_tensor(image: Any) -> torch.Tensor:
     if isinstance(image, torch.Tensor):
         tensor = image[None] if image.ndim == 3 else image
         if tensor.ndim != 4 or tensor.shape[1] != 3:
-            raise RequestError("image", f"an image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}")
+            raise RequestError(
+                "image", f"an image tensor must be (3, H, W) or (B, 3, H, W) in [0, 1], got {tuple(image.shape)}"
+            )
         return tensor.float()
     raise RequestTypeError(
         "image", f"`image` must be a PIL image, a list of them, a uint8 array or a tensor, got {type(image).__name__}"
@@ -205,7 +207,8 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         check_request(request, size_multiple=16, image_count=batch)
         if prompt_embeds is None and not self.parts.given("text_encoder"):
             raise RequestError(
-                "prompt_embeds", "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`"
+                "prompt_embeds",
+                "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`",
             )
         dit, vae = self.dit, self.vae
         self.check_parts()
@@ -213,18 +216,24 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         width, height = request["width"], request["height"]
         for name, value in (("width", width), ("height", height)):
             if value < factor or value % factor:
-                raise RequestError(name, f"`{name}`={value} must be a positive multiple of {factor} (the refiner VAE's factor)")
+                raise RequestError(
+                    name, f"`{name}`={value} must be a positive multiple of {factor} (the refiner VAE's factor)"
+                )
         if (height, width) != tuple(pixels.shape[-2:]):
             pixels = torch.nn.functional.interpolate(
                 pixels, size=(height, width), mode="bicubic", align_corners=False
             ).clamp(0, 1)
 
-        prompts = as_list(prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) == 1 else prompt, batch, "prompt")
+        prompts = as_list(
+            prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) == 1 else prompt, batch, "prompt"
+        )
         if prompt_embeds is None:
             encoder = self.text_encoder
             with running(self.memory, encoder):
                 prompt_embeds, prompt_embeds_mask = encoder.encode(prompts)
-            check_finite(prompt_embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)")
+            check_finite(
+                prompt_embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)"
+            )
         else:
             check_finite(prompt_embeds, "the text embeddings given", "the `prompt_embeds` passed in hold NaN or Inf")
 
@@ -240,7 +249,9 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         shape = (batch, dit.config.out_channels, 1, height // factor, width // factor)
         latents = initial_noise(shape, noise_generators, compute_dtype or torch.float32, self.device)
         condition = self._condition(vae, pixels, condition_generators)
-        check_finite(condition, "the refiner VAE's encoding", "NaN/Inf weights in the refiner VAE checkpoint (vae/vae_refiner)")
+        check_finite(
+            condition, "the refiner VAE's encoding", "NaN/Inf weights in the refiner VAE checkpoint (vae/vae_refiner)"
+        )
         latents = self._denoise(
             dit,
             latents,
@@ -254,13 +265,17 @@ class HunyuanImageRefinerPipeline(LoraMixin):
             step_hook(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs),
         )
         check_finite(
-            latents, "refining", "NaN/Inf weights in the refiner DiT checkpoint (load with verify=True to name the tensor)"
+            latents,
+            "refining",
+            "NaN/Inf weights in the refiner DiT checkpoint (load with verify=True to name the tensor)",
         )
         if output_type == "latent":
             images = latents
         else:
             decoded = self._decode(vae, latents)
-            check_finite(decoded, "the refiner VAE's decoding", "NaN/Inf weights in vae/vae_refiner or a half-precision overflow")
+            check_finite(
+                decoded, "the refiner VAE's decoding", "NaN/Inf weights in vae/vae_refiner or a half-precision overflow"
+            )
             images = format_images(decoded, output_type)
         output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
         if return_dict is None:

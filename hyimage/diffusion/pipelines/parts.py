@@ -70,9 +70,7 @@ def cast_floating(module: torch.nn.Module, dtype: torch.dtype) -> None:
                     tensors[name] = converted
 
 
-def to_arguments(
-    args: Sequence[Any], device: Any = None, dtype: Any = None
-) -> tuple[Any, torch.dtype | None]:
+def to_arguments(args: Sequence[Any], device: Any = None, dtype: Any = None) -> tuple[Any, torch.dtype | None]:
     """`pipe.to` arguments as diffusers takes them: a device, a dtype, or both, positionally or by keyword."""
     for arg in args:
         if isinstance(arg, torch.dtype):
