@@ -17,9 +17,11 @@ logger.disable("hyimage")
 _LAZY = {
     "HunyuanImagePipeline": "hyimage.diffusion.pipelines.hunyuanimage_pipeline",
     "HunyuanImageRefinerPipeline": "hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline",
+    "RequestError": "hyimage.diffusion.request",
+    "NonFiniteError": "hyimage.diffusion.pipelines.finite",
 }
 
-__all__ = ["HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "__version__"]
+__all__ = ["HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "NonFiniteError", "RequestError", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

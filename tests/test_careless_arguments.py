@@ -508,3 +508,20 @@ def test_cli_log_levels_anywhere(no_loading, capsys) -> None:
         assert main(argv) == 1
         err = capsys.readouterr().err
         assert "random seed" not in err and err.startswith("error: --steps")
+
+
+def test_finiteness_is_checked_once_per_stage_not_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No host synchronisation inside the loop: the number of isfinite checks does not grow with the steps."""
+    dit = tiny_model(TINY_CONFIGS["hunyuanimage-v2.1-distilled"])
+    pipe = HunyuanImagePipeline(
+        dit=dit, vae=tiny_vae(), text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False
+    )
+    calls: list[tuple] = []
+    isfinite = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda x: calls.append(tuple(x.shape)) or isfinite(x))
+    counts = []
+    for steps in (1, 3):
+        calls.clear()
+        pipe("a fox", width=64, height=32, num_inference_steps=steps, seed=0, output_type="latent")
+        counts.append(len(calls))
+    assert counts[0] == counts[1] and (1, 64, 1, 2) in calls
