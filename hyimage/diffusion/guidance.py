@@ -83,7 +83,12 @@ class GuidanceConfig:
 
 
 class Guidance:
-    """The guidance of one call: per-sample CFG-to-APG switch steps and APG's momentum buffer."""
+    """The guidance of one call: per-sample CFG-to-APG switch steps and APG's momentum buffer.
+
+    The switch steps are known on the host (from the OCR mask, once per call) and, for batches that mix both
+    kinds, on the device as well: a step picks CFG or APG per sample with `torch.where`, never reading a
+    value back from the device.
+    """
 
     def __init__(self, config: GuidanceConfig, guidance_scale: float, ocr_mask: torch.Tensor) -> None:
         self.config = config
@@ -96,6 +101,8 @@ class Guidance:
         else:
             starts = None
         self.apg_start_steps = starts
+        self._host_starts = None if starts is None else starts.tolist()
+        self._device_starts: dict[torch.device, torch.Tensor] = {}
         self.momentum: torch.Tensor | None = None
 
     def uses_apg(self, step: int) -> torch.Tensor:
@@ -103,6 +110,13 @@ class Guidance:
         if self.apg_start_steps is None:
             return torch.zeros(self.ocr_mask.shape, dtype=torch.bool)
         return step > self.apg_start_steps
+
+    def _apg_samples(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        """`uses_apg(step)` on `like`'s device, shaped to broadcast over a (B, ...) prediction."""
+        starts = self._device_starts.get(like.device)
+        if starts is None:
+            starts = self._device_starts[like.device] = self.apg_start_steps.to(like.device)
+        return (step > starts).reshape(-1, *([1] * (like.ndim - 1)))
 
     def __call__(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor, step: int) -> torch.Tensor:
         """The guided prediction at `step` (0-based) for a batch of conditional and unconditional predictions."""
@@ -117,12 +131,12 @@ class Guidance:
             self.momentum = diff + config.apg_momentum * self.momentum
             diff = self.momentum
 
-        use_apg = self.uses_apg(step)
+        apg_count = sum(step > start for start in self._host_starts)
         guided = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
-        if use_apg.any():
-            idx = torch.nonzero(use_apg).flatten().to(pred_cond.device)
-            projected = apg(
-                pred_cond[idx], pred_uncond[idx], diff[idx], config.apg_scale, config.apg_eta, config.apg_norm_threshold
-            )
-            guided = guided.index_copy(0, idx, projected.to(guided.dtype))
-        return guided
+        if apg_count == 0:
+            return guided
+        projected = apg(pred_cond, pred_uncond, diff, config.apg_scale, config.apg_eta, config.apg_norm_threshold)
+        projected = projected.to(guided.dtype)
+        if apg_count == len(self._host_starts):
+            return projected
+        return torch.where(self._apg_samples(step, guided), projected, guided)

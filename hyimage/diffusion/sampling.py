@@ -25,8 +25,13 @@ def unscale_latents(latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
     return latents + shift if shift else latents
 
 
-def after_step(callback: StepCallback | None, step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-    """The latents after the user's per-step callback: what it returns, or the same latents if it returns None."""
+def after_step(
+    callback: StepCallback | None, step: int, timestep: float | torch.Tensor, latents: torch.Tensor
+) -> torch.Tensor:
+    """The latents after the user's per-step callback: what it returns, or the same latents if it returns None.
+
+    Pass `timestep` as a Python float: reading a device tensor back would stall the loop at every step.
+    """
     if callback is None:
         return latents
     replaced = callback(step, float(timestep), latents)

@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig
+from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
 from hyimage.diffusion.pipelines.parts import (
     Parts,
@@ -536,13 +537,18 @@ class HunyuanImagePipeline(LoraMixin):
         guidance_scale: float,
         guider: Guidance | None,
         compute_dtype: torch.dtype | None,
-        hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        hook: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
         device = self.device
-        sigmas = shifted_sigmas(steps, shift).to(device)
+        sigmas = shifted_sigmas(steps, shift)
+        host_timesteps = timesteps_from_sigmas(sigmas).tolist()  # for the callback: no device read per step
+        sigmas = sigmas.to(device)
         timesteps = timesteps_from_sigmas(sigmas)
         timesteps_r = meanflow_timesteps_r(timesteps) if dit.config.use_meanflow else None
         copies = 2 if guider is not None else 1
+        c.text, c.text_mask = trim_padding(c.text, c.text_mask)
+        if c.glyph is not None:
+            c.glyph, c.glyph_mask = trim_padding(c.glyph, c.glyph_mask)
         with running(self.memory, dit):
             for i, t in enumerate(tqdm(timesteps, desc="Denoising", disable=not self.progress_bar)):
                 model_input = torch.cat([latents] * copies)
@@ -568,7 +574,7 @@ class HunyuanImagePipeline(LoraMixin):
                     pred_uncond, pred_cond = pred.chunk(2)
                     pred = guider(pred_cond, pred_uncond, i)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                latents = hook(i, t, latents)
+                latents = hook(i, t, latents, host_timesteps[i])
         return latents
 
     # Output.

@@ -93,12 +93,15 @@ def step_hook(
     callback: StepCallback | None,
     callback_on_step_end: Callable[..., dict] | None,
     tensor_inputs: Sequence[str],
-) -> Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]:
+) -> Callable[..., torch.Tensor]:
     """The per-step user hooks: `callback(step, timestep, latents)` and diffusers'
     `callback_on_step_end(pipe, step, timestep, callback_kwargs) -> dict` (its "latents" replace the latents)."""
 
-    def hook(step: int, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        latents = after_step(callback, step, timestep, latents)
+    def hook(
+        step: int, timestep: torch.Tensor, latents: torch.Tensor, host_timestep: float | None = None
+    ) -> torch.Tensor:
+        # `callback` gets the timestep as a float: the host copy, when given, spares a device read per step
+        latents = after_step(callback, step, timestep if host_timestep is None else host_timestep, latents)
         if callback_on_step_end is not None:
             outputs = callback_on_step_end(pipe, step, timestep, {name: latents for name in tensor_inputs})
             if outputs is not None:

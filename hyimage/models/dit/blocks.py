@@ -52,6 +52,16 @@ class IndividualTokenRefinerBlock(nn.Module):
         return x + gate(self.mlp(self.norm2(x)), gate_mlp)
 
 
+def refiner_attention_mask(text_mask: torch.Tensor | None) -> AttentionMask:
+    """The token refiner's key mask: the text mask with the first token always valid, as in the official code
+    (no empty softmax rows)."""
+    if text_mask is None:
+        return AttentionMask(None)
+    text_mask = text_mask.bool().clone()
+    text_mask[:, 0] = True
+    return AttentionMask.from_key_mask(text_mask)
+
+
 class IndividualTokenRefiner(nn.Module):
     """A stack of refiner blocks sharing one key mask."""
 
@@ -59,12 +69,7 @@ class IndividualTokenRefiner(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([IndividualTokenRefinerBlock(dim, heads_num, **factory) for _ in range(depth)])
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
-        if text_mask is not None:
-            # The first token always counts as valid, as in the official code: no empty softmax rows.
-            text_mask = text_mask.bool().clone()
-            text_mask[:, 0] = True
-        mask = AttentionMask.from_key_mask(text_mask)
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         for block in self.blocks:
             x = block(x, c, mask)
         return x
@@ -80,14 +85,23 @@ class SingleTokenRefiner(nn.Module):
         self.c_embedder = TextProjection(in_dim, dim, **factory)
         self.individual_token_refiner = IndividualTokenRefiner(dim, heads_num, depth, **factory)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text_mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        attn_mask: AttentionMask | None = None,
+    ) -> torch.Tensor:
+        """`attn_mask`: `refiner_attention_mask(text_mask)`, when the caller has it already."""
+        if attn_mask is None:
+            attn_mask = refiner_attention_mask(text_mask)
         if text_mask is None:
             pooled = x.mean(dim=1)
         else:
             weights = text_mask.to(x.dtype).unsqueeze(-1)
             pooled = (x * weights).sum(dim=1) / weights.sum(dim=1)
         c = self.t_embedder(t) + self.c_embedder(pooled)
-        return self.individual_token_refiner(self.input_embedder(x), c, text_mask)
+        return self.individual_token_refiner(self.input_embedder(x), c, attn_mask)
 
 
 class MMDoubleStreamBlock(nn.Module):

@@ -95,10 +95,18 @@ class TextProjection(nn.Module):
         return self.linear_2(self.act_1(self.linear_1(x)))
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding [cos, sin] of (B,) float timesteps, in float32."""
+def timestep_frequencies(dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """The (dim // 2,) float32 frequencies of `timestep_embedding`, computed on the CPU as the official code does."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, freqs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sinusoidal embedding [cos, sin] of (B,) float timesteps, in float32 (`freqs`: precomputed on t's device)."""
+    if freqs is None:
+        freqs = timestep_frequencies(dim, max_period).to(t.device)
     args = t[:, None].float() * freqs[None]
     embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -107,7 +115,10 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of a scalar per sample, then an MLP (mlp.0, SiLU, mlp.2)."""
+    """Sinusoidal features of a scalar per sample, then an MLP (mlp.0, SiLU, mlp.2).
+
+    The frequency table is copied to a device once and kept (no host-to-device copy per step).
+    """
 
     def __init__(self, dim: int, frequency_dim: int = 256, **factory: Any) -> None:
         super().__init__()
@@ -117,9 +128,13 @@ class TimestepEmbedder(nn.Module):
             nn.SiLU(),
             nn.Linear(dim, dim, bias=True, **factory),
         )
+        self._freqs: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
+        freqs = self._freqs.get(t.device)
+        if freqs is None:
+            freqs = self._freqs[t.device] = timestep_frequencies(self.frequency_dim).to(t.device)
+        return self.mlp(timestep_embedding(t, self.frequency_dim, freqs=freqs).to(self.mlp[0].weight.dtype))
 
 
 class PatchEmbed(nn.Module):

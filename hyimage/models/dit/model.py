@@ -1,6 +1,8 @@
 """HYImageDiffusionTransformer: the HunyuanImage-2.1 diffusion transformer (base, distilled, refiner)."""
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +10,12 @@ import torch
 import torch.nn as nn
 
 from hyimage.models.attention import AttentionMask
-from hyimage.models.dit.blocks import MMDoubleStreamBlock, MMSingleStreamBlock, SingleTokenRefiner
+from hyimage.models.dit.blocks import (
+    MMDoubleStreamBlock,
+    MMSingleStreamBlock,
+    SingleTokenRefiner,
+    refiner_attention_mask,
+)
 from hyimage.models.dit.configs import DiTConfig, resolve_dit_config
 from hyimage.models.dit.layers import (
     ByT5Mapper,
@@ -159,8 +166,10 @@ class HYImageDiffusionTransformer(nn.Module):
                 f"hidden_states must have {len(config.patch_size) + 2} dims for patch_size {config.patch_size}, "
                 f"got shape {tuple(hidden_states.shape)}"
             )
-        grid = [size // patch for size, patch in zip(hidden_states.shape[2:], config.patch_size)]
-        text_mask = encoder_attention_mask.bool()
+        grid = tuple(size // patch for size, patch in zip(hidden_states.shape[2:], config.patch_size))
+        if config.glyph_byT5_v2 and (byt5_text_states is None or byt5_text_mask is None):
+            raise ValueError("this model renders glyphs (glyph_byT5_v2=True): pass byt5_text_states and byt5_text_mask")
+        constants = self._call_constants(grid, encoder_attention_mask, byt5_text_mask, hidden_states.device)
 
         img = self.img_in(hidden_states)
         vec = self.time_in(timestep)
@@ -174,26 +183,14 @@ class HYImageDiffusionTransformer(nn.Module):
             vec = vec + self.guidance_in(guidance)
 
         if config.text_projection == "single_refiner":
-            txt = self.txt_in(text_states, timestep, text_mask if config.use_attention_mask else None)
+            txt = self.txt_in(text_states, timestep, constants.pool_mask, constants.refiner_mask)
         else:
             txt = self.txt_in(text_states)
-
         if config.glyph_byT5_v2:
-            if byt5_text_states is None or byt5_text_mask is None:
-                raise ValueError(
-                    "this model renders glyphs (glyph_byT5_v2=True): pass byt5_text_states and byt5_text_mask"
-                )
-            txt, text_mask = valid_tokens_first(
-                torch.cat([self.byt5_in(byt5_text_states), txt], dim=1),
-                torch.cat([byt5_text_mask.bool(), text_mask], dim=1),
-            )
+            txt = reorder_tokens(torch.cat([self.byt5_in(byt5_text_states), txt], dim=1), constants.order)
 
         img_len = img.shape[1]
-        rope = rope_frequencies(config.rope_dim_list, grid, config.rope_theta, device=img.device)
-        mask = AttentionMask.from_key_mask(
-            torch.cat([text_mask.new_ones(text_mask.shape[0], img_len), text_mask], dim=1)
-        )
-
+        rope, mask = constants.rope, constants.mask
         for block in self.double_blocks:
             img, txt = block(img, txt, vec, rope, mask)
         x = torch.cat([img, txt], dim=1)
@@ -201,6 +198,24 @@ class HYImageDiffusionTransformer(nn.Module):
             x = block(x, vec, img_len, rope, mask)
 
         return self.unpatchify(self.final_layer(x[:, :img_len], vec), grid)
+
+    def _call_constants(
+        self,
+        grid: tuple[int, ...],
+        text_mask: torch.Tensor,
+        glyph_mask: torch.Tensor | None,
+        device: torch.device,
+    ) -> "CallConstants":
+        """The RoPE table, masks and token order of this forward, reused while the same masks come back.
+
+        A sampling loop passes the same mask tensors at every step: the host reads these need (whether a mask
+        has padding, flash-attn's unpadding indices) then happen once per call, not once per step.
+        """
+        cached = getattr(self, "_constants", None)
+        if cached is not None and cached.matches(grid, text_mask, glyph_mask, device):
+            return cached
+        self._constants = CallConstants.build(self.config, grid, text_mask, glyph_mask, device)
+        return self._constants
 
     def unpatchify(self, x: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
         """(B, tokens, C * prod(patch)) -> (B, C, *grid * patch)."""
@@ -213,11 +228,80 @@ class HYImageDiffusionTransformer(nn.Module):
         return x.reshape(x.shape[0], self.config.out_channels, *(g * p for g, p in zip(grid, patch)))
 
 
-def valid_tokens_first(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, move valid tokens ahead of padding, keeping the order within each group.
+def valid_first_order(mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, the token order that puts valid tokens ahead of padding, keeping the order within each group.
 
-    With tokens = [glyph, text] this gives the official order: valid glyph, valid text, padded glyph, padded text.
+    With tokens = [glyph, text] this is the official order: valid glyph, valid text, padded glyph, padded text.
     """
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
-    tokens = torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-    return tokens, torch.gather(mask, 1, order)
+    return torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+
+
+def reorder_tokens(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """tokens (B, L, C) gathered along L by a (B, L) order."""
+    return torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def valid_tokens_first(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, move valid tokens ahead of padding (see `valid_first_order`); returns tokens and mask."""
+    order = valid_first_order(mask)
+    return reorder_tokens(tokens, order), torch.gather(mask, 1, order)
+
+
+@dataclass
+class CallConstants:
+    """What a forward derives from the latent grid and the masks alone: the same at every step of a call.
+
+    It remembers the mask tensors it was built from (and their version counters, so an in-place edit of a
+    mask rebuilds it).
+    """
+
+    key: tuple
+    sources: tuple[torch.Tensor | None, ...]
+    pool_mask: torch.Tensor | None
+    refiner_mask: AttentionMask
+    order: torch.Tensor | None
+    mask: AttentionMask
+    rope: tuple[torch.Tensor, torch.Tensor]
+
+    @staticmethod
+    def _key(grid: tuple[int, ...], sources: tuple[torch.Tensor | None, ...], device: torch.device) -> tuple:
+        return grid, torch.device(device), tuple(None if s is None else (id(s), s._version) for s in sources)
+
+    def matches(
+        self, grid: tuple[int, ...], text_mask: torch.Tensor, glyph_mask: torch.Tensor | None, device: torch.device
+    ) -> bool:
+        sources = (text_mask, glyph_mask)
+        return all(a is b for a, b in zip(sources, self.sources)) and self.key == self._key(grid, sources, device)
+
+    @classmethod
+    def build(
+        cls,
+        config: DiTConfig,
+        grid: tuple[int, ...],
+        text_mask: torch.Tensor,
+        glyph_mask: torch.Tensor | None,
+        device: torch.device,
+    ) -> "CallConstants":
+        sources = (text_mask, glyph_mask)
+        text_mask = text_mask.to(device).bool()
+        pool_mask = text_mask if config.use_attention_mask else None
+        joint_mask, order = text_mask, None
+        if config.glyph_byT5_v2:
+            joint_mask = torch.cat([glyph_mask.to(device).bool(), text_mask], dim=1)
+            order = valid_first_order(joint_mask)
+            joint_mask = torch.gather(joint_mask, 1, order)
+        img_len = math.prod(grid)
+        mask = AttentionMask.from_key_mask(
+            torch.cat([joint_mask.new_ones(joint_mask.shape[0], img_len), joint_mask], dim=1)
+        )
+        # Computed on the CPU as the official code does, copied to the device once per call.
+        cos, sin = rope_frequencies(config.rope_dim_list, grid, config.rope_theta)
+        return cls(
+            key=cls._key(grid, sources, device),
+            sources=sources,
+            pool_mask=pool_mask,
+            refiner_mask=refiner_attention_mask(pool_mask),
+            order=order,
+            mask=mask,
+            rope=(cos.to(device), sin.to(device)),
+        )
