@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput
 from hyimage.diffusion.pipelines.parts import (
@@ -307,12 +308,14 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         shift: float,
         guidance_scale: float,
         compute_dtype: torch.dtype | None,
-        hook: Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor],
+        hook: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
         device = self.device
-        sigmas = shifted_sigmas(steps, shift).to(device)
+        sigmas = shifted_sigmas(steps, shift)
+        host_timesteps = timesteps_from_sigmas(sigmas).tolist()  # for the callback: no device read per step
+        sigmas = sigmas.to(device)
         timesteps = timesteps_from_sigmas(sigmas)
-        text, text_mask = text.to(device), text_mask.to(device)
+        text, text_mask = trim_padding(text.to(device), text_mask.to(device))
         condition = condition.to(device)
         with running(self.memory, dit):
             for i, t in enumerate(tqdm(timesteps, desc="Refining", disable=not self.progress_bar)):
@@ -321,7 +324,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
                 guidance = guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
                 pred = run_dit(dit, compute_dtype, model_input, t.repeat(n), text, text_mask, guidance=guidance)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                latents = hook(i, t, latents)
+                latents = hook(i, t, latents, host_timesteps[i])
         return latents
 
     def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
