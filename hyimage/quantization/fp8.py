@@ -1,10 +1,16 @@
-"""FP8 weight-only storage in the official HunyuanImage-2.1 format.
+"""FP8 weights in the official HunyuanImage-2.1 format, computed two ways.
 
 A converted linear layer keeps `weight` as float8_e4m3fn (same shape), `weight_scale`, a 0-dim
-float32 multiplier (weight ~= weight_fp8 * weight_scale), and its `bias`; the forward pass
-dequantizes the weight into the activation dtype and computes in that dtype.
+float32 multiplier (weight ~= weight_fp8 * weight_scale), and its `bias`. Its `compute` picks the matmul:
+- "dequant" (the official): the weight is dequantized into the activation dtype and multiplied there;
+- "scaled_mm": the activations are quantized to e4m3 too, with a dynamic scale per token (amax / 448;
+  per tensor where the device's `torch._scaled_mm` has no row-wise scales), and `torch._scaled_mm`
+  multiplies the two FP8 operands on FP8 tensor cores, applying both scales and the bias, in the activation dtype.
+None (the default) chooses by device: "scaled_mm" on CUDA GPUs with FP8 tensor cores (compute capability 8.9+),
+"dequant" elsewhere.
 """
 
+import functools
 from collections.abc import Collection, Iterator, Sequence
 
 import torch
@@ -14,10 +20,63 @@ from torch import nn
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8_DTYPE).max
 SCALE_SUFFIX = ".weight_scale"
+FP8_COMPUTE_MODES = ("scaled_mm", "dequant")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int | None) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def default_fp8_compute(device: torch.device) -> str:
+    """"scaled_mm" on CUDA devices with FP8 tensor cores (sm_89 and newer), "dequant" elsewhere."""
+    if device.type == "cuda" and _cuda_capability(device.index) >= (8, 9):
+        return "scaled_mm"
+    return "dequant"
+
+
+def _rowwise_scales(device: torch.device) -> bool:
+    """Whether `torch._scaled_mm` takes one scale per row here (the CPU; CUDA from sm_90)."""
+    return device.type != "cuda" or _cuda_capability(device.index) >= (9, 0)
+
+
+def quantize_activations(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(e4m3 x, float32 scale) with x ~= fp8 * scale; the scale is (M, 1) per token (row) or 0-dim per tensor.
+
+    The largest magnitude maps to 448; no value is read back to the host.
+    """
+    x_float = x.float()
+    amax = x_float.abs().amax(dim=-1, keepdim=True) if per_token else x_float.abs().amax()
+    scale = amax.clamp(min=1e-12) / FP8_MAX
+    return (x_float / scale).clamp(min=-FP8_MAX, max=FP8_MAX).to(FP8_DTYPE), scale
+
+
+def scaled_mm_linear(
+    x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x @ (weight * weight_scale).T + bias with both operands in e4m3 through `torch._scaled_mm`, in x's dtype."""
+    per_token = _rowwise_scales(x.device)
+    x_2d = x.reshape(-1, x.shape[-1])
+    x_fp8, x_scale = quantize_activations(x_2d, per_token)
+    w_scale = weight_scale.float().reshape(1, 1).repeat(1, weight.shape[0]) if per_token else weight_scale.float()
+    out = torch._scaled_mm(
+        x_fp8,
+        weight.t(),
+        x_scale,
+        w_scale,
+        bias=None if bias is None else bias.to(x.dtype),
+        out_dtype=x.dtype,
+    )
+    return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class FP8Linear(nn.Module):
-    """A linear layer whose weight is stored per-tensor scaled in float8_e4m3fn."""
+    """A linear layer whose weight is stored per-tensor scaled in float8_e4m3fn.
+
+    `compute`: "scaled_mm", "dequant" or None (by device); see the module docstring.
+    """
+
+    compute: str | None = None
 
     def __init__(
         self,
@@ -61,11 +120,25 @@ class FP8Linear(nn.Module):
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.compute or default_fp8_compute(x.device)
+        # torch._scaled_mm needs both matrix dimensions divisible by 16
+        if compute == "scaled_mm" and self.in_features % 16 == 0 and self.out_features % 16 == 0:
+            return scaled_mm_linear(x, self.weight, self.weight_scale, self.bias)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def set_fp8_compute(model: nn.Module, compute: str | None) -> int:
+    """Set how every FP8Linear of `model` multiplies ("scaled_mm", "dequant", or None: by device); returns how many."""
+    if compute is not None and compute not in FP8_COMPUTE_MODES:
+        raise ValueError(f"fp8_compute {compute!r} is unknown; choose 'scaled_mm', 'dequant' or None (by device)")
+    layers = [m for m in model.modules() if isinstance(m, FP8Linear)]
+    for layer in layers:
+        layer.compute = compute
+    return len(layers)
 
 
 def quantize_per_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
