@@ -217,6 +217,8 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                             "block by block")
     group.add_argument("--gpu-budget-gb", type=float, default=None,
                        help="GPU memory (GiB) the auto plan keeps within; in block mode, for streamed weights")
+    group.add_argument("--compile", action="store_true",
+                       help="torch.compile each DiT block (slow first image, faster steps after it)")
 
 
 def check_loading_arguments(args: argparse.Namespace) -> str:
@@ -352,6 +354,7 @@ def run_generate(args: argparse.Namespace) -> int:
         reprompt_model=args.reprompt or "32b",
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
+        compile=args.compile,
     )
     pipe.to(device)
     for path, scale in loras:

@@ -31,6 +31,7 @@ from hyimage.diffusion.request import RequestError, check_device, check_dtype, c
 from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
 from hyimage.offload import MemoryManager
+from hyimage.quantization.fp8 import FP8_COMPUTE_MODES, set_fp8_compute
 
 VARIANTS = ("hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled")
 REFINER = "hunyuanimage-refiner"
@@ -167,6 +168,8 @@ def load_pipeline(
     use_distilled: bool = False,
     progress_bar: bool = True,
     dit_file: str | os.PathLike | None = None,
+    fp8_compute: str | None = None,
+    compile: bool = False,
 ) -> Any:
     """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
 
@@ -181,7 +184,10 @@ def load_pipeline(
     `model_name` may also be a Hub repository id in the official layout (e.g. "tencent/HunyuanImage-2.1"):
     what the configuration needs is fetched into the model root first (see `hub_model_root`).
     `dit_file`: another DiT file for `model_name` (a GGUF, a ComfyUI single file, ...) instead of the layout's.
+    `fp8_compute` "scaled_mm" | "dequant" | None (by device) and `compile`: see `_with_speed`.
     """
+    if fp8_compute is not None and fp8_compute not in FP8_COMPUTE_MODES:
+        raise ValueError(f"fp8_compute {fp8_compute!r} is unknown; choose 'scaled_mm', 'dequant' or None (by device)")
     if is_hub_repo_id(model_name):
         variant = VARIANTS[1] if use_distilled else VARIANTS[0]
         model_root = hub_model_root(model_name, variant, use_fp8, refiner, model_root, progress_bar)
@@ -198,7 +204,11 @@ def load_pipeline(
 
     config = _dit_config(layout, model_name, dit_config)
     plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config)
-    dit = _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file)
+    dit = _with_speed(
+        _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file),
+        fp8_compute,
+        compile,
+    )
     vae_dir = _require(layout.vae / "config.json", "VAE", needs, command_root).parent
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     uses_glyph = bool(_config_value(config, "glyph_byT5_v2", True))
@@ -427,6 +437,21 @@ def _dit_factory(
         ).eval()
 
     return once(load)
+
+
+def _with_speed(
+    factory: Callable[[], torch.nn.Module], fp8_compute: str | None, compile: bool
+) -> Callable[[], torch.nn.Module]:
+    """The DiT with its FP8 layers set to `fp8_compute` and, with `compile`, its blocks torch.compiled."""
+    if fp8_compute is None and not compile:
+        return factory
+
+    def build() -> torch.nn.Module:
+        model = factory()
+        set_fp8_compute(model, fp8_compute)
+        return model.compile_blocks() if compile else model
+
+    return once(build)
 
 
 def _check_glyph(layout: CheckpointLayout, needs: DownloadConfig, command_root: Path | None) -> None:
