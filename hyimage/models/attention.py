@@ -1,6 +1,10 @@
 """The one attention entry point: flash-attn 3, then flash-attn 2 on CUDA, else PyTorch SDPA.
 
 Padded keys never reach a valid query, whichever backend runs, so padding cannot change valid outputs.
+The DiT builds its `AttentionMask` once per call (see `CallConstants`): a mask without padding becomes None,
+so SDPA on CUDA may pick its flash or cuDNN kernels, and a padded batch takes the memory-efficient kernel
+(which accepts a boolean key mask), never the math one; flash-attn's unpadding indices are computed on first
+use and kept with the mask, so no step after the first reads them back from the device.
 """
 
 from collections.abc import Callable
