@@ -10,7 +10,7 @@ with about 10 valid, a 1024x1024 image (32x32 latent tokens), batch 1, guidance 
 Steps alternate between the implementations; the median of `--repeats` steps after one warm-up each is printed,
 with the ratio to diffusers, for float32 and bfloat16.
 
-    python benchmarks/bench_step_cpu.py [--threads 2] [--repeats 3] [--hidden 768] [--heads 6] [--double 2] [--single 4]
+    python benchmarks/bench_step_cpu.py [--threads 2] [--repeats 3] [--hidden 512] [--heads 4] [--double 2] [--single 4]
 """
 
 import argparse
@@ -113,8 +113,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--double", type=int, default=2)
     parser.add_argument("--single", type=int, default=4)
     parser.add_argument("--dtypes", default="float32,bfloat16")
