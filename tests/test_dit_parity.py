@@ -159,11 +159,12 @@ def test_glyph_model_requires_byt5_inputs() -> None:
 
 def test_glyph_tokens_reordered_valid_first() -> None:
     """The official order per sample: valid glyph, valid text, padded glyph, padded text tokens."""
-    from hyimage.models.dit.model import valid_tokens_first
+    from hyimage.models.dit.model import reorder_tokens, valid_first_order
 
     # token ids as features: glyph tokens 10.., text tokens 20..
     tokens = torch.tensor([[10, 11, 12, 20, 21, 22, 23], [10, 11, 12, 20, 21, 22, 23]]).float().unsqueeze(-1)
     mask = torch.tensor([[1, 1, 0, 1, 0, 1, 0], [0, 0, 0, 1, 1, 1, 0]]).bool()
-    reordered, new_mask = valid_tokens_first(tokens, mask)
+    order = valid_first_order(mask)
+    reordered, new_mask = reorder_tokens(tokens, order), torch.gather(mask, 1, order)
     assert reordered.squeeze(-1).tolist() == [[10, 11, 20, 22, 12, 21, 23], [20, 21, 22, 10, 11, 12, 23]]
     assert new_mask.tolist() == [[True] * 4 + [False] * 3, [True] * 3 + [False] * 4]

@@ -219,8 +219,8 @@ class HYImageDiffusionTransformer(nn.Module):
     ) -> "CallConstants":
         """The RoPE table, masks and token order of this forward, reused while the same masks come back.
 
-        A sampling loop passes the same mask tensors at every step: the host reads these need (whether a mask
-        has padding, flash-attn's unpadding indices) then happen once per call, not once per step.
+        A sampling loop passes the same mask tensors at every step, so what must be read back from the device
+        to build them (whether a mask has padding, flash-attn's unpadding indices) is read once per call.
         """
         cached = getattr(self, "_constants", None)
         if cached is not None and cached.matches(grid, text_mask, glyph_mask, device):
@@ -250,12 +250,6 @@ def valid_first_order(mask: torch.Tensor) -> torch.Tensor:
 def reorder_tokens(tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """tokens (B, L, C) gathered along L by a (B, L) order."""
     return torch.gather(tokens, 1, order.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
-
-
-def valid_tokens_first(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, move valid tokens ahead of padding (see `valid_first_order`); returns tokens and mask."""
-    order = valid_first_order(mask)
-    return reorder_tokens(tokens, order), torch.gather(mask, 1, order)
 
 
 @dataclass
