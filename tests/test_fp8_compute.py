@@ -36,6 +36,9 @@ def test_scaled_mm_equals_the_product_of_the_quantised_tensors() -> None:
     reference = by_hand(x.reshape(-1, 64), layer).reshape(5, 7, 48)
     # one bf16 rounding of the result (2^-9 relative) apart, per element
     assert ((out.double() - reference).abs() <= 2**-8 * reference.abs() + 1e-6).all()
+    # a float32 input under autocast gives the autocast dtype, as F.linear does
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x.float()).dtype == torch.bfloat16
     # and not the weight-only product: the activations are quantised too
     layer.compute = "dequant"
     assert not torch.equal(layer(x), out)

@@ -54,8 +54,14 @@ def quantize_activations(x: torch.Tensor, per_token: bool) -> tuple[torch.Tensor
 def scaled_mm_linear(
     x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """x @ (weight * weight_scale).T + bias with both operands in e4m3 through `torch._scaled_mm`, in x's dtype."""
-    per_token = _rowwise_scales(x.device)
+    """x @ (weight * weight_scale).T + bias with both operands in e4m3 through `torch._scaled_mm`.
+
+    The result is in x's dtype, or in the autocast dtype under autocast (as F.linear would give).
+    """
+    device_type = x.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+    # row-wise scales: bf16 results only on CUDA
+    per_token = _rowwise_scales(x.device) and (device_type != "cuda" or out_dtype == torch.bfloat16)
     x_2d = x.reshape(-1, x.shape[-1])
     x_fp8, x_scale = quantize_activations(x_2d, per_token)
     w_scale = weight_scale.float().reshape(1, 1).repeat(1, weight.shape[0]) if per_token else weight_scale.float()
@@ -64,8 +70,8 @@ def scaled_mm_linear(
         weight.t(),
         x_scale,
         w_scale,
-        bias=None if bias is None else bias.to(x.dtype),
-        out_dtype=x.dtype,
+        bias=None if bias is None else bias.to(out_dtype),
+        out_dtype=out_dtype,
     )
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
