@@ -8,7 +8,6 @@ from hyimage.quantization.fp8 import (
     FP8_DTYPE,
     FP8Linear,
     convert_to_fp8_linear,
-    default_fp8_compute,
     fp8_linear_modules,
     set_fp8_compute,
 )
@@ -44,8 +43,11 @@ def test_scaled_mm_equals_the_product_of_the_quantised_tensors() -> None:
     assert not torch.equal(layer(x), out)
 
 
-def test_default_is_chosen_by_device_and_names_are_checked() -> None:
-    assert default_fp8_compute(torch.device("cpu")) == "dequant"
+def test_default_is_the_official_dequant_and_names_are_checked() -> None:
+    layer = FP8Linear.from_linear(nn.Linear(64, 48))
+    x = torch.randn(3, 64)
+    assert layer.compute is None
+    assert torch.equal(layer(x), nn.functional.linear(x, layer.dequantized_weight(torch.float32), layer.bias))
     with pytest.raises(ValueError, match="fp8_compute"):
         set_fp8_compute(nn.Linear(2, 2), "fast")
 

@@ -184,10 +184,10 @@ def load_pipeline(
     `model_name` may also be a Hub repository id in the official layout (e.g. "tencent/HunyuanImage-2.1"):
     what the configuration needs is fetched into the model root first (see `hub_model_root`).
     `dit_file`: another DiT file for `model_name` (a GGUF, a ComfyUI single file, ...) instead of the layout's.
-    `fp8_compute` "scaled_mm" | "dequant" | None (by device) and `compile`: see `_with_speed`.
+    `fp8_compute` "scaled_mm" | "dequant" | None ("dequant", the official numerics) and `compile`: see `_with_speed`.
     """
     if fp8_compute is not None and fp8_compute not in FP8_COMPUTE_MODES:
-        raise ValueError(f"fp8_compute {fp8_compute!r} is unknown; choose 'scaled_mm', 'dequant' or None (by device)")
+        raise ValueError(f"fp8_compute {fp8_compute!r} is unknown; choose 'scaled_mm', 'dequant' or None (dequant)")
     if is_hub_repo_id(model_name):
         variant = VARIANTS[1] if use_distilled else VARIANTS[0]
         model_root = hub_model_root(model_name, variant, use_fp8, refiner, model_root, progress_bar)
