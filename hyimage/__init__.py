@@ -12,9 +12,10 @@ __version__ = "0.1.0"
 _LAZY = {
     "HunyuanImagePipeline": "hyimage.diffusion.pipelines.hunyuanimage_pipeline",
     "HunyuanImageRefinerPipeline": "hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline",
+    "ParallelConfig": "hyimage.parallel",
 }
 
-__all__ = ["HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "__version__"]
+__all__ = ["HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "ParallelConfig", "__version__"]
 
 
 def __getattr__(name: str) -> Any:

@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     download.set_defaults(run=run_download)
     add_plan_parser(commands)
+
+    from hyimage.batch import add_batch_parser
+
+    add_batch_parser(commands)
     return parser
 
 
