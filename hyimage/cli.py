@@ -29,6 +29,8 @@ from hyimage.loading.download import (
 from hyimage.loading.layout import model_root
 from hyimage.offload import MEMORY_MODES
 from hyimage.offload.planner import add_plan_parser
+from hyimage.parallel import add_parallel_argument
+from hyimage.parallel.state import shared_random_seed
 
 VARIANT_ALIASES = {
     "base": "hunyuanimage-v2.1",
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                           help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; repeatable")
     add_loading_arguments(generate)
+    add_parallel_argument(generate)
     generate.set_defaults(run=run_generate)
 
     refine = commands.add_parser("refine", help="refine an existing image with the refiner model")
@@ -199,7 +202,7 @@ def run_generate(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    seed = args.seed if args.seed is not None else random.randrange(2**31) if args.parallel is None else shared_random_seed()
     stem = args.output if args.output is not None else Path(f"hyimage-{seed}.png")
     outputs = output_paths(stem, args.num_images)
     refuse_overwrite(outputs, args.overwrite)
@@ -216,6 +219,7 @@ def run_generate(args: argparse.Namespace) -> int:
         reprompt_model=args.reprompt or "32b",
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
+        parallel=args.parallel,
     )
     pipe.to(args.device or default_device())
     for path, scale in loras:
@@ -248,6 +252,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "reprompt": args.reprompt,
         "lora": args.lora,
     }
+    if pipe.parallel is not None and pipe.parallel.rank != 0:
+        return 0  # rank 0 writes the images
     for path, image, used_prompt, image_seed in zip(outputs, result.images, result.prompts, result.seeds):
         save_png(image, path, dict(settings, seed=image_seed, prompt_used=used_prompt))
         print(f"saved {path} (seed {image_seed})")

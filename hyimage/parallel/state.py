@@ -8,6 +8,7 @@ launcher environment before any model loads.
 """
 
 import os
+import random
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +160,7 @@ class ParallelState:
     sp_rank: int
     cfg_group: dist.ProcessGroup | None
     sp_group: dist.ProcessGroup | None
+    image_group: dist.ProcessGroup | None
     device: torch.device
 
     @property
@@ -182,10 +184,27 @@ class ParallelState:
         ]
         sp_group = _subgroup(sp_lists, rank) if sp > 1 else None
         cfg_group = _subgroup(cfg_lists, rank) if config.cfg > 1 else None
+        image_lists = [list(range(start, start + size)) for start in range(0, world, size)]
+        image_group = _subgroup(image_lists, rank) if size > 1 else None
         device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else \
             torch.device(device_type)
-        return cls(config, rank, world, dp_rank, dp_size, cfg_rank, sp_rank, cfg_group, sp_group, device)
+        return cls(config, rank, world, dp_rank, dp_size, cfg_rank, sp_rank, cfg_group, sp_group, image_group, device)
+
+    def shared_seeds(self, count: int) -> list[int]:
+        """`count` random seeds drawn by the first rank of this image's group and used by all its ranks."""
+        seeds = [[random.randrange(2**31) for _ in range(count)]]
+        if self.image_group is not None:
+            dist.broadcast_object_list(seeds, src=self.dp_rank * self.config.size, group=self.image_group)
+        return seeds[0]
+
+
+def shared_random_seed() -> int:
+    """A random seed, the same on every rank of torchrun's world (joining its process group first)."""
+    init_distributed()
+    seed = [random.randrange(2**31)]
+    dist.broadcast_object_list(seed, src=0)
+    return seed[0]
 
 
 def _subgroup(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
