@@ -5,11 +5,11 @@ Nothing runs on a GPU: the model counts the DiT's FLOPs and the bytes `hyimage.p
 Compute per forward (one sample, bf16): every block is 24 d^2 FLOPs per token in its linear layers (double
 stream: q, k, v, proj and a 4x MLP per stream; single stream: q, k, v, MLP in and the fused output layer) and
 4 N^2 d FLOPs in attention, over 20 double + 40 single blocks. With sequence parallelism over S ranks a rank
-computes its share of the image tokens plus ALL text tokens (they are replicated), and ceil(H/S)/H of the
-attention (the slowest rank has the most heads).
+computes its share of the image and of the text tokens, and ceil(H/S)/H of the attention (the slowest rank has
+the most heads).
 Communication per attention and rank: q, k, v out and the output back through all-to-alls, each sending
-(S-1)/S of the rank's image activations (N_img/S x d x 2 bytes), and the text rows gathered over heads
-(T x d x ceil(H/S)/H x 2 bytes to each of S-1 ranks); 5 collectives, each with a fixed latency. CFG-parallel
+(S-1)/S of the rank's activations (N/S x d x 2 bytes); 8 collectives (image and text apart), each with a fixed
+latency. CFG-parallel
 (C=2) runs the conditional and unconditional branches on different ranks, exchanging one prediction per step
 (N_img x 64 x 2 bytes, negligible). Nothing overlaps: step time = compute / throughput + bytes / bandwidth +
 collectives x latency.
@@ -33,12 +33,11 @@ def forward_seconds(d: int, heads: int, n_img: int, text: int, sp: int, tflops: 
     """One DiT forward of one sample on each of `sp` ranks."""
     n = n_img + text
     head_share = math.ceil(heads / sp) / heads
-    flops = BLOCKS * (24 * d * d * (math.ceil(n_img / sp) + text) + 4 * n * n * d * head_share)
+    flops = BLOCKS * (24 * d * d * (math.ceil(n_img / sp) + math.ceil(text / sp)) + 4 * n * n * d * head_share)
     seconds = flops / (tflops * 1e12)
     if sp > 1:
-        image_bytes = 4 * (n_img / sp) * d * 2 * (sp - 1) / sp
-        text_bytes = text * d * head_share * 2 * (sp - 1)
-        seconds += BLOCKS * ((image_bytes + text_bytes) / (gbs * 1e9) + 5 * latency)
+        sent = 4 * (n / sp) * d * 2 * (sp - 1) / sp
+        seconds += BLOCKS * (sent / (gbs * 1e9) + 8 * latency)
     return seconds
 
 

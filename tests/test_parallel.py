@@ -87,7 +87,8 @@ def test_launch_errors_are_explained_before_loading(
 @pytest.mark.slow
 def test_parallel_layouts_give_the_single_process_latents(tmp_path: Path) -> None:
     """CFG-parallel (2 ranks), Ulysses (2 and 4 ranks, uneven heads and tokens at 4), CFG x Ulysses (2 x 2) for
-    the base model (OCR and general samples, CFG-to-APG switch) and the distilled model; the refiner's DiT on 2."""
+    the base model (OCR and general samples, CFG-to-APG switch) and the distilled model; the refiner's DiT on 2;
+    an FP8 base model with block streaming on 2."""
     out = tmp_path / "errors.json"
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
@@ -96,7 +97,7 @@ def test_parallel_layouts_give_the_single_process_latents(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     errors = {k: v for k, v in results.items() if not k.endswith("all-to-alls")}
-    assert set(errors) == {"base cfg=2,sp=1", "base cfg=1,sp=2", "distilled cfg=1,sp=2", "refiner cfg=1,sp=2",
+    assert set(errors) == {"base cfg=2,sp=1", "base cfg=1,sp=2", "distilled cfg=1,sp=2", "refiner cfg=1,sp=2", "fp8 block cfg=1,sp=2",
                            "base cfg=2,sp=2", "base cfg=1,sp=4", "distilled cfg=1,sp=4"}
     assert all(error <= 1e-5 for error in errors.values()), errors
     assert all(results[f"{k} all-to-alls"] > 0 for k in errors if "sp=1" not in k)

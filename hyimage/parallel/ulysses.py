@@ -1,13 +1,13 @@
 """Ulysses sequence parallelism for the DiT, installed from outside the model with module hooks.
 
 Inside `SequenceParallel(dit, group)`, each of the group's S ranks keeps a contiguous 1/S of the image tokens
-(with their RoPE angles) through every block, and the text and glyph tokens whole. Around each attention of
-the double- and single-stream blocks, an all-to-all trades the token split for a head split: each rank then
-attends over all image tokens plus the text tokens with its share of the heads, and a second all-to-all trades
-back; the text rows of the output are gathered over the heads, so the text stream stays whole on every rank.
-Per-token layers need no communication. The final layer's output is gathered over the tokens, so every rank
-returns the whole prediction. Softmax attention is exact per head, so the result is the single-process one up
-to floating-point summation order.
+(with their RoPE angles) and a contiguous 1/S of the text tokens (text and glyph, as the first double-stream
+block receives them) through every block. Around each attention of the double- and single-stream blocks,
+all-to-alls trade the token split for a head split: each rank then attends over all image and text tokens
+with its share of the heads (the key mask is the model's, which covers all text tokens), and all-to-alls trade
+back. Per-token layers need no communication. The final layer's output is gathered over the image tokens, so
+every rank returns the whole prediction. Softmax attention is exact per head, so the result is the
+single-process one up to floating-point summation order.
 
 Token and head counts need not divide by S: the splits are as even as possible (the first ranks take one more),
 so the refiner's 26 heads run on 4 or 8 ranks too (8 ranks: 4 heads on two ranks, 3 on six; the slowest rank
@@ -49,6 +49,7 @@ class SequenceParallel:
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.tokens: list[int] = []
+        self.text: list[int] | None = None
         self._handles: list[Any] = []
         self._overrides: list[Any] = []
 
@@ -64,6 +65,7 @@ class SequenceParallel:
             raise ValueError(f"sequence parallelism over {self.size} ranks needs at least as many heads; the DiT has {heads}")
         self.heads = even_split(heads, self.size)
         blocks = [*dit.double_blocks, *dit.single_blocks]
+        self.double_type = type(dit.double_blocks[0]) if len(dit.double_blocks) else ()
         self._handles = [
             dit.img_in.register_forward_hook(self._split_tokens),
             dit.final_layer.register_forward_hook(self._gather_tokens),
@@ -85,13 +87,26 @@ class SequenceParallel:
         if total < self.size:
             raise ValueError(f"{total} image tokens cannot be split over {self.size} ranks; draw a larger image")
         self.tokens = even_split(total, self.size)
+        self.text = None
         start, end = self._bounds(self.tokens, self.rank)
         return img[:, start:end]
 
     def _enter_block(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        """RoPE angles (cos, sin) for the whole grid become this rank's rows; attention goes through `_attend`."""
+        """RoPE angles (cos, sin) for the whole grid become this rank's rows; the first double-stream block's text
+        tokens (its `txt`) this rank's share; attention goes through `_attend`."""
         start, end = self._bounds(self.tokens, self.rank)
         total = sum(self.tokens)
+        if self.text is None:
+            if not isinstance(module, self.double_type):
+                raise ValueError("sequence parallelism splits the text tokens at the first double-stream block")
+            args, kwargs = list(args), dict(kwargs)
+            txt = args[1] if len(args) > 1 else kwargs["txt"]
+            self.text = even_split(txt.shape[1], self.size)
+            text_start, text_end = self._bounds(self.text, self.rank)
+            if len(args) > 1:
+                args[1] = txt[:, text_start:text_end]
+            else:
+                kwargs["txt"] = txt[:, text_start:text_end]
 
         def local(value: Any) -> Any:
             if (
@@ -119,31 +134,31 @@ class SequenceParallel:
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask | torch.Tensor | None
     ) -> torch.Tensor:
-        """q, k, v: (B, local image tokens + text tokens, H, D) -> the same, as single-process attention gives."""
+        """q, k, v: (B, local image + local text tokens, H, D) -> the same, as single-process attention gives."""
         local = self.tokens[self.rank]
         batch, _, _, dim = q.shape
-        head_start, head_end = self._bounds(self.heads, self.rank)
         mine = self.heads[self.rank]
-        total = sum(self.tokens)
+        heads = [self._bounds(self.heads, j) for j in range(self.size)]
 
-        def to_heads(x: torch.Tensor) -> torch.Tensor:
-            image = x[:, :local]
-            send = [image[:, :, a:b] for a, b in (self._bounds(self.heads, j) for j in range(self.size))]
-            shapes = [(batch, n, mine, dim) for n in self.tokens]
-            whole = torch.cat(exchange(send, shapes, self.group), dim=1)
-            return torch.cat([whole, x[:, local:, head_start:head_end]], dim=1)
+        def to_heads(x: torch.Tensor, split: list[int]) -> torch.Tensor:
+            send = [x[:, :, a:b] for a, b in heads]
+            return torch.cat(exchange(send, [(batch, n, mine, dim) for n in split], self.group), dim=1)
+
+        def to_tokens(x: torch.Tensor, split: list[int]) -> torch.Tensor:
+            send = [x[:, a:b] for a, b in (self._bounds(split, j) for j in range(self.size))]
+            mine_tokens = split[self.rank]
+            shapes = [(batch, mine_tokens, h, dim) for h in self.heads]
+            return torch.cat(exchange(send, shapes, self.group), dim=2)
+
+        def whole(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([to_heads(x[:, :local], self.tokens), to_heads(x[:, local:], self.text)], dim=1)
 
         if not isinstance(mask, AttentionMask):
             mask = AttentionMask.from_key_mask(mask)
-        key_mask = mask.key_mask
+        key_mask = mask.key_mask  # (B, local image + ALL text tokens): the model builds it from the whole text
+        total = sum(self.tokens)
         if key_mask is not None:
             key_mask = torch.cat([key_mask.new_ones(batch, total), key_mask[:, local:]], dim=1)
         with attention_override(None):
-            out = attention(to_heads(q), to_heads(k), to_heads(v), AttentionMask.from_key_mask(key_mask))
-
-        image, text = out[:, :total], out[:, total:]
-        send = [image[:, a:b] for a, b in (self._bounds(self.tokens, j) for j in range(self.size))]
-        image = torch.cat(exchange(send, [(batch, local, h, dim) for h in self.heads], self.group), dim=2)
-        text_shapes = [(batch, text.shape[1], h, dim) for h in self.heads]
-        text = torch.cat(exchange([text.contiguous()] * self.size, text_shapes, self.group), dim=2)
-        return torch.cat([image, text], dim=1)
+            out = attention(whole(q), whole(k), whole(v), AttentionMask.from_key_mask(key_mask))
+        return torch.cat([to_tokens(out[:, :total], self.tokens), to_tokens(out[:, total:], self.text)], dim=1)
