@@ -29,7 +29,9 @@ MODELS = {
 LAYOUTS = {2: [(2, 1), (1, 2)], 4: [(2, 2), (1, 4)], 8: [(2, 4), (1, 8)]}
 
 
-def forward_seconds(d: int, heads: int, n_img: int, text: int, sp: int, tflops: float, gbs: float, latency: float) -> float:
+def forward_seconds(
+    d: int, heads: int, n_img: int, text: int, sp: int, tflops: float, gbs: float, latency: float
+) -> float:
     """One DiT forward of one sample on each of `sp` ranks."""
     n = n_img + text
     head_share = math.ceil(heads / sp) / heads
@@ -43,13 +45,17 @@ def forward_seconds(d: int, heads: int, n_img: int, text: int, sp: int, tflops: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tflops", type=float, default=400.0, help="sustained bf16 TFLOP/s per GPU (H100: ~40%% of 989)")
+    parser.add_argument("--tflops", type=float, default=400.0,
+                        help="sustained bf16 TFLOP/s per GPU (H100: ~40%% of 989)")
     parser.add_argument("--nvlink-gbs", type=float, default=350.0, help="all-to-all GB/s per GPU over NVLink 4")
     parser.add_argument("--pcie-gbs", type=float, default=20.0, help="all-to-all GB/s per GPU over PCIe 4.0 x16")
     parser.add_argument("--nvlink-latency-us", type=float, default=15.0)
     parser.add_argument("--pcie-latency-us", type=float, default=40.0)
     args = parser.parse_args()
-    links = {"NVLink": (args.nvlink_gbs, args.nvlink_latency_us * 1e-6), "PCIe": (args.pcie_gbs, args.pcie_latency_us * 1e-6)}
+    links = {
+        "NVLink": (args.nvlink_gbs, args.nvlink_latency_us * 1e-6),
+        "PCIe": (args.pcie_gbs, args.pcie_latency_us * 1e-6),
+    }
 
     for name, (d, heads, n_img, text, has_cfg) in MODELS.items():
         branches = 2 if has_cfg else 1

@@ -28,7 +28,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from hyimage.cli import METADATA_KEY, VARIANT_ALIASES, add_loading_arguments, default_device, fetch
+from hyimage.cli import (
+    METADATA_KEY,
+    VARIANT_ALIASES,
+    add_loading_arguments,
+    default_device,
+    fetch,
+)
 from hyimage.loading.download import DownloadConfig
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import ParallelConfig, ParallelState, launched_by_torchrun
@@ -126,7 +132,8 @@ def parse_line(text: str, number: int, path: Path) -> BatchLine:
                 f"e.g. {max(SIZE_FACTOR, round(entry[key] / SIZE_FACTOR) * SIZE_FACTOR)}"
             )
     scale = entry.get("guidance_scale")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if scale is not None and (not number or not math.isfinite(scale)):
         raise ValueError(f"{where}: `guidance_scale` must be a number, got {scale!r}")
     name = entry.get("name")
     if name is not None:
@@ -183,7 +190,7 @@ def resolve_jobs(
                 line=entry.line,
                 file=entry.file,
                 prompt=entry.prompt,
-                negative_prompt=entry.negative_prompt if entry.negative_prompt is not None else args.negative_prompt or "",
+                negative_prompt=_first(entry.negative_prompt, args.negative_prompt, ""),
                 seed=seed,
                 width=entry.width if entry.width is not None else default_size[0],
                 height=entry.height if entry.height is not None else default_size[1],
@@ -393,7 +400,8 @@ def run_batch(args: argparse.Namespace) -> int:
     writer = state is None or state.is_writer
     progress.done = len(jobs) - len(todo)
     if first and len(todo) < len(jobs):
-        print(f"{len(jobs) - len(todo)} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
+        done = len(jobs) - len(todo)
+        print(f"{done} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
 
     pipe = None
     with sigterm_as_exit():

@@ -202,7 +202,9 @@ def run_generate(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
     if args.num_images < 1:
         raise ValueError(f"--num-images must be at least 1, got {args.num_images}")
-    seed = args.seed if args.seed is not None else random.randrange(2**31) if args.parallel is None else shared_random_seed()
+    seed = args.seed
+    if seed is None:  # under --parallel, rank 0's random seed for every rank
+        seed = random.randrange(2**31) if args.parallel is None else shared_random_seed()
     stem = args.output if args.output is not None else Path(f"hyimage-{seed}.png")
     outputs = output_paths(stem, args.num_images)
     refuse_overwrite(outputs, args.overwrite)

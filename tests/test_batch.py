@@ -65,7 +65,8 @@ def test_bad_line_is_refused_naming_the_line_before_anything_loads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, entry, message: str
 ) -> None:
     prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + (entry if isinstance(entry, str) else json.dumps(entry)) + "\n")
+    bad = entry if isinstance(entry, str) else json.dumps(entry)
+    prompts.write_text(json.dumps({"prompt": "ok"}) + "\n" + bad + "\n")
     with pytest.raises(ValueError, match=message) as error:
         read_prompts(prompts)
     assert str(prompts) in str(error.value)

@@ -97,8 +97,10 @@ def test_parallel_layouts_give_the_single_process_latents(tmp_path: Path) -> Non
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(out.read_text())
     errors = {k: v for k, v in results.items() if not k.endswith("all-to-alls")}
-    assert set(errors) == {"base cfg=2,sp=1", "base cfg=1,sp=2", "distilled cfg=1,sp=2", "refiner cfg=1,sp=2", "fp8 block cfg=1,sp=2",
-                           "base cfg=2,sp=2", "base cfg=1,sp=4", "distilled cfg=1,sp=4"}
+    assert set(errors) == {
+        "base cfg=2,sp=1", "base cfg=1,sp=2", "distilled cfg=1,sp=2", "refiner cfg=1,sp=2", "fp8 block cfg=1,sp=2",
+        "base cfg=2,sp=2", "base cfg=1,sp=4", "distilled cfg=1,sp=4",
+    }
     assert all(error <= 1e-5 for error in errors.values()), errors
     assert all(results[f"{k} all-to-alls"] > 0 for k in errors if "sp=1" not in k)
     assert results["base cfg=2,sp=1 all-to-alls"] == 0

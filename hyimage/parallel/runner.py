@@ -62,7 +62,9 @@ def parallel_forward(state: ParallelState | None, dit: torch.nn.Module, batch_ha
             yield run_dit
 
 
-def _cfg_forward(state: ParallelState, dit: torch.nn.Module, compute_dtype: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+def _cfg_forward(
+    state: ParallelState, dit: torch.nn.Module, compute_dtype: Any, *args: Any, **kwargs: Any
+) -> torch.Tensor:
     """This cfg rank's share of the batch through the DiT; the shares of all cfg ranks, gathered in order."""
     n = args[0].shape[0]
     size = state.config.cfg

@@ -68,10 +68,12 @@ class ParallelConfig:
 
 
 def divisors(n: int) -> list[int]:
+    """The rank counts above 1 that split `n` heads evenly."""
     return [d for d in range(2, n + 1) if n % d == 0]
 
 
 def launched_by_torchrun() -> bool:
+    """Whether torchrun's environment variables are set (this process is one of its workers)."""
     return all(name in os.environ for name in TORCHRUN_ENV)
 
 
@@ -98,14 +100,14 @@ def backend_for(device_type: str) -> str:
     return "gloo"
 
 
-def init_distributed(device_type: str | None = None, what: str = "--parallel") -> None:
+def init_distributed(device_type: str | None = None) -> None:
     """Join the process group that torchrun describes in the environment (no-op when it is initialised)."""
     if dist.is_available() and dist.is_initialized():
         return
     if not launched_by_torchrun():
         missing = [name for name in TORCHRUN_ENV if name not in os.environ]
         raise ParallelError(
-            f"{what} needs several processes started by torchrun (missing {', '.join(missing)} in the "
+            f"--parallel needs several processes started by torchrun (missing {', '.join(missing)} in the "
             "environment); launch with `torchrun --nproc-per-node N -m hyimage ...`, or leave out --parallel"
         )
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,9 +188,9 @@ class ParallelState:
         cfg_group = _subgroup(cfg_lists, rank) if config.cfg > 1 else None
         image_lists = [list(range(start, start + size)) for start in range(0, world, size)]
         image_group = _subgroup(image_lists, rank) if size > 1 else None
-        device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(device_type, int(os.environ.get("LOCAL_RANK", 0))) if device_type == "cuda" else \
-            torch.device(device_type)
+        device = torch.device(device_type or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         return cls(config, rank, world, dp_rank, dp_size, cfg_rank, sp_rank, cfg_group, sp_group, image_group, device)
 
     def shared_seeds(self, count: int) -> list[int]:

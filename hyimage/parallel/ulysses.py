@@ -62,7 +62,9 @@ class SequenceParallel:
         dit = self.dit
         heads = dit.config.heads_num
         if self.size > heads:
-            raise ValueError(f"sequence parallelism over {self.size} ranks needs at least as many heads; the DiT has {heads}")
+            raise ValueError(
+                f"sequence parallelism over {self.size} ranks needs at least as many heads; the DiT has {heads}"
+            )
         self.heads = even_split(heads, self.size)
         blocks = [*dit.double_blocks, *dit.single_blocks]
         self.double_type = type(dit.double_blocks[0]) if len(dit.double_blocks) else ()
