@@ -132,8 +132,8 @@ def parse_line(text: str, number: int, path: Path) -> BatchLine:
                 f"e.g. {max(SIZE_FACTOR, round(entry[key] / SIZE_FACTOR) * SIZE_FACTOR)}"
             )
     scale = entry.get("guidance_scale")
-    number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
-    if scale is not None and (not number or not math.isfinite(scale)):
+    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if scale is not None and (not is_number or not math.isfinite(scale)):
         raise ValueError(f"{where}: `guidance_scale` must be a number, got {scale!r}")
     name = entry.get("name")
     if name is not None:
