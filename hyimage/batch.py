@@ -255,6 +255,7 @@ def write_png_atomic(pixels: Any, path: Path, settings: dict) -> None:
             Image.fromarray(array).save(file, format="PNG", pnginfo=info)
             file.flush()
             os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -275,6 +276,12 @@ def append_result(out: Path, record: dict) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(folder: Path) -> None:
