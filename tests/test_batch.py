@@ -183,8 +183,8 @@ def test_killed_while_writing_leaves_no_partial_file_and_rerun_finishes(
         return replace(source, target)
 
     monkeypatch.setattr(hyimage.batch.os, "replace", replace_with_kill)
-    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:3])  # the first 3 lines: fewer images to draw
-    files = FILES[:3]
+    prompts = write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:2])  # the first 2 lines: fewer images to draw
+    files = FILES[:2]
     out = tmp_path / "out"
     command = ["batch", str(prompts), "--out", str(out), "--model-root", str(tree), *OPTIONS]
     with pytest.raises(SystemExit) as stop:
@@ -193,10 +193,10 @@ def test_killed_while_writing_leaves_no_partial_file_and_rerun_finishes(
     assert sorted(p.name for p in out.iterdir()) == ["00001.png", RESULTS]
     monkeypatch.setattr(hyimage.batch.os, "replace", replace)
 
-    (out / "00004.png").write_bytes(b"half a png")  # on disk but not recorded: not complete
+    (out / "sign.png").write_bytes(b"half a png")  # on disk but not recorded: not complete
     (out / f".sign.1234{PARTIAL_SUFFIX}").write_bytes(b"left by a killed run")
     with (out / RESULTS).open("a") as results:
-        results.write('{"line": 4, "fi')
+        results.write('{"line": 2, "fi')
     before = stamps(out)
     assert main(command) == 0
     assert stamps(out)["00001.png"] == before["00001.png"]  # complete: not rewritten
