@@ -410,23 +410,21 @@ def run_batch(args: argparse.Namespace) -> int:
         done = len(jobs) - len(todo)
         print(f"{done} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
 
-    pipe = None
+    # lazy: checks the checkpoint files and the parallel configuration now, loads the parts for the first image
+    pipe = HunyuanImagePipeline.from_pretrained(
+        model_name=variant,
+        use_fp8=args.fp8,
+        model_root=args.model_root,
+        memory_mode=args.memory_mode,
+        gpu_budget_gb=args.gpu_budget_gb,
+        reprompt_model=args.reprompt or "32b",
+        trust_remote_code=args.trust_remote_code,
+        refiner=args.refiner,
+        progress_bar=False,
+        parallel=state if args.parallel is not None else None,
+    ).to(device)
     with sigterm_as_exit():
         for job in mine:
-            if pipe is None:
-                pipe = HunyuanImagePipeline.from_pretrained(
-                    model_name=variant,
-                    use_fp8=args.fp8,
-                    model_root=args.model_root,
-                    memory_mode=args.memory_mode,
-                    gpu_budget_gb=args.gpu_budget_gb,
-                    reprompt_model=args.reprompt or "32b",
-                    trust_remote_code=args.trust_remote_code,
-                    refiner=args.refiner,
-                    progress_bar=False,
-                    **({"parallel": state} if args.parallel is not None else {}),
-                )
-                pipe.to(device)
             result = pipe(
                 prompt=job.prompt,
                 negative_prompt=job.negative_prompt,
