@@ -10,6 +10,7 @@ launcher environment before any model loads.
 import os
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -160,9 +161,9 @@ class ParallelState:
     dp_size: int
     cfg_rank: int
     sp_rank: int
-    cfg_group: dist.ProcessGroup | None
-    sp_group: dist.ProcessGroup | None
-    image_group: dist.ProcessGroup | None
+    cfg_group: Any  # torch.distributed.ProcessGroup or None (builds without distributed lack the class)
+    sp_group: Any
+    image_group: Any
     device: torch.device
 
     @property
@@ -209,7 +210,7 @@ def shared_random_seed() -> int:
     return seed[0]
 
 
-def _subgroup(rank_lists: list[list[int]], rank: int) -> dist.ProcessGroup:
+def _subgroup(rank_lists: list[list[int]], rank: int) -> Any:
     """Create every group of `rank_lists` (all ranks must call this alike) and return the one holding `rank`."""
     mine = None
     for ranks in rank_lists:
