@@ -19,9 +19,17 @@ _LAZY = {
     "HunyuanImageRefinerPipeline": "hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline",
     "RequestError": "hyimage.diffusion.request",
     "NonFiniteError": "hyimage.diffusion.pipelines.finite",
+    "ParallelConfig": "hyimage.parallel",
 }
 
-__all__ = ["HunyuanImagePipeline", "HunyuanImageRefinerPipeline", "NonFiniteError", "RequestError", "__version__"]
+__all__ = [
+    "HunyuanImagePipeline",
+    "HunyuanImageRefinerPipeline",
+    "NonFiniteError",
+    "ParallelConfig",
+    "RequestError",
+    "__version__",
+]
 
 
 def __getattr__(name: str) -> Any:

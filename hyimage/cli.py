@@ -39,6 +39,8 @@ from hyimage.loading.layout import model_root
 from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
 from hyimage.offload.planner import add_plan_parser
+from hyimage.parallel import add_parallel_argument
+from hyimage.parallel.state import shared_random_seed
 
 VARIANT_ALIASES = {
     "base": "hunyuanimage-v2.1",
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                           help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; repeatable")
     add_loading_arguments(generate)
+    add_parallel_argument(generate)
     generate.set_defaults(run=run_generate)
 
     refine = commands.add_parser("refine", help="refine an existing image with the refiner model", parents=[common])
@@ -200,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the Hub repository holding dit/ and vae/ in the official layout")
     download.set_defaults(run=run_download)
     add_plan_parser(commands)
+
+    from hyimage.batch import add_batch_parser
+
+    add_batch_parser(commands)
     return parser
 
 
@@ -307,11 +314,11 @@ def fetch(
     print(f"done: {len(placed)} files put in place, everything for {config.describe()} checked")
 
 
-def pick_seed(seed: int) -> int:
-    """The seed to use: the given one, or a random one (reported) for -1."""
+def pick_seed(seed: int, shared: bool = False) -> int:
+    """The seed to use: the given one, or a random one (reported) for -1; `shared`: rank 0's under torchrun."""
     if seed != RANDOM_SEED:
         return seed
-    seed = random.randrange(2**31)
+    seed = shared_random_seed() if shared else random.randrange(2**31)
     logger.info(f"random seed {seed}")
     return seed
 
@@ -325,7 +332,7 @@ def run_generate(args: argparse.Namespace) -> int:
     for path, _ in loras:
         if not path.is_file():
             raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
-    seed = pick_seed(args.seed)
+    seed = pick_seed(args.seed, shared=args.parallel is not None)
     request = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         aspect_ratio=args.aspect_ratio, num_inference_steps=args.steps, guidance_scale=args.guidance_scale,
@@ -355,6 +362,7 @@ def run_generate(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
         compile=args.compile,
+        parallel=args.parallel,
     )
     pipe.to(device)
     for path, scale in loras:
@@ -377,6 +385,8 @@ def run_generate(args: argparse.Namespace) -> int:
         "reprompt": args.reprompt,
         "lora": args.lora,
     }
+    if pipe.parallel is not None and pipe.parallel.rank != 0:
+        return 0  # rank 0 writes the images
     for path, image, used_prompt, image_seed in zip(outputs, result.images, result.prompts, result.seeds):
         save_png(image, path, dict(settings, seed=image_seed, prompt_used=used_prompt))
         print(f"saved {path} (seed {image_seed})")

@@ -170,6 +170,7 @@ def load_pipeline(
     dit_file: str | os.PathLike | None = None,
     fp8_compute: str | None = None,
     compile: bool = False,
+    parallel: Any = None,
 ) -> Any:
     """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
 
@@ -185,6 +186,7 @@ def load_pipeline(
     what the configuration needs is fetched into the model root first (see `hub_model_root`).
     `dit_file`: another DiT file for `model_name` (a GGUF, a ComfyUI single file, ...) instead of the layout's.
     `fp8_compute` "scaled_mm" | "dequant" | None ("dequant", the official numerics) and `compile`: see `_with_speed`.
+    `parallel`: a `hyimage.ParallelConfig` (run under torchrun), checked against the models and the launch here.
     """
     if fp8_compute is not None and fp8_compute not in FP8_COMPUTE_MODES:
         raise ValueError(f"fp8_compute {fp8_compute!r} is unknown; choose 'scaled_mm', 'dequant' or None (dequant)")
@@ -203,6 +205,9 @@ def load_pipeline(
     check_present(needs, layout.root, progress=progress_bar)
 
     config = _dit_config(layout, model_name, dit_config)
+    state = _parallel(parallel, model_name, config, layout, refiner_dit_config if refiner else None, device, refiner)
+    if state is not None and device is None and state.device.type == "cuda":
+        memory.to(state.device)
     plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config)
     dit = _with_speed(
         _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file),
@@ -223,6 +228,7 @@ def load_pipeline(
             lambda: _refiner_pipeline(
                 layout, use_fp8, dtype, memory, refiner_dit_config, refiner_needs, command_root,
                 text_encoder=lambda: _with_template(text_encoder(), REFINER_TEMPLATE), progress_bar=progress_bar,
+                parallel=state,
             )
         )
     size = REPROMPT_SIZES.get(reprompt_model)
@@ -240,7 +246,24 @@ def load_pipeline(
         refiner_pipeline=refiner_pipeline,
         memory=memory,
         progress_bar=progress_bar,
+        parallel=state,
     )
+
+
+def _parallel(
+    parallel: Any, variant: str, config: Any, layout: CheckpointLayout, refiner_config: Any, device: Any, refiner: bool
+) -> Any:
+    """The ParallelState for `parallel`, refused before loading when a model cannot use it."""
+    if parallel is None:
+        return None
+    from hyimage.parallel.runner import prepare_parallel
+
+    models = {variant: (_config_value(config, "heads_num", 0), not _config_value(config, "guidance_embed", False))}
+    if refiner:
+        refiner_cfg = _dit_config(layout, REFINER, refiner_config)
+        models[f"{REFINER} (used when use_refiner=True)"] = (_config_value(refiner_cfg, "heads_num", 0), True)
+    device_type = None if device is None else torch.device(device).type
+    return prepare_parallel(parallel, models, device_type)
 
 
 def load_refiner_pipeline(
@@ -524,6 +547,7 @@ def _refiner_pipeline(
     text_encoder: Callable[[], Any],
     progress_bar: bool,
     cls: type | None = None,
+    parallel: Any = None,
 ) -> Any:
     if cls is None:
         from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline as cls
@@ -535,4 +559,5 @@ def _refiner_pipeline(
         text_encoder=text_encoder,
         memory=memory,
         progress_bar=progress_bar,
+        parallel=parallel,
     )

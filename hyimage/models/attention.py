@@ -7,7 +7,9 @@ so SDPA on CUDA may pick its flash or cuDNN kernels, and a padded batch takes th
 use and kept with the mask, so no step after the first reads them back from the device.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -31,6 +33,18 @@ def _find_flash_varlen() -> Callable | None:
 
 FLASH_VARLEN = _find_flash_varlen()
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_OVERRIDE: ContextVar[Callable | None] = ContextVar("attention_override", default=None)
+
+
+@contextmanager
+def attention_override(function: Callable | None) -> Iterator[None]:
+    """Inside the context, `attention(q, k, v, mask)` calls `function(q, k, v, mask)` instead (None: the kernels
+    below). Sequence parallelism (`hyimage.parallel.ulysses`) routes the DiT blocks' attention through it."""
+    token = _OVERRIDE.set(function)
+    try:
+        yield
+    finally:
+        _OVERRIDE.reset(token)
 
 
 @dataclass
@@ -70,6 +84,9 @@ def attention(
 
     Rows of padded queries are unspecified (zeros with flash-attn); valid rows only see valid keys.
     """
+    override = _OVERRIDE.get()
+    if override is not None:
+        return override(q, k, v, mask)
     if not isinstance(mask, AttentionMask):
         mask = AttentionMask.from_key_mask(mask)
     if FLASH_VARLEN is not None and q.is_cuda and q.dtype in FLASH_DTYPES:

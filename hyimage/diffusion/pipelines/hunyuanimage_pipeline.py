@@ -24,7 +24,6 @@ from hyimage.diffusion.pipelines.parts import (
     cat_padded,
     decode_to_images,
     format_images,
-    run_dit,
     running,
     step_hook,
     to_arguments,
@@ -51,6 +50,7 @@ from hyimage.diffusion.sampling import (
 )
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
+from hyimage.parallel.runner import parallel_forward, parallel_state
 
 # The official 2K presets (width, height). The official README names 3:2 and 2:3 without sizes;
 # these are the exact-ratio multiples of 32 with the same pixel count as the others (~4.1 MP).
@@ -152,6 +152,7 @@ class HunyuanImagePipeline(LoraMixin):
         memory: MemoryManager | None = None,
         guidance: GuidanceConfig | None = None,
         progress_bar: bool = True,
+        parallel: Any = None,
     ) -> None:
         if dit is None or vae is None:
             raise ValueError("HunyuanImagePipeline needs `dit` and `vae` (objects or zero-argument factories)")
@@ -166,6 +167,7 @@ class HunyuanImagePipeline(LoraMixin):
         self.memory = memory if memory is not None else MemoryManager()
         self.guidance = guidance if guidance is not None else GuidanceConfig()
         self.progress_bar = progress_bar
+        self.parallel = parallel_state(parallel)  # hyimage.parallel: None, a ParallelConfig or a ParallelState
 
     @classmethod
     def from_pretrained(
@@ -339,6 +341,8 @@ class HunyuanImagePipeline(LoraMixin):
         cond = self._repeat(cond, num_images_per_prompt)
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
 
+        if self.parallel is not None and seed is None and generator is None:
+            seed = self.parallel.shared_seeds(batch)  # the ranks of one image draw the same noise
         generators, seeds = make_generators(batch, plain_seed(seed), generator)
         compute_dtype = autocast_dtype(dit)
         if latents is None:
@@ -549,7 +553,7 @@ class HunyuanImagePipeline(LoraMixin):
         c.text, c.text_mask = trim_padding(c.text, c.text_mask)
         if c.glyph is not None:
             c.glyph, c.glyph_mask = trim_padding(c.glyph, c.glyph_mask)
-        with running(self.memory, dit):
+        with running(self.memory, dit), parallel_forward(self.parallel, dit, guider is not None) as forward:
             for i, t in enumerate(tqdm(timesteps, desc="Denoising", disable=not self.progress_bar)):
                 model_input = torch.cat([latents] * copies)
                 n = model_input.shape[0]
@@ -558,7 +562,7 @@ class HunyuanImagePipeline(LoraMixin):
                     if dit.config.guidance_embed
                     else None
                 )
-                pred = run_dit(
+                pred = forward(
                     dit,
                     compute_dtype,
                     model_input,

@@ -24,7 +24,6 @@ from hyimage.diffusion.pipelines.parts import (
     decode_to_images,
     format_images,
     module_dtype,
-    run_dit,
     running,
     step_hook,
     to_arguments,
@@ -50,6 +49,7 @@ from hyimage.diffusion.sampling import (
 )
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
+from hyimage.parallel.runner import parallel_forward, parallel_state
 
 CONDITION_AUG_STRENGTH = 0.25
 
@@ -111,12 +111,14 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         text_encoder: Any = None,
         memory: MemoryManager | None = None,
         progress_bar: bool = True,
+        parallel: Any = None,
     ) -> None:
         if dit is None or vae is None:
             raise ValueError("HunyuanImageRefinerPipeline needs `dit` and `vae` (objects or zero-argument factories)")
         self.parts = Parts(dit=dit, vae=vae, text_encoder=text_encoder)
         self.memory = memory if memory is not None else MemoryManager()
         self.progress_bar = progress_bar
+        self.parallel = parallel_state(parallel)  # sequence parallelism only: the refiner has no CFG
 
     @classmethod
     def from_pretrained(cls, model_name_or_path: str | Any = None, **kwargs: Any) -> "HunyuanImageRefinerPipeline":
@@ -317,12 +319,12 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         timesteps = timesteps_from_sigmas(sigmas)
         text, text_mask = trim_padding(text.to(device), text_mask.to(device))
         condition = condition.to(device)
-        with running(self.memory, dit):
+        with running(self.memory, dit), parallel_forward(self.parallel, dit, batch_halves=False) as forward:
             for i, t in enumerate(tqdm(timesteps, desc="Refining", disable=not self.progress_bar)):
                 model_input = torch.cat([latents, condition], dim=1)
                 n = model_input.shape[0]
                 guidance = guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
-                pred = run_dit(dit, compute_dtype, model_input, t.repeat(n), text, text_mask, guidance=guidance)
+                pred = forward(dit, compute_dtype, model_input, t.repeat(n), text, text_mask, guidance=guidance)
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
                 latents = hook(i, t, latents, host_timesteps[i])
         return latents

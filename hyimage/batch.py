@@ -1,0 +1,453 @@
+"""`hyimage batch PROMPTS.jsonl --out DIR`: many images, resumable, alone or across ranks under torchrun.
+
+Each non-blank line of PROMPTS.jsonl is one JSON object: `prompt` and optionally `negative_prompt`, `seed`,
+`width`, `height`, `steps`, `guidance_scale`, `name`. Every line is checked before anything loads. Line n
+(1-based, blank lines counted) becomes `DIR/<name>.png`, else `DIR/<nnnnn>.png`; its seed is the line's, else
+`--seed + n - 1`, else drawn at random, and is always recorded. Each image is written to a temporary file in
+DIR and renamed into place, then one JSON line is appended to `DIR/results.jsonl`. A rerun skips the lines
+recorded there whose file exists, and deletes the temporary files an interrupted run left behind; `--overwrite`
+starts `results.jsonl` afresh and redoes every line.
+
+Under torchrun the lines still to do are dealt round-robin to the data-parallel groups (every rank, or with
+`--parallel cfg=C,sp=S` every C x S ranks, which then draw each image together). Each image is one pipeline
+call with its own seed, so it does not depend on how many ranks ran the job. `DIR` must be one folder that
+every rank sees (a shared file system across nodes): ranks append to `results.jsonl` under an exclusive lock.
+"""
+
+import argparse
+import fcntl
+import json
+import math
+import os
+import random
+import signal
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hyimage.cli import (
+    VARIANT_ALIASES,
+    add_loading_arguments,
+    default_device,
+    fetch,
+)
+from hyimage.loading.download import DownloadConfig
+from hyimage.metadata import png_text
+from hyimage.parallel import add_parallel_argument
+from hyimage.parallel.state import ParallelConfig, ParallelState, launched_by_torchrun
+
+LINE_KEYS = ("prompt", "negative_prompt", "seed", "width", "height", "steps", "guidance_scale", "name")
+RESULTS = "results.jsonl"
+PARTIAL_SUFFIX = ".partial.png"
+SIZE_FACTOR = 32
+
+
+@dataclass(frozen=True)
+class BatchLine:
+    """One validated line of the prompts file; None where the line leaves the value to the command's options."""
+
+    line: int
+    prompt: str
+    negative_prompt: str | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    name: str | None = None
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.png" if self.name is not None else f"{self.line:05d}.png"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A line with every setting resolved: what one pipeline call draws and what results.jsonl records."""
+
+    line: int
+    file: str
+    prompt: str
+    negative_prompt: str
+    seed: int
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    shift: float
+
+
+# Reading and checking the prompts file.
+def read_prompts(path: Path) -> list[BatchLine]:
+    """Every non-blank line of `path` as a BatchLine; the first bad line is refused with its number."""
+    if not path.is_file():
+        raise FileNotFoundError(f"prompts file {path} not found; pass a .jsonl file with one JSON object per line")
+    lines: list[BatchLine] = []
+    files: dict[str, int] = {}
+    with path.open(encoding="utf-8") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            entry = parse_line(text, number, path)
+            if entry.file in files:
+                raise ValueError(
+                    f"{path}, line {number}: its image {entry.file} is also line {files[entry.file]}'s; "
+                    "give one of them another `name`"
+                )
+            files[entry.file] = number
+            lines.append(entry)
+    if not lines:
+        raise ValueError(f"{path} holds no prompts; write one JSON object per line, e.g. {{\"prompt\": \"a red fox\"}}")
+    return lines
+
+
+def parse_line(text: str, number: int, path: Path) -> BatchLine:
+    """One line of the prompts file, checked key by key."""
+    where = f"{path}, line {number}"
+    try:
+        entry = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{where} is not valid JSON ({error.msg}); each line is one JSON object") from error
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} is not a JSON object; write {{\"prompt\": \"...\"}}")
+    unknown = sorted(set(entry) - set(LINE_KEYS))
+    if unknown:
+        raise ValueError(f"{where}: unknown key {', '.join(map(repr, unknown))}; the keys are {', '.join(LINE_KEYS)}")
+    prompt = entry.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"{where}: `prompt` must be a non-empty string")
+    if not isinstance(entry.get("negative_prompt", ""), str):
+        raise ValueError(f"{where}: `negative_prompt` must be a string")
+    for key, low in (("seed", 0), ("steps", 1), ("width", SIZE_FACTOR), ("height", SIZE_FACTOR)):
+        value = entry.get(key)
+        if value is not None and (not _is_int(value) or value < low or value >= 2**63):
+            raise ValueError(f"{where}: `{key}` must be an integer of at least {low}, got {value!r}")
+    for key in ("width", "height"):
+        if entry.get(key) is not None and entry[key] % SIZE_FACTOR:
+            raise ValueError(
+                f"{where}: `{key}`={entry[key]} must be a multiple of {SIZE_FACTOR}, "
+                f"e.g. {max(SIZE_FACTOR, round(entry[key] / SIZE_FACTOR) * SIZE_FACTOR)}"
+            )
+    scale = entry.get("guidance_scale")
+    is_number = isinstance(scale, (int, float)) and not isinstance(scale, bool)
+    if scale is not None and (not is_number or not math.isfinite(scale)):
+        raise ValueError(f"{where}: `guidance_scale` must be a number, got {scale!r}")
+    name = entry.get("name")
+    if name is not None:
+        check_name(name, where)
+    return BatchLine(
+        line=number,
+        prompt=prompt,
+        negative_prompt=entry.get("negative_prompt"),
+        seed=entry.get("seed"),
+        width=entry.get("width"),
+        height=entry.get("height"),
+        steps=entry.get("steps"),
+        guidance_scale=None if scale is None else float(scale),
+        name=name,
+    )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_name(name: Any, where: str) -> None:
+    """A plain file stem: no folders, no `..`, no leading dot (temporary files start with one)."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{where}: `name` must be a non-empty string (the file stem)")
+    if "/" in name or "\\" in name or ".." in name or name.startswith(".") or any(ord(c) < 32 for c in name):
+        raise ValueError(
+            f"{where}: `name` {name!r} must be a plain file stem (no '/', '\\', '..', leading '.' or control "
+            "characters); the image goes to DIR/<name>.png"
+        )
+    if name.lower().endswith(".png"):
+        raise ValueError(f"{where}: `name` {name!r} is a stem; leave out .png (it is added)")
+
+
+# Settings of each line.
+def resolve_jobs(
+    lines: list[BatchLine], args: argparse.Namespace, defaults: Any, rng: random.Random | None = None
+) -> list[Job]:
+    """Each line's settings: the line's own, else the command's options, else the variant's defaults."""
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import resolve_size
+
+    rng = rng or random.SystemRandom()
+    default_size = resolve_size(args.width, args.height, args.aspect_ratio, SIZE_FACTOR)
+    jobs = []
+    for entry in lines:
+        if entry.seed is not None:
+            seed = entry.seed
+        elif args.seed is not None:
+            seed = args.seed + entry.line - 1
+        else:
+            seed = rng.randrange(2**31)
+        jobs.append(
+            Job(
+                line=entry.line,
+                file=entry.file,
+                prompt=entry.prompt,
+                negative_prompt=_first(entry.negative_prompt, args.negative_prompt, ""),
+                seed=seed,
+                width=entry.width if entry.width is not None else default_size[0],
+                height=entry.height if entry.height is not None else default_size[1],
+                steps=_first(entry.steps, args.steps, defaults.num_inference_steps),
+                guidance_scale=_first(entry.guidance_scale, args.guidance_scale, defaults.guidance_scale),
+                shift=_first(args.shift, defaults.shift),
+            )
+        )
+    return jobs
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
+
+
+# What is done already.
+def read_results(out: Path) -> dict[str, dict]:
+    """The records of results.jsonl by file name (the last record wins); an unfinished last line is ignored."""
+    path = out / RESULTS
+    records: dict[str, dict] = {}
+    if not path.is_file():
+        return records
+    for text in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("file"), str):
+            records[record["file"]] = record
+    return records
+
+
+def is_complete(out: Path, entry: BatchLine, records: dict[str, dict]) -> bool:
+    """Recorded in results.jsonl and on disk."""
+    return entry.file in records and (out / entry.file).is_file()
+
+
+def remove_partial_files(out: Path) -> list[Path]:
+    """Delete the temporary files an interrupted run left in `out`."""
+    removed = sorted(out.glob(f".*{PARTIAL_SUFFIX}"))
+    for path in removed:
+        path.unlink(missing_ok=True)
+    return removed
+
+
+# Writing.
+def write_png_atomic(pixels: Any, path: Path, settings: dict) -> None:
+    """An image tensor (3, H, W) or (1, 3, H, W) in [0, 1] as a PNG with `settings` in its text chunks, written
+    to a temporary file in the same folder, flushed to disk and renamed into place."""
+    from PIL import Image, PngImagePlugin
+
+    from hyimage.diffusion.pipelines.parts import to_uint8
+
+    info = PngImagePlugin.PngInfo()
+    for key, text in png_text(settings).items():
+        info.add_text(key, text)
+    array = to_uint8(pixels if pixels.ndim == 4 else pixels.unsqueeze(0))[0]
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=PARTIAL_SUFFIX)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            Image.fromarray(array).save(file, format="PNG", pnginfo=info)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def append_result(out: Path, record: dict) -> None:
+    """Append one JSON line to results.jsonl under an exclusive lock (ranks share the file)."""
+    data = (json.dumps(record, ensure_ascii=False) + "\n").encode()
+    descriptor = os.open(out / RESULTS, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        size = os.fstat(descriptor).st_size
+        if size and os.pread(descriptor, 1, size - 1) != b"\n":
+            data = b"\n" + data  # a run killed mid-line left half a record: start on a fresh line
+        os.write(descriptor, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def count_records(out: Path) -> int:
+    path = out / RESULTS
+    return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+@contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (what torchrun sends the other ranks when one fails) ends the job through `finally` blocks, so the
+    temporary file being written is removed."""
+
+    def stop(signum: int, frame: Any) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class JobProgress:
+    """A progress bar over the whole job on the first rank, advanced by the records every rank appends."""
+
+    def __init__(self, out: Path, total: int, done: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.out = out
+        self.baseline = count_records(out)
+        self.done = done
+        self.bar = tqdm(total=total, initial=done, desc="batch", unit="image", disable=not enabled)
+
+    def refresh(self, *_: Any) -> None:
+        """Also a per-step pipeline callback (returns None: the latents stay as they are)."""
+        if self.bar.disable:
+            return
+        self.bar.n = min(self.bar.total, self.done + count_records(self.out) - self.baseline)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.refresh()
+        self.bar.close()
+
+
+# The command.
+def add_batch_parser(commands: Any) -> None:
+    """Register `hyimage batch` on the CLI's subcommands."""
+    batch = commands.add_parser(
+        "batch", help="draw every prompt of a JSONL file into a folder (resumable; data-parallel under torchrun)"
+    )
+    batch.add_argument("prompts", type=Path, help="one JSON object per line: prompt, negative_prompt, seed, width, "
+                                                  "height, steps, guidance_scale, name")
+    batch.add_argument("--out", type=Path, required=True, help="folder for the images and results.jsonl")
+    batch.add_argument("--negative-prompt", default=None, help="for lines without one")
+    batch.add_argument("--variant", default="base", choices=sorted(VARIANT_ALIASES))
+    size = batch.add_argument_group("size of lines without width/height (default 2048x2048)")
+    size.add_argument("--width", type=int)
+    size.add_argument("--height", type=int)
+    size.add_argument("--aspect-ratio", help="an official 2K preset: 1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3")
+    batch.add_argument("--steps", type=int, help="for lines without steps; default: 50 base, 8 distilled")
+    batch.add_argument("--guidance-scale", type=float, help="for lines without one; default: 3.5 base, 3.25 distilled")
+    batch.add_argument("--shift", type=float, help="default: 5 base, 4 distilled")
+    batch.add_argument("--seed", type=int, help="line n without a seed gets SEED + n - 1 (default: random, recorded)")
+    batch.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=True)
+    batch.add_argument("--reprompt", choices=["7b", "32b"])
+    batch.add_argument("--trust-remote-code", action="store_true")
+    batch.add_argument("--overwrite", action="store_true", help="redo every line (results.jsonl starts afresh)")
+    add_parallel_argument(batch, data_parallel=True)
+    add_loading_arguments(batch)
+    batch.set_defaults(run=run_batch)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    """Check every line and the launch, then draw what is not done yet."""
+    import torch.distributed as dist
+
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import (
+        BASE_DEFAULTS,
+        DISTILLED_DEFAULTS,
+        HunyuanImagePipeline,
+    )
+
+    variant = VARIANT_ALIASES[args.variant]
+    lines = read_prompts(args.prompts)
+    defaults = DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS
+    jobs = resolve_jobs(lines, args, defaults)
+    if args.out.exists() and not args.out.is_dir():
+        raise FileExistsError(f"--out {args.out} is a file; pass a folder for the images")
+    state = None
+    if args.parallel is not None or launched_by_torchrun():
+        device_type = (args.device or default_device()).split(":")[0]
+        state = ParallelState.create(args.parallel or ParallelConfig(), exact=False, device_type=device_type)
+    first = state is None or state.rank == 0
+    device = args.device or default_device()
+    if state is not None and device == "cuda":
+        device = state.device  # one GPU per rank: cuda:LOCAL_RANK
+
+    if first:
+        args.out.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(args.out)
+        if args.overwrite:
+            (args.out / RESULTS).unlink(missing_ok=True)
+        if args.download:
+            fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner, reprompt=args.reprompt),
+                  args.model_root)
+    records = read_results(args.out) if first else {}
+    todo = [job for job, entry in zip(jobs, lines) if not is_complete(args.out, entry, records)]
+    progress = JobProgress(args.out, len(jobs), len(jobs) - len(todo), enabled=first)
+    if state is not None:  # one plan for all ranks: rank 0's (its scan, its random seeds)
+        shared = [todo]
+        dist.broadcast_object_list(shared, src=0)
+        todo = shared[0]
+    mine = todo if state is None else todo[state.dp_rank :: state.dp_size]
+    writer = state is None or state.is_writer
+    progress.done = len(jobs) - len(todo)
+    if first and len(todo) < len(jobs):
+        done = len(jobs) - len(todo)
+        print(f"{done} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
+
+    # lazy: checks the checkpoint files and the parallel configuration now, loads the parts for the first image
+    pipe = HunyuanImagePipeline.from_pretrained(
+        model_name=variant,
+        use_fp8=args.fp8,
+        model_root=args.model_root,
+        memory_mode=args.memory_mode,
+        gpu_budget_gb=args.gpu_budget_gb,
+        reprompt_model=args.reprompt or "32b",
+        trust_remote_code=args.trust_remote_code,
+        refiner=args.refiner,
+        progress_bar=False,
+        parallel=state if args.parallel is not None else None,
+    ).to(device)
+    with sigterm_as_exit():
+        for job in mine:
+            result = pipe(
+                prompt=job.prompt,
+                negative_prompt=job.negative_prompt,
+                width=job.width,
+                height=job.height,
+                num_inference_steps=job.steps,
+                guidance_scale=job.guidance_scale,
+                shift=job.shift,
+                seed=job.seed,
+                use_reprompt=args.reprompt is not None,
+                use_refiner=args.refiner,
+                output_type="pt",
+                callback=progress.refresh if first else None,
+            )
+            if writer:
+                record = dict(asdict(job), variant=variant, fp8=args.fp8, refiner=args.refiner,
+                              reprompt=args.reprompt, prompt_used=result.prompts[0])
+                write_png_atomic(result.images[0], args.out / job.file, record)
+                append_result(args.out, record)
+            progress.refresh()
+        if state is not None:
+            dist.barrier()
+            dist.destroy_process_group()
+    progress.close()
+    if first:
+        print(f"{len(jobs)} images in {args.out} ({len(todo)} drawn now); settings in {args.out / RESULTS}")
+    return 0

@@ -1,0 +1,23 @@
+"""Inference on several processes with torch.distributed (launched by torchrun): classifier-free-guidance
+parallelism, Ulysses sequence parallelism, and data parallelism for `hyimage batch`."""
+
+import argparse
+
+from hyimage.parallel.state import ParallelConfig, ParallelError, ParallelState
+
+__all__ = ["ParallelConfig", "ParallelError", "ParallelState", "add_parallel_argument"]
+
+
+def _parse(text: str) -> ParallelConfig:
+    try:
+        return ParallelConfig.parse(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
+def add_parallel_argument(parser: argparse.ArgumentParser, data_parallel: bool = False) -> None:
+    """The `--parallel cfg=C,sp=S` option of `generate` and `batch`."""
+    rest = " (the rest of the world is data parallelism)" if data_parallel else " (torchrun starts C x S processes)"
+    parser.add_argument("--parallel", type=_parse, default=None, metavar="cfg=C,sp=S",
+                        help="under torchrun: C ranks for the two guidance branches x S ranks splitting the image "
+                             "tokens" + rest)
