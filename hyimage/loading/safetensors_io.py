@@ -272,6 +272,28 @@ def _row_range(info: TensorInfo, rows: Rows | None) -> tuple[tuple[int, ...], in
     return (count, *info.shape[1:]), info.offset + start * row_bytes
 
 
+def read_weight_map(index: PathLike) -> dict[str, Path]:
+    """Each tensor name of a sharded checkpoint's `*.safetensors.index.json`, with the shard (in its folder) holding it."""
+    index = Path(index)
+    regular_file_size(index, "checkpoint index")
+    try:
+        content = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{index} is not valid JSON ({error}); download it again") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(
+            f"{index} has no 'weight_map' object (tensor name -> shard file); it is not a checkpoint index: "
+            "download it again"
+        )
+    for key, name in weight_map.items():
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(
+                f"{index}: the shard of {key!r} is {name!r}, not a file name in the same folder; download it again"
+            )
+    return {key: index.parent / name for key, name in weight_map.items()}
+
+
 def _read_exactly(file: BinaryIO, offset: int, buffer: memoryview) -> int:
     file.seek(offset)
     done = 0

@@ -20,7 +20,7 @@ Supported: transformers 4.56 to 5.x (tested with 4.56.0, 4.57.1 and 5.23.0).
 """
 
 import copy
-import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +30,15 @@ import torch
 from loguru import logger
 from torch import nn
 
-from ..loading.safetensors_io import CheckpointError, GetTensor, TensorSource, load_safetensors_into, read_tensor_infos
+from ..loading.safetensors_io import (
+    CheckpointError,
+    GetTensor,
+    TensorSource,
+    load_safetensors_into,
+    read_tensor_infos,
+    read_weight_map,
+)
+from ..loading.torch_io import transformers_errors
 from .templates import PromptTemplate, get_template
 
 if TYPE_CHECKING:
@@ -54,9 +62,8 @@ def _require_transformers():
 def _stored_keys(path: Path) -> dict[str, Path]:
     """Each tensor name of a safetensors checkpoint folder, with the file holding it."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: path / name for key, name in weight_map.items()}
+    if os.path.lexists(index):
+        return read_weight_map(index)
     single = path / "model.safetensors"
     if single.is_file():
         return dict.fromkeys(read_tensor_infos(single), single)
@@ -140,7 +147,8 @@ class MLLMTextEncoder(nn.Module):
             raise FileNotFoundError(
                 f"{path / 'config.json'} not found: pass the Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)"
             )
-        config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
+        with transformers_errors(path, "Qwen2.5-VL configuration"):
+            config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
         if config.num_hidden_layers <= HIDDEN_STATE_SKIP_LAYER:
             raise ValueError(f"{path / 'config.json'}: {config.num_hidden_layers} decoder layers are too few")
         config.num_hidden_layers -= HIDDEN_STATE_SKIP_LAYER
@@ -148,7 +156,8 @@ class MLLMTextEncoder(nn.Module):
         config._attn_implementation = "sdpa"
         device = torch.device(device)
 
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+        with transformers_errors(path, "Qwen2.5-VL tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
 
         with torch.device("meta"):
             model = Qwen2_5_VLTextModel(config)
