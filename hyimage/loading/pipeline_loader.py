@@ -30,6 +30,7 @@ from loguru import logger
 from hyimage.diffusion.request import RequestError, check_device, check_dtype, check_keywords
 from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
+from hyimage.loading.safetensors_io import regular_file_size
 from hyimage.offload import MemoryManager
 
 VARIANTS = ("hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled")
@@ -360,16 +361,25 @@ def _require(path: Path, what: str, needs: DownloadConfig, command_root: Path | 
 
 
 def _dit_config(layout: CheckpointLayout, variant: str, override: Any) -> Any:
-    """The override, else the JSON next to the checkpoint, else the variant's released configuration."""
+    """The override, else the JSON next to the checkpoint, else the variant's released configuration.
+
+    Checked by type and range now, before anything is built (an error names the JSON file and the key).
+    """
+    from hyimage.models.dit.configs import resolve_dit_config
+
     if override is not None:
-        return override
+        return resolve_dit_config(override, source="dit_config")
     config_file = layout.dit_config(variant)
-    if config_file.is_file():
+    if os.path.lexists(config_file):
         logger.info(f"DiT configuration from {config_file}")
+        regular_file_size(config_file, "DiT configuration")
         try:
-            return json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
+            content = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{config_file} is not valid JSON ({error}); fix or remove it") from error
+        if not isinstance(content, dict):
+            raise ValueError(f"{config_file} must hold a JSON object of DiT constructor arguments; fix or remove it")
+        return resolve_dit_config(content, source=str(config_file))
     return variant
 
 
