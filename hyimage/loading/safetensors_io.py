@@ -22,6 +22,10 @@ from typing import BinaryIO
 import torch
 from loguru import logger
 from torch import nn
+from tqdm.auto import tqdm
+
+from hyimage.loading.errors import CheckpointError
+from hyimage.loading.verify import check_finite
 
 PathLike = str | os.PathLike
 Rows = tuple[int, int | None]
@@ -54,10 +58,6 @@ GGUF_MAGIC = b"GGUF"
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = 0x80
 SHOWN_KEYS = 5
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, incomplete, or does not fit the model."""
 
 
 @dataclass(frozen=True)
@@ -371,6 +371,22 @@ def _stream(
                 yield key, tensor, source.path
 
 
+def _bytes_to_read(readers: Sequence[tuple[TensorSource, SafetensorsReader]]) -> int:
+    """How many bytes the stream will read (from the headers alone)."""
+    return sum(tensor.nbytes for _, tensor, _ in _stream(readers, meta=True))
+
+
+def _watched(
+    stream: Iterator[tuple[str, torch.Tensor, Path]], bar: tqdm, verify: bool
+) -> Iterator[tuple[str, torch.Tensor, Path]]:
+    """The stream, advancing `bar` by each tensor's stored bytes and, with `verify`, checking it is finite."""
+    for key, tensor, path in stream:
+        if verify:
+            check_finite(key, tensor, path)
+        bar.update(tensor.nbytes)
+        yield key, tensor, path
+
+
 def _target_dtype(key: str, tensor: torch.Tensor, dtype: torch.dtype | None, keep_dtype: Collection[str]):
     if dtype is None or key in keep_dtype or not tensor.is_floating_point() or is_float8(tensor.dtype):
         return tensor.dtype
@@ -480,6 +496,8 @@ def load_safetensors_into(
     strict: bool = True,
     keep_dtype: Collection[str] = (),
     transform: Transform | None = None,
+    verify: bool = False,
+    progress: str | None = None,
 ) -> nn.Module:
     """Fill the meta tensors of `model` from `sources`, one tensor at a time.
 
@@ -487,6 +505,8 @@ def load_safetensors_into(
     An earlier source wins when two give the same key. `transform` may rewrite the converted
     (key, tensor) stream (e.g. quantize). Keys and shapes are checked on `meta` before any data is read;
     `strict=False` tolerates keys the model lacks, but every tensor of the model must come from the files.
+    `verify`: scan each stored tensor for NaN/Inf as it is read. `progress`: the label of a byte progress bar
+    on stderr (None: no bar; shown only when stderr is a terminal, as tqdm does with `disable=None`).
     """
     device = torch.device(device)
     sources = [_as_source(source) for source in sources]
@@ -498,12 +518,22 @@ def load_safetensors_into(
     _check(model, produced, origins, files, strict)
 
     expected = model.state_dict(keep_vars=True)
+    bar = tqdm(
+        total=_bytes_to_read(readers) if progress else 0,
+        desc=progress,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        disable=None if progress else True,
+    )
     try:
-        stream = transform(_converted(_stream(readers, meta=False), dtype, device, keep_dtype))
+        read = _watched(_stream(readers, meta=False), bar, verify)
+        stream = transform(_converted(read, dtype, device, keep_dtype))
         for key, tensor in stream:
             if key in expected:
                 _assign(model, key, tensor)
     finally:
+        bar.close()
         for _, reader in readers:
             reader.close()
     assert_materialized(model, files)

@@ -31,6 +31,7 @@ from hyimage.loading.safetensors_io import (
     regular_file_size,
 )
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
+from hyimage.loading.verify import check_state_finite
 from hyimage.loading.vae_diffusers_keys import (
     DIFFUSERS_CLASS_NAMES,
     config_from_diffusers,
@@ -161,8 +162,12 @@ def load_vae(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool = False,
 ) -> nn.Module:
-    """Build `model_cls` from `directory`/config.json on meta and fill it from the folder's checkpoint."""
+    """Build `model_cls` from `directory`/config.json on meta and fill it from the folder's checkpoint.
+
+    `verify`: refuse NaN/Inf weights, naming the tensor and the file.
+    """
     directory = Path(directory)
     name = model_cls.__name__
     if not directory.is_dir():
@@ -178,6 +183,8 @@ def load_vae(
     diffusers_file = directory / DIFFUSERS_FILE
     if release and not is_diffusers:
         state = _fit_to_model(read_torch_checkpoint(release[0]), model.state_dict(), release[0], name)
+        if verify:
+            check_state_finite(state, release[0])
         state = {
             key: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
             for key, value in state.items()
@@ -186,7 +193,11 @@ def load_vae(
         source = release[0]
     elif diffusers_file.is_file():
         load_safetensors_into(
-            model, [TensorSource(diffusers_file, _from_diffusers_keys(model))], dtype=dtype, device=device
+            model,
+            [TensorSource(diffusers_file, _from_diffusers_keys(model))],
+            dtype=dtype,
+            device=device,
+            verify=verify,
         )
         source = diffusers_file
     else:

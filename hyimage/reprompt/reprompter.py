@@ -31,6 +31,7 @@ from transformers import (
 
 from hyimage.loading.safetensors_io import CheckpointError
 from hyimage.loading.torch_io import transformers_errors
+from hyimage.loading.verify import check_state_finite
 from hyimage.offload.manager import MemoryManager
 from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, extract_answer_7b, extract_answer_32b, user_message_32b
 
@@ -110,12 +111,13 @@ class Reprompter(nn.Module):
         memory: MemoryManager | None = None,
         trust_remote_code: bool = False,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        verify: bool = False,
     ) -> "Reprompter":
         """Load `ckpts/reprompt_32b` (size "32b") or `ckpts/reprompt` (size "7b") into host memory.
 
         The 7B's tokenizer is custom code shipped with the checkpoint: it runs only when
         `trust_remote_code` is set to True, which the caller must do after deciding to trust that folder.
-        The model itself always uses transformers' own implementation.
+        The model itself always uses transformers' own implementation. `verify`: refuse NaN/Inf weights.
         """
         if size not in SPECS:
             raise ValueError(f"size={size!r} is unknown; choose one of {sorted(SPECS)}")
@@ -136,6 +138,8 @@ class Reprompter(nn.Module):
                 path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True
             )
         _refuse_missing_weights(path, model_class.__name__, info["missing_keys"])
+        if verify:
+            check_state_finite(model.named_parameters(), path)
         return cls(
             model,
             tokenizer,

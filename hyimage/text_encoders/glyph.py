@@ -28,6 +28,7 @@ from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from hyimage.loading.safetensors_io import CheckpointError, SafetensorsReader, read_weight_map
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict, transformers_errors
+from hyimage.loading.verify import check_state_finite
 from hyimage.text_encoders.glyph_prompt import glyph_prompt
 
 GLYPH_MAX_LENGTH = 128
@@ -98,8 +99,12 @@ class GlyphByT5Encoder(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> "GlyphByT5Encoder":
-        """Load the official layout: `text_encoder/byt5-small` and `text_encoder/Glyph-SDXL-v2`."""
+        """Load the official layout: `text_encoder/byt5-small` and `text_encoder/Glyph-SDXL-v2`.
+
+        `verify`: refuse NaN/Inf weights, naming the tensor and the file.
+        """
         byt5_dir, glyph_dir = Path(byt5_dir), Path(glyph_dir)
         config_path = byt5_dir / "config.json"
         if not config_path.is_file():
@@ -115,6 +120,8 @@ class GlyphByT5Encoder(nn.Module):
                 )
         tokenizer = build_glyph_tokenizer(byt5_dir, glyph_dir)
         state = load_glyph_state_dict(glyph_dir / CHECKPOINT_FILE)
+        if verify:
+            check_state_finite(state, glyph_dir / CHECKPOINT_FILE)
         with transformers_errors(byt5_dir, "ByT5 configuration"):
             config = T5Config.from_pretrained(os.fspath(byt5_dir))
         config.vocab_size = len(tokenizer)
@@ -127,8 +134,9 @@ class GlyphByT5Encoder(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> "GlyphByT5Encoder":
-        """Load the diffusers layout: `directory/text_encoder_2` and `directory/tokenizer_2`."""
+        """Load the diffusers layout: `directory/text_encoder_2` and `directory/tokenizer_2` (`verify`: as above)."""
         directory = Path(directory)
         encoder_dir, tokenizer_dir = directory / "text_encoder_2", directory / "tokenizer_2"
         for needed in (encoder_dir / "config.json", tokenizer_dir):
@@ -139,6 +147,8 @@ class GlyphByT5Encoder(nn.Module):
         with transformers_errors(encoder_dir, "ByT5 configuration"):
             config = T5Config.from_pretrained(os.fspath(encoder_dir))
         state = _read_safetensors_folder(encoder_dir)
+        if verify:
+            check_state_finite(state, encoder_dir)
         embeddings = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
         if embeddings is not None:
             state["shared.weight"] = state["encoder.embed_tokens.weight"] = embeddings

@@ -139,8 +139,14 @@ class MLLMTextEncoder(nn.Module):
         device: str | torch.device = "cpu",
         max_length: int | None = None,
         cache_size: int = 8,
+        verify: bool = False,
+        progress_bar: bool = True,
     ) -> "MLLMTextEncoder":
-        """Load the tokenizer and the needed part of the language model from `text_encoder/llm`."""
+        """Load the tokenizer and the needed part of the language model from `text_encoder/llm`.
+
+        `verify`: refuse NaN/Inf weights, naming the tensor and shard. `progress_bar`: a byte bar on stderr while
+        reading (only when stderr is a terminal).
+        """
         AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel = _require_transformers()
         path = Path(path)
         if not (path / "config.json").is_file():
@@ -164,7 +170,14 @@ class MLLMTextEncoder(nn.Module):
         model.norm = nn.Identity()  # hidden_states[-3] is read before the final norm
         _rebuild_rotary_embeddings(model, config, device)
         wanted = model.state_dict().keys()
-        load_safetensors_into(model, text_model_sources(path, wanted), dtype=dtype, device=device)
+        load_safetensors_into(
+            model,
+            text_model_sources(path, wanted),
+            dtype=dtype,
+            device=device,
+            verify=verify,
+            progress=f"reading text encoder {path.name}" if progress_bar else None,
+        )
         model.requires_grad_(False).eval()
         logger.info(f"MLLM text encoder: {config.num_hidden_layers} decoder layers from {path}, {dtype}, {device}")
         return cls(model, tokenizer, template, max_length=max_length, cache_size=cache_size)

@@ -230,9 +230,17 @@ class VAEBase(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        cls,
+        directory: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> "VAEBase":
-        """Load a released `vae/vae_2_1` or `vae/vae_refiner` folder (or its diffusers conversion)."""
+        """Load a released `vae/vae_2_1` or `vae/vae_refiner` folder (or its diffusers conversion).
+
+        `verify`: refuse NaN/Inf weights, naming the tensor and the file.
+        """
         from hyimage.loading.vae_loader import load_vae
 
-        return load_vae(cls, directory, dtype=dtype, device=device)
+        return load_vae(cls, directory, dtype=dtype, device=device, verify=verify)
