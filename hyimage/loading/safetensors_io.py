@@ -167,8 +167,8 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
 
 
 def _is_count(value: object) -> bool:
-    """A non-negative JSON integer (booleans are not integers here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A JSON integer in [0, 2^64) (the library's usize; booleans are not integers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _parse_entry(path: Path, key: str, entry: object, data_start: int) -> TensorInfo:

@@ -71,7 +71,9 @@ def load_glyph_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     else:
         encoder = {f"encoder.{k}": v for k, v in state.items()}
     if "encoder.embed_tokens.weight" not in encoder:
-        raise ValueError(f"{path} has no '{CHECKPOINT_PREFIX}encoder.embed_tokens.weight'; it is not a Glyph ByT5 checkpoint")
+        raise CheckpointError(
+            f"{path} has no '{CHECKPOINT_PREFIX}encoder.embed_tokens.weight'; it is not a Glyph ByT5 checkpoint"
+        )
     encoder["shared.weight"] = encoder["encoder.embed_tokens.weight"]
     return encoder
 
@@ -119,11 +121,11 @@ class GlyphByT5Encoder(nn.Module):
                     "`modelscope download --model AI-ModelScope/Glyph-SDXL-v2 --local_dir <ckpts>/text_encoder/Glyph-SDXL-v2`"
                 )
         tokenizer = build_glyph_tokenizer(byt5_dir, glyph_dir)
+        with transformers_errors(byt5_dir, "ByT5 configuration"):
+            config = T5Config.from_pretrained(os.fspath(byt5_dir))
         state = load_glyph_state_dict(glyph_dir / CHECKPOINT_FILE)
         if verify:
             check_state_finite(state, glyph_dir / CHECKPOINT_FILE)
-        with transformers_errors(byt5_dir, "ByT5 configuration"):
-            config = T5Config.from_pretrained(os.fspath(byt5_dir))
         config.vocab_size = len(tokenizer)
         return cls(_build_text_tower(config, state, dtype, device, source=glyph_dir / CHECKPOINT_FILE), tokenizer)
 
