@@ -413,3 +413,14 @@ def test_load_into_a_model_verifies_each_tensor_as_read(tmp_path):
         target = torch.nn.Linear(3, 2)
     with pytest.raises(NonFiniteWeightError, match=r"linear.safetensors: tensor 'bias' holds 0 NaN and 1 infinite"):
         load_safetensors_into(target, [path], verify=True)
+
+
+def test_vae_verify_names_the_tensor(tmp_path):
+    from tests.fixtures.vae_fixtures import random_vae_state_dict, write_vae_2d_dir
+
+    state = random_vae_state_dict(HunyuanVAE2D, tiny_vae_2d_config())
+    state["decoder.conv_out.bias"][1] = float("nan")
+    folder = write_vae_2d_dir(tmp_path / "vae_2_1", state_dict=state)
+    HunyuanVAE2D.from_pretrained(folder)  # loads: nothing checks
+    with pytest.raises(NonFiniteWeightError, match=r"pytorch_model.ckpt: tensor 'decoder.conv_out.bias' holds 1 NaN"):
+        HunyuanVAE2D.from_pretrained(folder, verify=True)
