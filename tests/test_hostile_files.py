@@ -424,3 +424,11 @@ def test_vae_verify_names_the_tensor(tmp_path):
     HunyuanVAE2D.from_pretrained(folder)  # loads: nothing checks
     with pytest.raises(NonFiniteWeightError, match=r"pytorch_model.ckpt: tensor 'decoder.conv_out.bias' holds 1 NaN"):
         HunyuanVAE2D.from_pretrained(folder, verify=True)
+
+
+def test_a_folder_where_the_text_encoder_weights_belong_is_named(tmp_path):
+    from hyimage.text_encoders.mllm import text_model_sources
+
+    (tmp_path / "model.safetensors").mkdir()
+    with pytest.raises(CheckpointError, match="model.safetensors is a folder, not a file"):
+        text_model_sources(tmp_path, ["embed_tokens.weight"])

@@ -65,7 +65,7 @@ def _stored_keys(path: Path) -> dict[str, Path]:
     if os.path.lexists(index):
         return read_weight_map(index)
     single = path / "model.safetensors"
-    if single.is_file():
+    if os.path.lexists(single):
         return dict.fromkeys(read_tensor_infos(single), single)
     raise FileNotFoundError(
         f"{path} has neither model.safetensors.index.json nor model.safetensors; "
