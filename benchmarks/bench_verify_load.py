@@ -49,7 +49,8 @@ if threads:
     torch.set_num_threads(threads)
 start = time.perf_counter()
 HYImageDiffusionTransformer.from_single_file(path, config, verify=verify, progress_bar=False)
-print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(json.dumps({"seconds": time.perf_counter() - start, "peak_mb": peak_mb}))
 """
 
 

@@ -25,7 +25,11 @@ from hyimage.loading.safetensors_io import (
 )
 from hyimage.loading.torch_io import UnsafeCheckpointError
 from hyimage.loading.verify import NonFiniteWeightError
-from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D, HYImageDiffusionTransformer
+from hyimage.models import (
+    AutoencoderKLConv3D,
+    HunyuanVAE2D,
+    HYImageDiffusionTransformer,
+)
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.reprompt import Reprompter
 from hyimage.text_encoders.glyph import CHECKPOINT_FILE, GlyphByT5Encoder

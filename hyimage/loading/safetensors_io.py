@@ -210,7 +210,8 @@ def _check_layout(path: Path, infos: dict[str, TensorInfo], data_start: int, siz
             )
         if info.offset > position:
             after = f"after {previous!r} ends" if previous is not None else "from the start of the data"
-            raise _invalid(path, f"{begin - (position - data_start)} bytes {after} belong to no tensor (before {key!r})")
+            gap = begin - (position - data_start)
+            raise _invalid(path, f"{gap} bytes {after} belong to no tensor (before {key!r})")
         position, previous = info.offset + info.nbytes, key
     if position > size:
         raise _damaged(path, f"the header describes {position} bytes, the file has only {size}")
@@ -273,7 +274,7 @@ def _row_range(info: TensorInfo, rows: Rows | None) -> tuple[tuple[int, ...], in
 
 
 def read_weight_map(index: PathLike) -> dict[str, Path]:
-    """Each tensor name of a sharded checkpoint's `*.safetensors.index.json`, with the shard (in its folder) holding it."""
+    """Each tensor name of a sharded checkpoint's `*.safetensors.index.json`, with the shard holding it."""
     index = Path(index)
     regular_file_size(index, "checkpoint index")
     try:

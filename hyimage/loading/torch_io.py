@@ -13,6 +13,7 @@ import pickle
 import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from pickle import UnpicklingError
 from typing import Any
 
 import torch
@@ -102,7 +103,7 @@ def transformers_errors(folder: PathLike, what: str) -> Iterator[None]:
         yield
     except (torch.OutOfMemoryError, MemoryError, ImportError, CheckpointError):
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, UnpicklingError) as error:
         unpickling = next((e for e in _chain(error) if isinstance(e, pickle.UnpicklingError)), None)
         if unpickling is not None and ("GLOBAL" in str(unpickling) or "Unsupported" in str(unpickling)):
             files = sorted(name for name in os.listdir(folder) if name.endswith(TORCH_SUFFIXES))

@@ -31,13 +31,13 @@ from hyimage.loading.safetensors_io import (
     regular_file_size,
 )
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
-from hyimage.loading.verify import check_state_finite
 from hyimage.loading.vae_diffusers_keys import (
     DIFFUSERS_CLASS_NAMES,
     config_from_diffusers,
     refiner_vae_key_map,
     vae_2d_key_map,
 )
+from hyimage.loading.verify import check_state_finite
 from hyimage.models.vae.base import num_resample_levels
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 

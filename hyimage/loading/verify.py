@@ -48,7 +48,9 @@ def check_finite(name: str, tensor: torch.Tensor, source: str | os.PathLike) -> 
         )
 
 
-def check_state_finite(state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike) -> None:
+def check_state_finite(
+    state: Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]], source: str | os.PathLike
+) -> None:
     """`check_finite` on every tensor of a state dict (or of (name, tensor) pairs) that came from `source`."""
     items = state.items() if isinstance(state, Mapping) else state
     for name, tensor in items:
