@@ -25,11 +25,7 @@ from hyimage.loading.safetensors_io import (
 )
 from hyimage.loading.torch_io import UnsafeCheckpointError
 from hyimage.loading.verify import NonFiniteWeightError
-from hyimage.models import (
-    AutoencoderKLConv3D,
-    HunyuanVAE2D,
-    HYImageDiffusionTransformer,
-)
+from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D, HYImageDiffusionTransformer
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.reprompt import Reprompter
 from hyimage.text_encoders.glyph import CHECKPOINT_FILE, GlyphByT5Encoder
@@ -436,3 +432,12 @@ def test_a_folder_where_the_text_encoder_weights_belong_is_named(tmp_path):
     (tmp_path / "model.safetensors").mkdir()
     with pytest.raises(CheckpointError, match="model.safetensors is a folder, not a file"):
         text_model_sources(tmp_path, ["embed_tokens.weight"])
+
+
+@pytest.mark.parametrize("layers", [10**9, "28", 2])
+def test_text_encoder_depth_is_checked_before_building(tmp_path, layers):
+    from tests.fixtures.tiny_qwen import tiny_config
+
+    (tmp_path / "config.json").write_text(json.dumps(dict(tiny_config(), num_hidden_layers=layers)))
+    with pytest.raises(CheckpointError, match="config.json: num_hidden_layers must be an integer"):
+        MLLMTextEncoder.from_pretrained(tmp_path)

@@ -20,6 +20,7 @@ Supported: transformers 4.56 to 5.x (tested with 4.56.0, 4.57.1 and 5.23.0).
 """
 
 import copy
+import json
 import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 
 HIDDEN_STATE_SKIP_LAYER = 2
 """Decoder layers skipped at the end of the stack (the official `hidden_state_skip_layer`)."""
+MAX_LAYERS = 1024
+"""More decoder layers than any language model has: a config beyond it is refused before anything is built."""
 
 
 def _require_transformers():
@@ -57,6 +60,23 @@ def _require_transformers():
             "the MLLM text encoder needs transformers with Qwen2.5-VL support: pip install 'transformers>=4.56'"
         ) from error
     return AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel
+
+
+def _check_depth(config_file: Path) -> None:
+    """`num_hidden_layers` of the raw config.json, checked before transformers builds per-layer lists from it."""
+    try:
+        content = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # transformers' own error, wrapped to name the folder
+    sections = [content, content.get("text_config")] if isinstance(content, dict) else []
+    for section in sections:
+        if isinstance(section, dict) and "num_hidden_layers" in section:
+            layers = section["num_hidden_layers"]
+            if type(layers) is not int or not HIDDEN_STATE_SKIP_LAYER < layers <= MAX_LAYERS:
+                raise CheckpointError(
+                    f"{config_file}: num_hidden_layers must be an integer in "
+                    f"[{HIDDEN_STATE_SKIP_LAYER + 1}, {MAX_LAYERS}] (Qwen2.5-VL-7B has 28), got {layers!r}"
+                )
 
 
 def _stored_keys(path: Path) -> dict[str, Path]:
@@ -153,10 +173,9 @@ class MLLMTextEncoder(nn.Module):
             raise FileNotFoundError(
                 f"{path / 'config.json'} not found: pass the Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)"
             )
+        _check_depth(path / "config.json")
         with transformers_errors(path, "Qwen2.5-VL configuration"):
             config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
-        if config.num_hidden_layers <= HIDDEN_STATE_SKIP_LAYER:
-            raise ValueError(f"{path / 'config.json'}: {config.num_hidden_layers} decoder layers are too few")
         config.num_hidden_layers -= HIDDEN_STATE_SKIP_LAYER
         config.layer_types = config.layer_types[: config.num_hidden_layers]
         config._attn_implementation = "sdpa"
