@@ -186,8 +186,11 @@ def test_other_formats_given_as_a_dit_say_what_the_file_is(tmp_path):
     legacy = tmp_path / "legacy.pt"
     torch.save({"weight": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
     assert [checkpoint_format(p) for p in (gguf, torch_zip, legacy)] == ["gguf", "torch-zip", "pickle"]
-    for path, what in ((gguf, "is a GGUF file"), (torch_zip, "PyTorch pickle"), (legacy, "PyTorch pickle")):
-        with pytest.raises(CheckpointError, match=what) as error:
+    with pytest.raises(CheckpointError, match="is a GGUF file.*only the DiT is read from GGUF") as error:
+        read_tensor_infos(gguf)  # e.g. given as a text-encoder shard
+    assert str(gguf) in str(error.value)
+    for path in (torch_zip, legacy):
+        with pytest.raises(CheckpointError, match="PyTorch pickle checkpoint") as error:
             HYImageDiffusionTransformer.from_single_file(path, TINY_DIT)
         message = str(error.value)
         assert str(path) in message and "interrupted" not in message and "weights_only=False" not in message

@@ -145,9 +145,8 @@ def checkpoint_format(path: PathLike) -> str:
 def _not_safetensors(path: Path, kind: str) -> CheckpointError:
     if kind == "gguf":
         return CheckpointError(
-            f"{path} is a GGUF file (a llama.cpp-style quantized checkpoint), not a safetensors file, "
-            "and this loader reads safetensors only: pass the released dit/*.safetensors file (bf16, or the "
-            "*_fp8.safetensors with its *_fp8_scale.safetensors)"
+            f"{path} is a GGUF file (a llama.cpp-style quantized checkpoint), not a safetensors file: only the DiT "
+            "is read from GGUF (HYImageDiffusionTransformer.from_single_file); pass a safetensors file here"
         )
     return CheckpointError(
         f"{path} is a PyTorch pickle checkpoint (torch.save), not a safetensors file; hyimage reads DiT and "
