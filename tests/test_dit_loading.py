@@ -161,7 +161,7 @@ def test_truncated_file_says_incomplete(official_file, tmp_path, keep):
 def test_other_file_types_are_named(tmp_path):
     path = tmp_path / "model.safetensors"
     torch.save({"weight": torch.zeros(3)}, path)
-    with pytest.raises(CheckpointError, match="model.safetensors is incomplete or damaged"):
+    with pytest.raises(CheckpointError, match="model.safetensors is a PyTorch pickle checkpoint.*not a safetensors"):
         load_dit(path, TINY)
 
 

@@ -47,6 +47,8 @@ def load_dit(
     device: str | torch.device = "cpu",
     fp8_scale: PathLike | None = None,
     quantize_fp8: bool = False,
+    verify: bool = False,
+    progress_bar: bool = True,
 ) -> HYImageDiffusionTransformer:
     """Build the DiT `config` on meta and stream the weights of `path` into it.
 
@@ -54,7 +56,8 @@ def load_dit(
     be a GGUF file. FP8: an official `*_fp8.safetensors` with its `*_fp8_scale.safetensors` as `fp8_scale`, a
     ComfyUI `*_fp8_e4m3fn[_scaled].safetensors`, or `quantize_fp8=True` to quantize a bf16 file per tensor while
     loading. `dtype` (default: the file's floating dtype) applies to all
-    non-FP8 tensors; FP8 weights stay float8_e4m3fn and their scales float32.
+    non-FP8 tensors; FP8 weights stay float8_e4m3fn and their scales float32. `verify`: refuse NaN/Inf weights,
+    naming the tensor. `progress_bar`: a byte bar on stderr while reading (only when stderr is a terminal).
     """
     path = Path(path)
     if is_gguf(path):
@@ -119,7 +122,16 @@ def load_dit(
         device,
     )
     try:
-        load_safetensors_into(model, sources, dtype=dtype, device=device, keep_dtype=keep_dtype, transform=transform)
+        load_safetensors_into(
+            model,
+            sources,
+            dtype=dtype,
+            device=device,
+            keep_dtype=keep_dtype,
+            transform=transform,
+            verify=verify,
+            progress=f"reading {path.name}" if progress_bar else None,
+        )
     except CheckpointError as error:
         if not layout.endswith(FUSED):
             raise

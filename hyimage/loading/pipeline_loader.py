@@ -30,6 +30,7 @@ from loguru import logger
 from hyimage.diffusion.request import RequestError, check_device, check_dtype, check_keywords
 from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
+from hyimage.loading.safetensors_io import regular_file_size
 from hyimage.offload import MemoryManager
 from hyimage.quantization.fp8 import FP8_COMPUTE_MODES, set_fp8_compute
 
@@ -171,6 +172,7 @@ def load_pipeline(
     fp8_compute: str | None = None,
     compile: bool = False,
     parallel: Any = None,
+    verify: bool = False,
 ) -> Any:
     """Build `cls` (HunyuanImagePipeline) from the layout under `model_root` ($HUNYUANIMAGE_V2_1_MODEL_ROOT, ./ckpts).
 
@@ -187,6 +189,8 @@ def load_pipeline(
     `dit_file`: another DiT file for `model_name` (a GGUF, a ComfyUI single file, ...) instead of the layout's.
     `fp8_compute` "scaled_mm" | "dequant" | None ("dequant", the official numerics) and `compile`: see `_with_speed`.
     `parallel`: a `hyimage.ParallelConfig` (run under torchrun), checked against the models and the launch here.
+    `progress_bar` also shows byte bars while the DiT and text encoder are read (when stderr is a terminal);
+    `verify=True` scans every weight for NaN/Inf as it is read and names the tensor and file of the first.
     """
     if fp8_compute is not None and fp8_compute not in FP8_COMPUTE_MODES:
         raise ValueError(f"fp8_compute {fp8_compute!r} is unknown; choose 'scaled_mm', 'dequant' or None (dequant)")
@@ -210,7 +214,10 @@ def load_pipeline(
         memory.to(state.device)
     plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config)
     dit = _with_speed(
-        _dit_factory(layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file),
+        _dit_factory(
+            layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file,
+            verify=verify, progress_bar=progress_bar,
+        ),
         fp8_compute,
         compile,
     )
@@ -220,7 +227,9 @@ def load_pipeline(
     if uses_glyph:
         _check_glyph(layout, needs, command_root)
 
-    text_encoder = once(lambda: _text_encoder(layout, BASE_TEMPLATE, text_encoder_dtype, memory))
+    text_encoder = once(
+        lambda: _text_encoder(layout, BASE_TEMPLATE, text_encoder_dtype, memory, verify, progress_bar)
+    )
     refiner_pipeline = None
     if refiner:
         refiner_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=True)
@@ -229,17 +238,18 @@ def load_pipeline(
                 layout, use_fp8, dtype, memory, refiner_dit_config, refiner_needs, command_root,
                 text_encoder=lambda: _with_template(text_encoder(), REFINER_TEMPLATE), progress_bar=progress_bar,
                 parallel=state,
+                verify=verify,
             )
         )
     size = REPROMPT_SIZES.get(reprompt_model)
     reprompt_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner, reprompt=size)
     return cls(
         dit=dit,
-        vae=once(lambda: _vae("HunyuanVAE2D", vae_dir, memory)),
+        vae=once(lambda: _vae("HunyuanVAE2D", vae_dir, memory, verify=verify)),
         text_encoder=text_encoder,
-        glyph_encoder=(lambda: _glyph_encoder(layout, memory)) if uses_glyph else None,
+        glyph_encoder=(lambda: _glyph_encoder(layout, memory, verify)) if uses_glyph else None,
         reprompt_model=(
-            (lambda: _reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root))
+            (lambda: _reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root, verify))
             if size
             else None
         ),
@@ -281,6 +291,7 @@ def load_refiner_pipeline(
     dit_config: Any = None,
     progress_bar: bool = True,
     model_name: str = REFINER,
+    verify: bool = False,
 ) -> Any:
     """Build `cls` (HunyuanImageRefinerPipeline) alone, e.g. to refine existing images; arguments as `load_pipeline`."""
     if model_name != REFINER:
@@ -292,8 +303,10 @@ def load_refiner_pipeline(
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
-        text_encoder=once(lambda: _text_encoder(layout, REFINER_TEMPLATE, text_encoder_dtype, memory)),
-        progress_bar=progress_bar, cls=cls,
+        text_encoder=once(
+            lambda: _text_encoder(layout, REFINER_TEMPLATE, text_encoder_dtype, memory, verify, progress_bar)
+        ),
+        progress_bar=progress_bar, cls=cls, verify=verify,
     )
 
 
@@ -393,16 +406,25 @@ def _require(path: Path, what: str, needs: DownloadConfig, command_root: Path | 
 
 
 def _dit_config(layout: CheckpointLayout, variant: str, override: Any) -> Any:
-    """The override, else the JSON next to the checkpoint, else the variant's released configuration."""
+    """The override, else the JSON next to the checkpoint, else the variant's released configuration.
+
+    Checked by type and range now, before anything is built (an error names the JSON file and the key).
+    """
+    from hyimage.models.dit.configs import resolve_dit_config
+
     if override is not None:
-        return override
+        return resolve_dit_config(override, source="dit_config")
     config_file = layout.dit_config(variant)
-    if config_file.is_file():
+    if os.path.lexists(config_file):
         logger.info(f"DiT configuration from {config_file}")
+        regular_file_size(config_file, "DiT configuration")
         try:
-            return json.loads(config_file.read_text())
-        except json.JSONDecodeError as error:
+            content = json.loads(config_file.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
             raise ValueError(f"{config_file} is not valid JSON ({error}); fix or remove it") from error
+        if not isinstance(content, dict):
+            raise ValueError(f"{config_file} must hold a JSON object of DiT constructor arguments; fix or remove it")
+        return resolve_dit_config(content, source=str(config_file))
     return variant
 
 
@@ -426,6 +448,8 @@ def _dit_factory(
     needs: DownloadConfig,
     command_root: Path | None,
     dit_file: str | os.PathLike | None = None,
+    verify: bool = False,
+    progress_bar: bool = True,
 ) -> Callable[[], torch.nn.Module]:
     """Pick the DiT file now (so a missing one fails early); read it on first use."""
     bf16, fp8, scale = layout.dit(variant), layout.dit_fp8(variant), layout.dit_fp8_scale(variant)
@@ -456,7 +480,8 @@ def _dit_factory(
         # FP8 weights dequantize into bf16, the dtype the rest of an FP8 model is kept in (as the official)
         chosen = dtype if dtype is not None else torch.bfloat16 if use_fp8 else compute_dtype(memory, torch.bfloat16)
         return HYImageDiffusionTransformer.from_single_file(
-            kwargs["path"], config, dtype=chosen, device=_load_device(memory), **options
+            kwargs["path"], config, dtype=chosen, device=_load_device(memory), verify=verify,
+            progress_bar=progress_bar, **options,
         ).eval()
 
     return once(load)
@@ -490,22 +515,31 @@ def _check_glyph(layout: CheckpointLayout, needs: DownloadConfig, command_root: 
     _require(encoder_dir / "config.json", "ByT5 glyph encoder (Glyph-SDXL-v2)", needs, command_root)
 
 
-def _glyph_encoder(layout: CheckpointLayout, memory: MemoryManager) -> Any:
+def _glyph_encoder(layout: CheckpointLayout, memory: MemoryManager, verify: bool = False) -> Any:
     from hyimage.text_encoders.glyph import GlyphByT5Encoder
 
     device = _load_device(memory)
     encoder_dir, _ = layout.glyph_diffusers
     if (encoder_dir / "config.json").is_file():
-        return GlyphByT5Encoder.from_diffusers(layout.glyph, device=device)
-    return GlyphByT5Encoder.from_pretrained(layout.byt5, layout.glyph, device=device)
+        return GlyphByT5Encoder.from_diffusers(layout.glyph, device=device, verify=verify)
+    return GlyphByT5Encoder.from_pretrained(layout.byt5, layout.glyph, device=device, verify=verify)
 
 
-def _text_encoder(layout: CheckpointLayout, template: str, dtype: torch.dtype | None, memory: MemoryManager) -> Any:
+def _text_encoder(
+    layout: CheckpointLayout,
+    template: str,
+    dtype: torch.dtype | None,
+    memory: MemoryManager,
+    verify: bool = False,
+    progress_bar: bool = True,
+) -> Any:
     from hyimage.text_encoders.mllm import MLLMTextEncoder
 
     chosen = dtype if dtype is not None else compute_dtype(memory, torch.bfloat16)
     device = _load_device(memory)
-    return MLLMTextEncoder.from_pretrained(layout.text_encoder, template=template, dtype=chosen, device=device)
+    return MLLMTextEncoder.from_pretrained(
+        layout.text_encoder, template=template, dtype=chosen, device=device, verify=verify, progress_bar=progress_bar
+    )
 
 
 def _with_template(encoder: Any, template: str) -> Any:
@@ -513,12 +547,15 @@ def _with_template(encoder: Any, template: str) -> Any:
     return type(encoder)(encoder.model, encoder.tokenizer, template)
 
 
-def _vae(name: str, directory: Path, memory: MemoryManager, cuda_dtype: torch.dtype | None = None) -> torch.nn.Module:
+def _vae(
+    name: str, directory: Path, memory: MemoryManager, cuda_dtype: torch.dtype | None = None, verify: bool = False
+) -> torch.nn.Module:
     """A VAE in its stored dtype, or in `cuda_dtype` when the pipeline runs on CUDA (the official refiner VAE: fp16)."""
     import hyimage.models as models
 
     dtype = cuda_dtype if memory.device.type == "cuda" else None
-    return getattr(models, name).from_pretrained(directory, dtype=dtype, device=_load_device(memory)).eval()
+    model = getattr(models, name).from_pretrained(directory, dtype=dtype, device=_load_device(memory), verify=verify)
+    return model.eval()
 
 
 def _reprompter(
@@ -528,11 +565,12 @@ def _reprompter(
     trust_remote_code: bool,
     needs: DownloadConfig,
     command_root: Path | None,
+    verify: bool = False,
 ) -> Any:
     from hyimage.reprompt import Reprompter
 
     path = _require(layout.reprompt(size) / "config.json", f"{size} reprompt model", needs, command_root).parent
-    return Reprompter.from_pretrained(path, size, memory=memory, trust_remote_code=trust_remote_code)
+    return Reprompter.from_pretrained(path, size, memory=memory, trust_remote_code=trust_remote_code, verify=verify)
 
 
 def _refiner_pipeline(
@@ -548,14 +586,17 @@ def _refiner_pipeline(
     progress_bar: bool,
     cls: type | None = None,
     parallel: Any = None,
+    verify: bool = False,
 ) -> Any:
     if cls is None:
         from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline as cls
     vae_dir = _require(layout.refiner_vae / "config.json", "refiner VAE", needs, command_root).parent
     config = _dit_config(layout, REFINER, dit_config)
     return cls(
-        dit=_dit_factory(layout, REFINER, config, use_fp8, dtype, memory, needs, command_root),
-        vae=once(lambda: _vae("AutoencoderKLConv3D", vae_dir, memory, torch.float16)),
+        dit=_dit_factory(
+            layout, REFINER, config, use_fp8, dtype, memory, needs, command_root, verify=verify, progress_bar=progress_bar
+        ),
+        vae=once(lambda: _vae("AutoencoderKLConv3D", vae_dir, memory, torch.float16, verify)),
         text_encoder=text_encoder,
         memory=memory,
         progress_bar=progress_bar,

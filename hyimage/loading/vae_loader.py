@@ -14,7 +14,6 @@ Diffusers layout: `config.json` + `diffusion_pytorch_model.safetensors`, renamed
 import inspect
 import json
 import os
-import pickle
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +22,22 @@ import torch
 from loguru import logger
 from torch import nn
 
-from hyimage.loading.safetensors_io import CheckpointError, GetTensor, TensorSource, Translate, load_safetensors_into
+from hyimage.loading.safetensors_io import (
+    CheckpointError,
+    GetTensor,
+    TensorSource,
+    Translate,
+    load_safetensors_into,
+    regular_file_size,
+)
+from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
 from hyimage.loading.vae_diffusers_keys import (
     DIFFUSERS_CLASS_NAMES,
     config_from_diffusers,
     refiner_vae_key_map,
     vae_2d_key_map,
 )
+from hyimage.loading.verify import check_state_finite
 from hyimage.models.vae.base import num_resample_levels
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 
@@ -48,8 +56,9 @@ def _redownload_hint(model_name: str) -> str:
 def read_vae_config(path: Path, model_cls: type) -> tuple[dict[str, Any], bool]:
     """The constructor keywords from `path` (official or diffusers config.json), and whether it is diffusers'."""
     name = model_cls.__name__
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise FileNotFoundError(f"{path} does not exist; a VAE folder needs its config.json: {_redownload_hint(name)}")
+    regular_file_size(path, "VAE config")
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
@@ -90,35 +99,7 @@ def build_on_meta(model_cls: type, config: dict[str, Any], config_path: Path) ->
 
 def read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a torch checkpoint, memory-mapped where the format allows, without running pickled code."""
-    try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap can only be used" not in str(error):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        details = [line for line in str(error).splitlines() if "GLOBAL" in line or "Unsupported" in line]
-        reason = details[0].strip() if details else type(error).__name__
-        raise CheckpointError(
-            f"{path} holds pickled Python objects besides tensors ({reason}). hyimage reads checkpoints with "
-            "torch.load(weights_only=True) only and refuses files that could run code when loaded; use the "
-            "official release file or convert the weights to safetensors from a trusted copy."
-        ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointError(
-            f"{path} cannot be read as a torch checkpoint ({first_line}); the file is truncated or damaged "
-            "(an interrupted download?): delete it and download it again"
-        ) from None
-
-    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]
-    if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
-        raise CheckpointError(
-            f"{path} does not hold a state dict (a mapping of names to tensors, possibly under 'state_dict'); "
-            "check that it is the VAE checkpoint of the release"
-        )
+    checkpoint = tensor_state_dict(read_torch_file(path, "VAE checkpoint"), path)
     if any(key.startswith(KEY_PREFIX) for key in checkpoint):
         return {key[len(KEY_PREFIX) :]: value for key, value in checkpoint.items() if key.startswith(KEY_PREFIX)}
     return checkpoint
@@ -181,8 +162,12 @@ def load_vae(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool = False,
 ) -> nn.Module:
-    """Build `model_cls` from `directory`/config.json on meta and fill it from the folder's checkpoint."""
+    """Build `model_cls` from `directory`/config.json on meta and fill it from the folder's checkpoint.
+
+    `verify`: refuse NaN/Inf weights, naming the tensor and the file.
+    """
     directory = Path(directory)
     name = model_cls.__name__
     if not directory.is_dir():
@@ -194,10 +179,12 @@ def load_vae(
     config, is_diffusers = read_vae_config(config_path, model_cls)
     model = build_on_meta(model_cls, config, config_path)
 
-    release = [directory / file for file in RELEASE_FILES if (directory / file).is_file()]
+    release = [directory / file for file in RELEASE_FILES if os.path.lexists(directory / file)]
     diffusers_file = directory / DIFFUSERS_FILE
     if release and not is_diffusers:
         state = _fit_to_model(read_torch_checkpoint(release[0]), model.state_dict(), release[0], name)
+        if verify:
+            check_state_finite(state, release[0])
         state = {
             key: value.to(device=device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
             for key, value in state.items()
@@ -206,7 +193,11 @@ def load_vae(
         source = release[0]
     elif diffusers_file.is_file():
         load_safetensors_into(
-            model, [TensorSource(diffusers_file, _from_diffusers_keys(model))], dtype=dtype, device=device
+            model,
+            [TensorSource(diffusers_file, _from_diffusers_keys(model))],
+            dtype=dtype,
+            device=device,
+            verify=verify,
         )
         source = diffusers_file
     else:

@@ -29,6 +29,9 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
+from hyimage.loading.safetensors_io import CheckpointError
+from hyimage.loading.torch_io import transformers_errors
+from hyimage.loading.verify import check_state_finite
 from hyimage.offload.manager import MemoryManager
 from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, extract_answer_7b, extract_answer_32b, user_message_32b
 
@@ -108,12 +111,13 @@ class Reprompter(nn.Module):
         memory: MemoryManager | None = None,
         trust_remote_code: bool = False,
         max_new_tokens: int = MAX_NEW_TOKENS,
+        verify: bool = False,
     ) -> "Reprompter":
         """Load `ckpts/reprompt_32b` (size "32b") or `ckpts/reprompt` (size "7b") into host memory.
 
         The 7B's tokenizer is custom code shipped with the checkpoint: it runs only when
         `trust_remote_code` is set to True, which the caller must do after deciding to trust that folder.
-        The model itself always uses transformers' own implementation.
+        The model itself always uses transformers' own implementation. `verify`: refuse NaN/Inf weights.
         """
         if size not in SPECS:
             raise ValueError(f"size={size!r} is unknown; choose one of {sorted(SPECS)}")
@@ -126,12 +130,16 @@ class Reprompter(nn.Module):
                 f"the tokenizer of {path} is code shipped in the checkpoint ({remote}); "
                 "pass trust_remote_code=True (CLI: --trust-remote-code) to run it if you trust that folder"
             )
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with transformers_errors(path, f"{size} reprompt tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
         model_class = Qwen2_5_VLForConditionalGeneration if size == "32b" else AutoModelForCausalLM
-        model, info = model_class.from_pretrained(
-            path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True
-        )
+        with transformers_errors(path, f"{size} reprompt model"):
+            model, info = model_class.from_pretrained(
+                path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=False, output_loading_info=True
+            )
         _refuse_missing_weights(path, model_class.__name__, info["missing_keys"])
+        if verify:
+            check_state_finite(model.named_parameters(), path)
         return cls(
             model,
             tokenizer,
@@ -220,7 +228,9 @@ def _remote_tokenizer_code(path: Path) -> str | None:
         config_path = path / name
         if not config_path.is_file():
             continue
-        entry = (json.loads(config_path.read_text(encoding="utf-8")).get("auto_map") or {}).get("AutoTokenizer")
+        content = _read_json_object(config_path)
+        auto_map = content.get("auto_map") or {}
+        entry = auto_map.get("AutoTokenizer") if isinstance(auto_map, dict) else None
         if entry:
             return ", ".join(str(item) for item in entry if item) if isinstance(entry, list) else str(entry)
     return None
@@ -231,5 +241,16 @@ def _processor_chat_template(path: Path) -> str | None:
     if (path / "chat_template.jinja").is_file():
         return (path / "chat_template.jinja").read_text(encoding="utf-8")
     if (path / "chat_template.json").is_file():
-        return json.loads((path / "chat_template.json").read_text(encoding="utf-8")).get("chat_template")
+        return _read_json_object(path / "chat_template.json").get("chat_template")
     return None
+
+
+def _read_json_object(path: Path) -> dict:
+    """A JSON object from `path`; anything else is a CheckpointError naming the file."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON ({error}); download the reprompt folder again") from None
+    if not isinstance(content, dict):
+        raise CheckpointError(f"{path} must hold a JSON object; download the reprompt folder again")
+    return content

@@ -19,16 +19,16 @@ Diffusers layout: `text_encoder_2/` (a T5EncoderModel in safetensors) and `token
 
 import json
 import os
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
 from loguru import logger
-from safetensors.torch import load_file
 from torch import nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
+from hyimage.loading.safetensors_io import CheckpointError, SafetensorsReader, read_weight_map
+from hyimage.loading.torch_io import read_torch_file, tensor_state_dict, transformers_errors
+from hyimage.loading.verify import check_state_finite
 from hyimage.text_encoders.glyph_prompt import glyph_prompt
 
 GLYPH_MAX_LENGTH = 128
@@ -48,7 +48,8 @@ def glyph_special_tokens(color_path: str | os.PathLike, font_path: str | os.Path
 def build_glyph_tokenizer(byt5_dir: str | os.PathLike, glyph_dir: str | os.PathLike) -> ByT5Tokenizer:
     """The ByT5 tokenizer of `byt5_dir` with Glyph-SDXL-v2's colour and font tokens added."""
     glyph_dir = Path(glyph_dir)
-    tokenizer = ByT5Tokenizer.from_pretrained(os.fspath(byt5_dir))
+    with transformers_errors(byt5_dir, "ByT5 tokenizer"):
+        tokenizer = ByT5Tokenizer.from_pretrained(os.fspath(byt5_dir))
     tokenizer.add_tokens(glyph_special_tokens(glyph_dir / COLOR_FILE, glyph_dir / FONT_FILE), special_tokens=True)
     return tokenizer
 
@@ -56,27 +57,23 @@ def build_glyph_tokenizer(byt5_dir: str | os.PathLike, glyph_dir: str | os.PathL
 def load_glyph_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The T5EncoderModel state dict in a Glyph-SDXL-v2 `byt5_model.pt` (tensors only, no code run)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise FileNotFoundError(
             f"Glyph checkpoint {path} not found; download it with "
             "`modelscope download --model AI-ModelScope/Glyph-SDXL-v2 --local_dir <ckpts>/text_encoder/Glyph-SDXL-v2`"
         )
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"{path} holds more than tensors and plain containers, and is not unpickled with code execution; "
-            "re-save its 'state_dict' alone with torch.save in an environment you trust, or download it again"
-        ) from error
-    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} is not a Glyph-SDXL-v2 checkpoint: expected a dict with a 'state_dict' dict")
+    checkpoint = read_torch_file(path, "Glyph checkpoint")
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path} is not a Glyph-SDXL-v2 checkpoint: expected a dict with a 'state_dict' dict")
+    state = tensor_state_dict(checkpoint, path)
     if "state_dict" in checkpoint:
         encoder = {k[len(CHECKPOINT_PREFIX) :]: v for k, v in state.items() if k.startswith(CHECKPOINT_PREFIX + "encoder.")}
     else:
         encoder = {f"encoder.{k}": v for k, v in state.items()}
     if "encoder.embed_tokens.weight" not in encoder:
-        raise ValueError(f"{path} has no '{CHECKPOINT_PREFIX}encoder.embed_tokens.weight'; it is not a Glyph ByT5 checkpoint")
+        raise CheckpointError(
+            f"{path} has no '{CHECKPOINT_PREFIX}encoder.embed_tokens.weight'; it is not a Glyph ByT5 checkpoint"
+        )
     encoder["shared.weight"] = encoder["encoder.embed_tokens.weight"]
     return encoder
 
@@ -104,8 +101,12 @@ class GlyphByT5Encoder(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> "GlyphByT5Encoder":
-        """Load the official layout: `text_encoder/byt5-small` and `text_encoder/Glyph-SDXL-v2`."""
+        """Load the official layout: `text_encoder/byt5-small` and `text_encoder/Glyph-SDXL-v2`.
+
+        `verify`: refuse NaN/Inf weights, naming the tensor and the file.
+        """
         byt5_dir, glyph_dir = Path(byt5_dir), Path(glyph_dir)
         config_path = byt5_dir / "config.json"
         if not config_path.is_file():
@@ -120,8 +121,11 @@ class GlyphByT5Encoder(nn.Module):
                     "`modelscope download --model AI-ModelScope/Glyph-SDXL-v2 --local_dir <ckpts>/text_encoder/Glyph-SDXL-v2`"
                 )
         tokenizer = build_glyph_tokenizer(byt5_dir, glyph_dir)
+        with transformers_errors(byt5_dir, "ByT5 configuration"):
+            config = T5Config.from_pretrained(os.fspath(byt5_dir))
         state = load_glyph_state_dict(glyph_dir / CHECKPOINT_FILE)
-        config = T5Config.from_pretrained(os.fspath(byt5_dir))
+        if verify:
+            check_state_finite(state, glyph_dir / CHECKPOINT_FILE)
         config.vocab_size = len(tokenizer)
         return cls(_build_text_tower(config, state, dtype, device, source=glyph_dir / CHECKPOINT_FILE), tokenizer)
 
@@ -132,16 +136,21 @@ class GlyphByT5Encoder(nn.Module):
         *,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> "GlyphByT5Encoder":
-        """Load the diffusers layout: `directory/text_encoder_2` and `directory/tokenizer_2`."""
+        """Load the diffusers layout: `directory/text_encoder_2` and `directory/tokenizer_2` (`verify`: as above)."""
         directory = Path(directory)
         encoder_dir, tokenizer_dir = directory / "text_encoder_2", directory / "tokenizer_2"
         for needed in (encoder_dir / "config.json", tokenizer_dir):
             if not needed.exists():
                 raise FileNotFoundError(f"{needed} not found; {directory} is not a diffusers HunyuanImage-2.1 folder")
-        tokenizer = ByT5Tokenizer.from_pretrained(os.fspath(tokenizer_dir))
-        config = T5Config.from_pretrained(os.fspath(encoder_dir))
+        with transformers_errors(tokenizer_dir, "ByT5 tokenizer"):
+            tokenizer = ByT5Tokenizer.from_pretrained(os.fspath(tokenizer_dir))
+        with transformers_errors(encoder_dir, "ByT5 configuration"):
+            config = T5Config.from_pretrained(os.fspath(encoder_dir))
         state = _read_safetensors_folder(encoder_dir)
+        if verify:
+            check_state_finite(state, encoder_dir)
         embeddings = state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
         if embeddings is not None:
             state["shared.weight"] = state["encoder.embed_tokens.weight"] = embeddings
@@ -231,15 +240,16 @@ def _build_text_tower(
 def _read_safetensors_folder(directory: Path) -> dict[str, torch.Tensor]:
     """All tensors of `model.safetensors`, or of the shards an index lists, in `directory`."""
     index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (directory / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
+    if os.path.lexists(index):
+        shards = sorted(set(read_weight_map(index).values()))
+    elif os.path.lexists(directory / "model.safetensors"):
+        shards = [directory / "model.safetensors"]
     else:
         raise FileNotFoundError(f"no model.safetensors (or index) in {directory}; download the folder again")
     state: dict[str, torch.Tensor] = {}
     for shard in shards:
-        state.update(load_file(directory / shard))
+        with SafetensorsReader(shard) as reader:
+            state.update((key, reader.get(key)) for key in reader.keys())
     logger.debug(f"read {len(state)} tensors from {directory}")
     return state
 

@@ -21,6 +21,7 @@ Supported: transformers 4.56 to 5.x (tested with 4.56.0, 4.57.1 and 5.23.0).
 
 import copy
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -30,7 +31,15 @@ import torch
 from loguru import logger
 from torch import nn
 
-from ..loading.safetensors_io import CheckpointError, GetTensor, TensorSource, load_safetensors_into, read_tensor_infos
+from ..loading.safetensors_io import (
+    CheckpointError,
+    GetTensor,
+    TensorSource,
+    load_safetensors_into,
+    read_tensor_infos,
+    read_weight_map,
+)
+from ..loading.torch_io import transformers_errors
 from .templates import PromptTemplate, get_template
 
 if TYPE_CHECKING:
@@ -38,6 +47,8 @@ if TYPE_CHECKING:
 
 HIDDEN_STATE_SKIP_LAYER = 2
 """Decoder layers skipped at the end of the stack (the official `hidden_state_skip_layer`)."""
+MAX_LAYERS = 1024
+"""More decoder layers than any language model has: a config beyond it is refused before anything is built."""
 
 
 def _require_transformers():
@@ -51,14 +62,30 @@ def _require_transformers():
     return AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel
 
 
+def _check_depth(config_file: Path) -> None:
+    """`num_hidden_layers` of the raw config.json, checked before transformers builds per-layer lists from it."""
+    try:
+        content = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return  # transformers' own error, wrapped to name the folder
+    sections = [content, content.get("text_config")] if isinstance(content, dict) else []
+    for section in sections:
+        if isinstance(section, dict) and "num_hidden_layers" in section:
+            layers = section["num_hidden_layers"]
+            if type(layers) is not int or not HIDDEN_STATE_SKIP_LAYER < layers <= MAX_LAYERS:
+                raise CheckpointError(
+                    f"{config_file}: num_hidden_layers must be an integer in "
+                    f"[{HIDDEN_STATE_SKIP_LAYER + 1}, {MAX_LAYERS}] (Qwen2.5-VL-7B has 28), got {layers!r}"
+                )
+
+
 def _stored_keys(path: Path) -> dict[str, Path]:
     """Each tensor name of a safetensors checkpoint folder, with the file holding it."""
     index = path / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {key: path / name for key, name in weight_map.items()}
+    if os.path.lexists(index):
+        return read_weight_map(index)
     single = path / "model.safetensors"
-    if single.is_file():
+    if os.path.lexists(single):
         return dict.fromkeys(read_tensor_infos(single), single)
     raise FileNotFoundError(
         f"{path} has neither model.safetensors.index.json nor model.safetensors; "
@@ -132,30 +159,44 @@ class MLLMTextEncoder(nn.Module):
         device: str | torch.device = "cpu",
         max_length: int | None = None,
         cache_size: int = 8,
+        verify: bool = False,
+        progress_bar: bool = True,
     ) -> "MLLMTextEncoder":
-        """Load the tokenizer and the needed part of the language model from `text_encoder/llm`."""
+        """Load the tokenizer and the needed part of the language model from `text_encoder/llm`.
+
+        `verify`: refuse NaN/Inf weights, naming the tensor and shard. `progress_bar`: a byte bar on stderr while
+        reading (only when stderr is a terminal).
+        """
         AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLTextModel = _require_transformers()
         path = Path(path)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(
                 f"{path / 'config.json'} not found: pass the Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)"
             )
-        config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
-        if config.num_hidden_layers <= HIDDEN_STATE_SKIP_LAYER:
-            raise ValueError(f"{path / 'config.json'}: {config.num_hidden_layers} decoder layers are too few")
+        _check_depth(path / "config.json")
+        with transformers_errors(path, "Qwen2.5-VL configuration"):
+            config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
         config.num_hidden_layers -= HIDDEN_STATE_SKIP_LAYER
         config.layer_types = config.layer_types[: config.num_hidden_layers]
         config._attn_implementation = "sdpa"
         device = torch.device(device)
 
-        tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
+        with transformers_errors(path, "Qwen2.5-VL tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(path, padding_side="right")
 
         with torch.device("meta"):
             model = Qwen2_5_VLTextModel(config)
         model.norm = nn.Identity()  # hidden_states[-3] is read before the final norm
         _rebuild_rotary_embeddings(model, config, device)
         wanted = model.state_dict().keys()
-        load_safetensors_into(model, text_model_sources(path, wanted), dtype=dtype, device=device)
+        load_safetensors_into(
+            model,
+            text_model_sources(path, wanted),
+            dtype=dtype,
+            device=device,
+            verify=verify,
+            progress=f"reading text encoder {path.name}" if progress_bar else None,
+        )
         model.requires_grad_(False).eval()
         logger.info(f"MLLM text encoder: {config.num_hidden_layers} decoder layers from {path}, {dtype}, {device}")
         return cls(model, tokenizer, template, max_length=max_length, cache_size=cache_size)

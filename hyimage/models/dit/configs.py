@@ -3,7 +3,13 @@
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from hyimage.models.config_checks import check_bool, check_choice, check_int, check_int_list, check_number
+
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+MAX_DEPTH = 256  # blocks per stack (the released models: 20 double, 40 single)
+MAX_WIDTH = 65536  # hidden and text widths (released: 3584)
+MAX_HEADS = 1024
+MAX_CHANNELS = 4096  # latent channels in and out (released: 64 / 128)
 
 
 @dataclass
@@ -32,12 +38,11 @@ class DiTConfig:
     use_meanflow: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types_and_ranges()
         self.patch_size = tuple(self.patch_size)
         self.rope_dim_list = tuple(self.rope_dim_list)
         if self.out_channels is None:
             self.out_channels = self.in_channels
-        if len(self.patch_size) not in (2, 3):
-            raise ValueError(f"patch_size must have 2 (image) or 3 (video) entries, got {self.patch_size}")
         if self.hidden_size % self.heads_num:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by heads_num {self.heads_num}")
         if sum(self.rope_dim_list) != self.head_dim:
@@ -47,12 +52,26 @@ class DiTConfig:
             )
         if any(d % 2 for d in self.rope_dim_list):
             raise ValueError(f"every entry of rope_dim_list must be even, got {self.rope_dim_list}")
-        if self.mlp_act_type not in ACTIVATIONS:
-            raise ValueError(f"mlp_act_type must be one of {ACTIVATIONS}, got {self.mlp_act_type!r}")
-        if self.qk_norm_type not in ("rms", "layer"):
-            raise ValueError(f"qk_norm_type must be 'rms' or 'layer', got {self.qk_norm_type!r}")
-        if self.text_projection not in ("single_refiner", "linear"):
-            raise ValueError(f"text_projection must be 'single_refiner' or 'linear', got {self.text_projection!r}")
+
+    def _check_types_and_ranges(self) -> None:
+        """Each field of the right type and within bounds far above the released models, before any other check."""
+        check_int_list("patch_size", self.patch_size, 1, 64, range(2, 4))
+        check_int("in_channels", self.in_channels, 1, MAX_CHANNELS)
+        if self.out_channels is not None:
+            check_int("out_channels", self.out_channels, 1, MAX_CHANNELS)
+        check_int("hidden_size", self.hidden_size, 1, MAX_WIDTH)
+        check_int("heads_num", self.heads_num, 1, MAX_HEADS)
+        check_number("mlp_width_ratio", self.mlp_width_ratio, 0, 64)
+        check_choice("mlp_act_type", self.mlp_act_type, ACTIVATIONS)
+        check_int("mm_double_blocks_depth", self.mm_double_blocks_depth, 0, MAX_DEPTH)
+        check_int("mm_single_blocks_depth", self.mm_single_blocks_depth, 0, MAX_DEPTH)
+        check_int_list("rope_dim_list", self.rope_dim_list, 0, MAX_WIDTH, range(1, 4))
+        check_choice("qk_norm_type", self.qk_norm_type, ("rms", "layer"))
+        check_choice("text_projection", self.text_projection, ("single_refiner", "linear"))
+        check_int("text_states_dim", self.text_states_dim, 1, MAX_WIDTH)
+        check_number("rope_theta", self.rope_theta, 0, 1e9)
+        for name in ("qkv_bias", "qk_norm", "guidance_embed", "use_attention_mask", "glyph_byT5_v2", "use_meanflow"):
+            check_bool(name, getattr(self, name))
 
     @property
     def head_dim(self) -> int:
@@ -100,8 +119,11 @@ DIT_CONFIGS: dict[str, DiTConfig] = {
 }
 
 
-def resolve_dit_config(config: str | dict | DiTConfig) -> DiTConfig:
-    """A variant name, a dict of constructor arguments, or a DiTConfig, as a (new) DiTConfig."""
+def resolve_dit_config(config: str | dict | DiTConfig, source: str | None = None) -> DiTConfig:
+    """A variant name, a dict of constructor arguments, or a DiTConfig, as a (new) DiTConfig.
+
+    `source` (e.g. the JSON file the dict was read from) is named in the error of an invalid dict.
+    """
     if isinstance(config, DiTConfig):
         return replace(config)
     if isinstance(config, str):
@@ -111,7 +133,11 @@ def resolve_dit_config(config: str | dict | DiTConfig) -> DiTConfig:
     if isinstance(config, dict):
         known = {f.name for f in fields(DiTConfig)}
         unknown = sorted(set(config) - known)
+        where = f"{source}: " if source else ""
         if unknown:
-            raise ValueError(f"unknown DiT config keys {unknown}; the accepted keys are {sorted(known)}")
-        return DiTConfig(**config)
+            raise ValueError(f"{where}unknown DiT config keys {unknown}; the accepted keys are {sorted(known)}")
+        try:
+            return DiTConfig(**config)
+        except ValueError as error:
+            raise ValueError(f"{where}invalid DiT config: {error}") from None
     raise TypeError(f"config must be a variant name, a dict or a DiTConfig, got {type(config).__name__}")

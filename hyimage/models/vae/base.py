@@ -11,6 +11,8 @@ from loguru import logger
 from torch import nn
 from torch.nn import functional as F
 
+from hyimage.models.config_checks import check_bool, check_int, check_int_list, check_number
+
 ConfigT = TypeVar("ConfigT")
 
 
@@ -115,8 +117,26 @@ def config_from_arguments(config_class: type[ConfigT], arguments: dict[str, Any]
     if unknown:
         logger.warning("{} ignores unknown config keys {}", owner, unknown)
     values = {field.name: arguments[field.name] for field in dataclasses.fields(config_class)}
-    values["block_out_channels"] = tuple(values["block_out_channels"])
     return config_class(**values)
+
+
+def check_vae_config(config: Any) -> None:
+    """Types and ranges of a VAE config dataclass (bounds far above the released VAEs); names the key on failure."""
+    for name in ("in_channels", "out_channels"):
+        check_int(name, getattr(config, name), 1, 64)
+    check_int("latent_channels", config.latent_channels, 1, 4096)
+    check_int_list("block_out_channels", config.block_out_channels, 1, 8192, range(1, 17))
+    check_int("layers_per_block", config.layers_per_block, 1, 32)
+    check_int("ffactor_spatial", config.ffactor_spatial, 1, 1024)
+    if hasattr(config, "ffactor_temporal"):
+        check_int("ffactor_temporal", config.ffactor_temporal, 1, 64)
+    check_int("sample_size", config.sample_size, 1, 65536)
+    check_int("sample_tsize", config.sample_tsize, 1, 4096)
+    check_number("scaling_factor", config.scaling_factor, 0, 1e6, optional=True)
+    check_number("shift_factor", config.shift_factor, -1e6, 1e6, optional=True)
+    check_bool("downsample_match_channel", config.downsample_match_channel)
+    check_bool("upsample_match_channel", config.upsample_match_channel)
+    config.block_out_channels = tuple(config.block_out_channels)
 
 
 class VAEBase(nn.Module):
@@ -210,9 +230,17 @@ class VAEBase(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+        cls,
+        directory: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        verify: bool = False,
     ) -> "VAEBase":
-        """Load a released `vae/vae_2_1` or `vae/vae_refiner` folder (or its diffusers conversion)."""
+        """Load a released `vae/vae_2_1` or `vae/vae_refiner` folder (or its diffusers conversion).
+
+        `verify`: refuse NaN/Inf weights, naming the tensor and the file.
+        """
         from hyimage.loading.vae_loader import load_vae
 
-        return load_vae(cls, directory, dtype=dtype, device=device)
+        return load_vae(cls, directory, dtype=dtype, device=device, verify=verify)

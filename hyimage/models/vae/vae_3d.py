@@ -13,7 +13,14 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from hyimage.models.vae.base import Level, VAEBase, config_from_arguments, num_resample_levels, swish
+from hyimage.models.vae.base import (
+    Level,
+    VAEBase,
+    check_vae_config,
+    config_from_arguments,
+    num_resample_levels,
+    swish,
+)
 from hyimage.models.vae.distributions import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
 
 
@@ -34,6 +41,9 @@ class AutoencoderKLConv3DConfig:
     shift_factor: float | None = None
     downsample_match_channel: bool = True
     upsample_match_channel: bool = True
+
+    def __post_init__(self) -> None:
+        check_vae_config(self)
 
 
 class CausalConv3d(nn.Module):
