@@ -157,10 +157,11 @@ class SequenceParallel:
 
         if not isinstance(mask, AttentionMask):
             mask = AttentionMask.from_key_mask(mask)
-        key_mask = mask.key_mask  # (B, local image + ALL text tokens): the model builds it from the whole text
+        key_mask = mask.key_mask  # (B, image + ALL text tokens): the model builds it from the whole text
         total = sum(self.tokens)
         if key_mask is not None:
-            key_mask = torch.cat([key_mask.new_ones(batch, total), key_mask[:, local:]], dim=1)
+            text_keys = key_mask[:, key_mask.shape[1] - sum(self.text) :]
+            key_mask = torch.cat([key_mask.new_ones(batch, total), text_keys], dim=1)
         with attention_override(None):
             out = attention(whole(q), whole(k), whole(v), AttentionMask.from_key_mask(key_mask))
         return torch.cat([to_tokens(out[:, :total], self.tokens), to_tokens(out[:, total:], self.text)], dim=1)
