@@ -270,3 +270,20 @@ def test_progress_is_streamed_and_a_closed_stream_is_cancelled(server: InProcess
     assert worker.wait_for(lambda w: w.running == 0 and w.stats.cancelled == cancelled_before + 1)
     worker.step_hook = None
     assert post(server.url, {"prompt": "next", "size": "64x64", "steps": 1}).status_code == 200
+
+
+def test_a_queued_request_whose_client_leaves_frees_its_place(server: InProcessServer) -> None:
+    worker = server.worker
+    cancelled_before = worker.stats.cancelled
+    release = threading.Event()
+    worker.step_hook = lambda jobs, step: release.wait(TIMEOUT)
+    body = {"prompt": "x", "size": "64x64", "steps": 1}
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(post, server.url, body)
+        assert worker.wait_for(lambda w: w.running == 1)
+        with httpx.stream("POST", f"{server.url}/v1/images/generations", json=dict(body, stream=True),
+                          timeout=TIMEOUT) as response:
+            assert next(response.iter_lines()) == "event: queued"
+        assert worker.wait_for(lambda w: w.pending == 0 and w.stats.cancelled == cancelled_before + 1)
+        release.set()
+        assert running.result().status_code == 200

@@ -126,21 +126,21 @@ def create_app(
         except QueueFull as full:
             raise ApiError(429, str(full), type="rate_limit_error", code="queue_full") from None
         if events is not None:
-            return StreamingResponse(stream(job, events), media_type="text/event-stream",
+            return StreamingResponse(stream(worker, job, events), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        return await answer(request, job)
+        return await answer(request, worker, job)
 
     app.include_router(v1)
     return app
 
 
-async def answer(request: Request, job: Job) -> Any:
+async def answer(request: Request, worker: Worker, job: Job) -> Any:
     """The images of `job` as OpenAI's response, cancelling the job if the client disconnects first."""
     result = asyncio.wrap_future(job.future)
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     await asyncio.wait({result, disconnected}, return_when=asyncio.FIRST_COMPLETED)
     if not result.done():
-        job.cancel()
+        worker.cancel(job)
         try:
             await result
         except Cancelled:
@@ -159,7 +159,7 @@ async def wait_for_disconnect(request: Request) -> None:
         pass
 
 
-async def stream(job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
+async def stream(worker: Worker, job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
     """Server-sent events of `job` until its images or its error; cancelled if the client goes away."""
     request: GenerationRequest = job.request
     try:
@@ -177,4 +177,4 @@ async def stream(job: Job, events: asyncio.Queue) -> AsyncIterator[str]:
                 return
             yield sse(kind, event)
     finally:
-        job.cancel()
+        worker.cancel(job)

@@ -69,10 +69,6 @@ class Job:
         for loop, queue in self.listeners:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-    def cancel(self) -> None:
-        if not self.future.done():
-            self.cancelled.set()
-
     def finish(self, images: list[GeneratedImage]) -> None:
         self.future.set_result(images)
         self.publish({"type": "done", "images": images})
@@ -140,6 +136,18 @@ class Worker:
             job.publish({"type": "queued", "queue_position": len(self._pending)})
             self._condition.notify_all()
 
+    def cancel(self, job: Job) -> None:
+        """Cancel `job`: dropped from the queue at once, or stopped at the next step if it is running."""
+        with self._condition:
+            if job.future.done():
+                return
+            job.cancelled.set()
+            if job in self._pending:
+                self._pending.remove(job)
+                self._cancelled(job)
+                self._announce_positions()
+                self._condition.notify_all()
+
     def wait_for(self, predicate: Callable[["Worker"], bool], timeout: float = 60.0) -> bool:
         """Block until `predicate(self)` holds after a change of the queue (for callers that coordinate)."""
         with self._condition:
@@ -164,19 +172,13 @@ class Worker:
                 self._running = batch
                 self._announce_positions()
                 self._condition.notify_all()
-            if batch:
-                self._run(batch)
+            self._run(batch)
             with self._condition:
                 self._running = []
                 self._condition.notify_all()
 
     def _take_batch(self) -> list[Job]:
-        """The oldest live job and the later compatible ones, up to `max_batch` images (under the lock)."""
-        for job in [j for j in self._pending if j.cancelled.is_set()]:
-            self._pending.remove(job)
-            self._cancelled(job)
-        if not self._pending:
-            return []
+        """The oldest job and the later compatible ones, up to `max_batch` images (under the lock)."""
         first = self._pending[0]
         batch, images = [first], first.request.n
         for job in self._pending[1:]:
