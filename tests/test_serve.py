@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.fixtures.serve import (  # noqa: F401 (fixtures)
+from tests.fixtures.serve import (  # noqa: F401, F811 (fixtures used by name)
     API_KEY,
     VARIANT,
     InProcessServer,

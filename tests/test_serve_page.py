@@ -16,7 +16,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.fixtures.serve import VARIANT, InProcessServer, inprocess_server, serve_tree, tiny_pipe  # noqa: F401
+from tests.fixtures.serve import (  # noqa: F401, F811 (fixtures used by name)
+    VARIANT,
+    InProcessServer,
+    inprocess_server,
+    serve_tree,
+    tiny_pipe,
+)
 
 playwright = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (the test extra)")
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,6 +10,7 @@ needs no extra package.
 
 import asyncio
 import base64
+import contextlib
 import json
 import secrets
 from collections.abc import AsyncIterator
@@ -22,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hyimage.serving.validation import ApiError, GenerationRequest, ServeLimits, parse_generation_request
-from hyimage.serving.worker import Cancelled, GeneratedImage, Job, QueueFull, Worker
+from hyimage.serving.worker import GeneratedImage, Job, QueueFull, Worker
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -139,12 +140,10 @@ async def answer(request: Request, worker: Worker, job: Job) -> Any:
     result = asyncio.wrap_future(job.future)
     disconnected = asyncio.ensure_future(wait_for_disconnect(request))
     await asyncio.wait({result, disconnected}, return_when=asyncio.FIRST_COMPLETED)
-    if not result.done():
+    if not result.done():  # nobody is left to answer; the job ends (cancelled, or done if it was finishing)
         worker.cancel(job)
-        try:
+        with contextlib.suppress(Exception):
             await result
-        except Cancelled:
-            pass
         return JSONResponse({}, status_code=499)
     disconnected.cancel()
     error = result.exception()
