@@ -62,8 +62,8 @@ def test_round_trip_matches_the_python_api(server_process: ServerProcess, tiny_p
     for i, entry in enumerate(answer["data"]):
         image = decode(entry)
         assert image.format == "PNG" and image.size == (96, 64) and image.mode == "RGB"
-        assert entry["seed"] == 7 + i and image.text["seed"] == str(7 + i)
         settings = json.loads(image.text["hyimage"])
+        assert entry["seed"] == 7 + i and settings["seed"] == 7 + i
         assert settings["variant"] == VARIANT and settings["steps"] == 2 and settings["shift"] == 4
         assert settings["guidance_scale"] == 3.25 and settings["negative_prompt"] == "blurry"
         assert settings["prompt"] == body["prompt"] and entry["revised_prompt"] == body["prompt"]

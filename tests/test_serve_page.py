@@ -63,7 +63,8 @@ def test_page_generates_an_image_with_progress_into_the_gallery(
             assert link.get_attribute("download") == "hyimage-11.png"
             href = link.get_attribute("href")
             png = Image.open(io.BytesIO(base64.b64decode(href.split(",", 1)[1])))
-            assert png.text["seed"] == "11" and json.loads(png.text["hyimage"])["steps"] == 2
+            settings = json.loads(png.text["hyimage"])
+            assert settings["seed"] == 11 and settings["steps"] == 2 and settings["prompt"] == "a red fox in the snow"
             shot = tmp_path / "serve_page.png"
             page.screenshot(path=str(shot))
             browser.close()

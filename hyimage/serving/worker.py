@@ -286,11 +286,10 @@ class Worker:
 
 
 def png_bytes(pixels: Any, settings: dict) -> bytes:
-    """An (H, W, 3) uint8 array as PNG with `settings` in the metadata (as `hyimage generate` writes them)."""
+    """An (H, W, 3) uint8 array as PNG with `settings` as JSON in the `hyimage` text chunk (no `prompt` chunk:
+    ComfyUI would read it as a workflow)."""
     info = PngImagePlugin.PngInfo()
     info.add_text(METADATA_KEY, json.dumps(settings, ensure_ascii=False))
-    for key in ("prompt", "seed"):
-        info.add_text(key, str(settings[key]))
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
