@@ -70,6 +70,19 @@ def test_round_trip_matches_the_python_api(server_process: ServerProcess, tiny_p
         np.testing.assert_array_equal(np.asarray(image), expected[i])
 
 
+def test_concurrent_requests_without_batching_give_exactly_their_images_alone(
+    server_process: ServerProcess, tiny_pipe
+) -> None:
+    """The default --max-batch 1: concurrent requests are the same requests one at a time, bit for bit."""
+    bodies = [{"prompt": f"a lighthouse, take {i}", "size": "64x64", "steps": 2, "seed": 40 + i} for i in range(3)]
+    with ThreadPoolExecutor(3) as pool:
+        responses = list(pool.map(lambda body: post(server_process.url, body, AUTH), bodies))
+    for body, response in zip(bodies, responses):
+        assert response.status_code == 200, response.text
+        served = np.asarray(decode(response.json()["data"][0]))
+        np.testing.assert_array_equal(served, alone(tiny_pipe, body["prompt"], body["seed"])[0])
+
+
 def test_openai_client_request_shape(server_process: ServerProcess) -> None:
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=f"{server_process.url}/v1", api_key=API_KEY, timeout=TIMEOUT, max_retries=0)
