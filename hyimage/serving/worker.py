@@ -67,7 +67,8 @@ class Job:
 
     def publish(self, event: dict) -> None:
         for loop, queue in self.listeners:
-            loop.call_soon_threadsafe(queue.put_nowait, event)
+            if not loop.is_closed():  # closed once the server has shut down
+                loop.call_soon_threadsafe(queue.put_nowait, event)
 
     def finish(self, images: list[GeneratedImage]) -> None:
         self.future.set_result(images)
