@@ -1,6 +1,7 @@
 """`hyimage serve` on the tiny tree, over HTTP on 127.0.0.1: a real server process for the API's behaviour, an
 in-process server with a held worker for what depends on timing (batching, a full queue, a client leaving)."""
 
+import asyncio
 import base64
 import io
 import json
@@ -22,6 +23,9 @@ from tests.fixtures.serve import (  # noqa: F401, F811 (fixtures used by name)
     server_process,
     tiny_pipe,
 )
+
+from hyimage.serving.validation import GenerationRequest
+from hyimage.serving.worker import Job, Worker
 
 httpx = pytest.importorskip("httpx")
 
@@ -300,3 +304,29 @@ def test_a_queued_request_whose_client_leaves_frees_its_place(server: InProcessS
         assert worker.wait_for(lambda w: w.pending == 0 and w.stats.cancelled == cancelled_before + 1)
         release.set()
         assert running.result().status_code == 200
+
+
+def test_refiner_stage_reports_its_steps(inprocess_server: InProcessServer, tiny_pipe) -> None:
+    """A job with the refiner, on a worker of its own over the same pipeline (the server's worker is idle):
+    progress per stage, the refiner's steps included."""
+    request = GenerationRequest(prompt="a red fox", negative_prompt="", n=1, width=64, height=64, steps=2,
+                                guidance_scale=3.25, shift=4.0, seed=1, use_refiner=True, use_reprompt=False)
+    worker = Worker(tiny_pipe).start()
+
+    async def events_of_one_job() -> list[dict]:
+        job = Job(request)
+        events = job.listen()
+        worker.submit(job)
+        seen = [await events.get()]
+        while seen[-1]["type"] not in ("done", "error"):
+            seen.append(await events.get())
+        return seen
+
+    try:
+        seen = asyncio.run(events_of_one_job())
+    finally:
+        worker.stop()
+    assert seen[-1]["type"] == "done", seen[-1]
+    stages = [(e["stage"], e.get("step"), e.get("steps")) for e in seen if e["type"] == "progress"]
+    assert stages == [("encode", None, None), ("denoise", 1, 2), ("denoise", 2, 2), ("decode", None, None)] + [
+        ("refine", i, 4) for i in range(1, 5)]

@@ -18,7 +18,8 @@ import io
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -245,28 +246,50 @@ class Worker:
                 raise Cancelled
             publish({"type": "progress", "stage": "denoise", "step": step + 1, "steps": first.steps})
             if step + 1 == first.steps:
-                publish({"type": "progress", "stage": "decode and refine" if first.use_refiner else "decode"})
+                publish({"type": "progress", "stage": "decode"})
 
         publish({"type": "progress", "stage": "encode", "batch_size": len(prompts)})
-        result = self.pipe(
-            prompt=prompts,
-            negative_prompt=negatives,
-            width=first.width,
-            height=first.height,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance_scale,
-            shift=first.shift,
-            seed=seeds,
-            use_refiner=first.use_refiner,
-            use_reprompt=first.use_reprompt,
-            output_type="pt",
-            callback=on_step,
-        )
+        with self._refiner_progress(batch, publish) if first.use_refiner else nullcontext():
+            result = self.pipe(
+                prompt=prompts,
+                negative_prompt=negatives,
+                width=first.width,
+                height=first.height,
+                num_inference_steps=first.steps,
+                guidance_scale=first.guidance_scale,
+                shift=first.shift,
+                seed=seeds,
+                use_refiner=first.use_refiner,
+                use_reprompt=first.use_reprompt,
+                output_type="pt",
+                callback=on_step,
+            )
         images = iter(zip(to_uint8(result.images), result.prompts, result.seeds))
         grouped = []
         for job in batch:
             grouped.append([self._image(job.request, *next(images)) for _ in range(job.request.n)])
         return grouped
+
+    @contextmanager
+    def _refiner_progress(self, batch: list[Job], publish: Callable[[dict], None]) -> Iterator[None]:
+        """Progress and cancellation in the refiner stage, from a forward hook on the refiner's DiT (the pipeline
+        calls the refiner without a step callback; the guidance-distilled refiner runs one forward per step)."""
+        refiner = self.pipe.refiner_pipeline
+        steps = refiner.default_num_inference_steps
+        done = 0
+
+        def after_forward(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+            nonlocal done
+            if any(job.cancelled.is_set() for job in batch):
+                raise Cancelled
+            done += 1
+            publish({"type": "progress", "stage": "refine", "step": done, "steps": steps})
+
+        handle = refiner.dit.register_forward_hook(after_forward)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def _image(self, request: GenerationRequest, pixels: Any, used_prompt: str, seed: int) -> GeneratedImage:
         settings = dict(
