@@ -209,6 +209,9 @@ class Worker:
                 if job.cancelled.is_set():
                     self._cancelled(job)
             if live:
+                with self._condition:
+                    self._running = live
+                    self._condition.notify_all()
                 self._run(live)
             return
         except Exception as error:  # a request's failure must not stop the server
