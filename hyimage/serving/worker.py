@@ -5,7 +5,7 @@ later jobs with the same `batch_key` (size, steps, guidance, shift, refiner, rep
 pipeline call with one prompt, negative prompt and seed per image, so each job's images come from its own
 seeds. A batched call gives the same images as the jobs one at a time up to float rounding: a matrix
 product over a batch of B rows is not bit-identical to B products of one row (measured on the tiny tree:
-2e-7 in the latents, at most one 8-bit level on a few pixels), which is why `max_batch` defaults to 1.
+2e-7 in the latents; 0.005% of the 8-bit values off by one level), which is why `max_batch` defaults to 1.
 
 A cancelled job (its client went away) stops its call at the next denoising step; the other jobs of that
 call are run again (same seeds, same images). A call that fails with several jobs is retried one job at a
