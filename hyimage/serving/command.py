@@ -31,6 +31,8 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentP
                        help="the PromptEnhancer a request with use_reprompt=true loads (default 32b)")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="allow the 7B reprompt model's tokenizer code from its checkpoint folder to run")
+    serve.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                       help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; repeatable")
     add_loading_arguments(serve)
     serve.set_defaults(run=run_serve)
     return serve
@@ -53,6 +55,7 @@ def run_serve(args: argparse.Namespace) -> int:
         DISTILLED_DEFAULTS,
         HunyuanImagePipeline,
     )
+    from hyimage.lora.mixin import parse_lora_spec
     from hyimage.serving.validation import ServeLimits
     from hyimage.serving.worker import Worker
 
@@ -60,6 +63,10 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     variant = VARIANT_ALIASES[args.variant]
+    loras = [parse_lora_spec(spec) for spec in args.lora]
+    for path, _ in loras:
+        if not path.is_file():
+            raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
     if args.download:
         fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner), args.model_root)
     pipe = HunyuanImagePipeline.from_pretrained(
@@ -74,6 +81,8 @@ def run_serve(args: argparse.Namespace) -> int:
         progress_bar=False,
     )
     pipe.to(args.device or default_device())
+    for path, scale in loras:
+        pipe.load_lora_weights(path, scale=scale)
     limits = ServeLimits(
         model_id=variant,
         defaults=DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS,
@@ -81,7 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_n=args.max_n,
     )
     worker = Worker(pipe, max_queue=args.max_queue, max_batch=args.max_batch,
-                    settings={"variant": variant, "fp8": args.fp8}).start()
+                    settings={"variant": variant, "fp8": args.fp8, "lora": args.lora}).start()
     app = create_app(worker, limits, api_key=args.api_key, aspect_ratios=ASPECT_RATIOS)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.create_server((args.host, args.port), family=family)
