@@ -90,7 +90,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_n=args.max_n,
     )
     worker = Worker(pipe, max_queue=args.max_queue, max_batch=args.max_batch,
-                    settings={"variant": variant, "fp8": args.fp8, "lora": args.lora}).start()
+                    settings={"model": variant, "variant": variant, "fp8": args.fp8, "lora": args.lora}).start()
     app = create_app(worker, limits, api_key=args.api_key, aspect_ratios=ASPECT_RATIOS)
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     sock = socket.create_server((args.host, args.port), family=family)
@@ -100,7 +100,7 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the GPU")
     print(f"hyimage serve: {variant} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1/images/generations)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if args.verbose else "info"))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if getattr(args, "verbose", False) else "info"))
     try:
         server.run(sockets=[sock])
     finally:

@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import SamplingDefaults
+from hyimage.diffusion.request import RequestError, check_request
 
 MAX_SIDE = 4096
 MAX_STEPS = 1000
+# The pipeline's argument names as this API names them, for the pipeline's own request check.
+API_NAMES = {"width": "size", "height": "size", "num_inference_steps": "steps", "num_images_per_prompt": "n"}
 MAX_PROMPT_CHARS = 32000
 SEED_LIMIT = 2**64
 # OpenAI's fields that do not change what this model draws: accepted and ignored.
@@ -177,7 +180,7 @@ def parse_generation_request(body: Any, limits: ServeLimits) -> GenerationReques
     if use_refiner and not limits.refiner:
         raise bad("use_refiner", "`use_refiner` is true but this server was started with --no-refiner")
     defaults = limits.defaults
-    return GenerationRequest(
+    request = GenerationRequest(
         prompt=prompt,
         negative_prompt=_text(body, "negative_prompt", required=False),
         n=n,
@@ -191,3 +194,20 @@ def parse_generation_request(body: Any, limits: ServeLimits) -> GenerationReques
         use_reprompt=_flag(body, "use_reprompt", False),
         stream=_flag(body, "stream", False),
     )
+    check_pipeline_arguments(request, limits.size_multiple)
+    return request
+
+
+def check_pipeline_arguments(request: GenerationRequest, size_multiple: int) -> None:
+    """The pipeline's own request check on the arguments the worker will pass (a 400 naming our field)."""
+    try:
+        check_request(
+            {"prompt": request.prompt, "negative_prompt": request.negative_prompt, "width": request.width,
+             "height": request.height, "num_inference_steps": request.steps, "guidance_scale": request.guidance_scale,
+             "shift": request.shift, "num_images_per_prompt": request.n, "seed": request.seed,
+             "use_refiner": request.use_refiner, "use_reprompt": request.use_reprompt},
+            size_multiple=size_multiple,
+            names=API_NAMES,
+        )
+    except RequestError as error:
+        raise bad(error.argument, str(error)) from None

@@ -15,7 +15,6 @@ time, so only the job that fails gets the error. Progress goes to each job's lis
 import asyncio
 import concurrent.futures
 import io
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,9 +27,8 @@ from loguru import logger
 from PIL import Image, PngImagePlugin
 
 from hyimage.diffusion.pipelines.parts import to_uint8
+from hyimage.metadata import png_text
 from hyimage.serving.validation import ApiError, GenerationRequest
-
-METADATA_KEY = "hyimage"
 
 
 class QueueFull(Exception):
@@ -313,10 +311,10 @@ class Worker:
 
 
 def png_bytes(pixels: Any, settings: dict) -> bytes:
-    """An (H, W, 3) uint8 array as PNG with `settings` as JSON in the `hyimage` text chunk (no `prompt` chunk:
-    ComfyUI would read it as a workflow)."""
+    """An (H, W, 3) uint8 array as PNG with `settings` in the text chunks `hyimage generate` writes."""
     info = PngImagePlugin.PngInfo()
-    info.add_text(METADATA_KEY, json.dumps(settings, ensure_ascii=False))
+    for key, text in png_text(settings).items():
+        info.add_text(key, text)
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
