@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     from hyimage.serving.command import add_serve_parser
 
     add_batch_parser(commands)
-    add_serve_parser(commands)
+    add_serve_parser(commands, parents=[common])
     return parser
 
 

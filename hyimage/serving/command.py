@@ -10,9 +10,12 @@ from hyimage.loading.download import DownloadConfig
 API_KEY_ENV = "HYIMAGE_API_KEY"
 
 
-def add_serve_parser(commands: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Register `serve` on the console script's subcommands."""
-    serve = commands.add_parser("serve", help="a web page and an OpenAI-compatible images API over one loaded model")
+def add_serve_parser(
+    commands: argparse._SubParsersAction, parents: list[argparse.ArgumentParser] | None = None
+) -> argparse.ArgumentParser:
+    """Register `serve` on the console script's subcommands (`parents`: the options every subcommand takes)."""
+    serve = commands.add_parser("serve", help="a web page and an OpenAI-compatible images API over one loaded model",
+                                parents=parents or [])
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for the network)")
     serve.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free port (printed)")
