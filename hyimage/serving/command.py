@@ -4,7 +4,7 @@ import argparse
 import os
 import socket
 
-from hyimage.cli import VARIANT_ALIASES, add_loading_arguments, default_device, fetch
+from hyimage.cli import VARIANT_ALIASES, add_loading_arguments, check_loading_arguments, fetch
 from hyimage.loading.download import DownloadConfig
 
 API_KEY_ENV = "HYIMAGE_API_KEY"
@@ -66,6 +66,7 @@ def run_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     variant = VARIANT_ALIASES[args.variant]
+    device = check_loading_arguments(args)
     loras = [parse_lora_spec(spec) for spec in args.lora]
     for path, _ in loras:
         if not path.is_file():
@@ -81,9 +82,10 @@ def run_serve(args: argparse.Namespace) -> int:
         reprompt_model=args.reprompt,
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
+        compile=args.compile,
         progress_bar=False,
     )
-    pipe.to(args.device or default_device())
+    pipe.to(device)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
     limits = ServeLimits(
