@@ -9,7 +9,6 @@ use and kept with the mask, so no step after the first reads them back from the 
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import torch
@@ -33,18 +32,21 @@ def _find_flash_varlen() -> Callable | None:
 
 FLASH_VARLEN = _find_flash_varlen()
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
-_OVERRIDE: ContextVar[Callable | None] = ContextVar("attention_override", default=None)
+# A plain module global, not a ContextVar: torch.compile reads a global as a guarded constant, while
+# ContextVar.get breaks the graph (the one process runs one pipeline at a time).
+_override: Callable | None = None
 
 
 @contextmanager
 def attention_override(function: Callable | None) -> Iterator[None]:
     """Inside the context, `attention(q, k, v, mask)` calls `function(q, k, v, mask)` instead (None: the kernels
     below). Sequence parallelism (`hyimage.parallel.ulysses`) routes the DiT blocks' attention through it."""
-    token = _OVERRIDE.set(function)
+    global _override
+    previous, _override = _override, function
     try:
         yield
     finally:
-        _OVERRIDE.reset(token)
+        _override = previous
 
 
 @dataclass
@@ -84,9 +86,8 @@ def attention(
 
     Rows of padded queries are unspecified (zeros with flash-attn); valid rows only see valid keys.
     """
-    override = _OVERRIDE.get()
-    if override is not None:
-        return override(q, k, v, mask)
+    if _override is not None:
+        return _override(q, k, v, mask)
     if not isinstance(mask, AttentionMask):
         mask = AttentionMask.from_key_mask(mask)
     if FLASH_VARLEN is not None and q.is_cuda and q.dtype in FLASH_DTYPES:
