@@ -33,6 +33,7 @@ from hyimage.cli import (
     add_loading_arguments,
     default_device,
     fetch,
+    pipeline_from_args,
 )
 from hyimage.loading.download import DownloadConfig
 from hyimage.metadata import png_text
@@ -366,11 +367,7 @@ def run_batch(args: argparse.Namespace) -> int:
     """Check every line and the launch, then draw what is not done yet."""
     import torch.distributed as dist
 
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import (
-        BASE_DEFAULTS,
-        DISTILLED_DEFAULTS,
-        HunyuanImagePipeline,
-    )
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import BASE_DEFAULTS, DISTILLED_DEFAULTS
 
     variant = VARIANT_ALIASES[args.variant]
     lines = read_prompts(args.prompts)
@@ -410,17 +407,8 @@ def run_batch(args: argparse.Namespace) -> int:
         print(f"{done} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
 
     # lazy: checks the checkpoint files and the parallel configuration now, loads the parts for the first image
-    pipe = HunyuanImagePipeline.from_pretrained(
-        model_name=variant,
-        use_fp8=args.fp8,
-        model_root=args.model_root,
-        memory_mode=args.memory_mode,
-        gpu_budget_gb=args.gpu_budget_gb,
-        reprompt_model=args.reprompt or "32b",
-        trust_remote_code=args.trust_remote_code,
-        refiner=args.refiner,
-        progress_bar=False,
-        parallel=state if args.parallel is not None else None,
+    pipe = pipeline_from_args(
+        args, variant, args.reprompt or "32b", progress_bar=False, parallel=state if args.parallel is not None else None
     ).to(device)
     with sigterm_as_exit():
         for job in mine:

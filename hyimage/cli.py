@@ -231,6 +231,24 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                        help="torch.compile each DiT block (slow first image, faster steps after it)")
 
 
+def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | None, **options: Any) -> Any:
+    """The HunyuanImagePipeline that `args`' loading options describe (its parts load on first use)."""
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+
+    return HunyuanImagePipeline.from_pretrained(
+        model_name=variant,
+        use_fp8=args.fp8,
+        model_root=args.model_root,
+        memory_mode=args.memory_mode,
+        gpu_budget_gb=args.gpu_budget_gb,
+        reprompt_model=reprompt,
+        trust_remote_code=args.trust_remote_code,
+        refiner=args.refiner,
+        compile=args.compile,
+        **options,
+    )
+
+
 def check_loading_arguments(args: argparse.Namespace) -> str:
     """Memory options that agree with each other and a device that exists; returns the device."""
     if args.gpu_budget_gb is not None:
@@ -327,7 +345,7 @@ def pick_seed(seed: int, shared: bool = False) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import ASPECT_RATIOS, HunyuanImagePipeline
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import ASPECT_RATIOS
     from hyimage.lora.mixin import parse_lora_spec
 
     variant = VARIANT_ALIASES[args.variant or "base"]
@@ -355,18 +373,7 @@ def run_generate(args: argparse.Namespace) -> int:
         fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner, reprompt=args.reprompt),
               args.model_root)
 
-    pipe = HunyuanImagePipeline.from_pretrained(
-        model_name=variant,
-        use_fp8=args.fp8,
-        model_root=args.model_root,
-        memory_mode=args.memory_mode,
-        gpu_budget_gb=args.gpu_budget_gb,
-        reprompt_model=args.reprompt or "32b",
-        trust_remote_code=args.trust_remote_code,
-        refiner=args.refiner,
-        compile=args.compile,
-        parallel=args.parallel,
-    )
+    pipe = pipeline_from_args(args, variant, args.reprompt or "32b", parallel=args.parallel)
     pipe.to(device)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)

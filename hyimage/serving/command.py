@@ -4,7 +4,7 @@ import argparse
 import os
 import socket
 
-from hyimage.cli import VARIANT_ALIASES, add_loading_arguments, check_loading_arguments, fetch
+from hyimage.cli import VARIANT_ALIASES, add_loading_arguments, check_loading_arguments, fetch, pipeline_from_args
 from hyimage.loading.download import DownloadConfig
 
 API_KEY_ENV = "HYIMAGE_API_KEY"
@@ -56,7 +56,6 @@ def run_serve(args: argparse.Namespace) -> int:
         ASPECT_RATIOS,
         BASE_DEFAULTS,
         DISTILLED_DEFAULTS,
-        HunyuanImagePipeline,
     )
     from hyimage.lora.mixin import parse_lora_spec
     from hyimage.serving.validation import ServeLimits
@@ -73,18 +72,7 @@ def run_serve(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
     if args.download:
         fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner), args.model_root)
-    pipe = HunyuanImagePipeline.from_pretrained(
-        model_name=variant,
-        use_fp8=args.fp8,
-        model_root=args.model_root,
-        memory_mode=args.memory_mode,
-        gpu_budget_gb=args.gpu_budget_gb,
-        reprompt_model=args.reprompt,
-        trust_remote_code=args.trust_remote_code,
-        refiner=args.refiner,
-        compile=args.compile,
-        progress_bar=False,
-    )
+    pipe = pipeline_from_args(args, variant, args.reprompt, progress_bar=False)
     pipe.to(device)
     for path, scale in loras:
         pipe.load_lora_weights(path, scale=scale)
