@@ -9,7 +9,7 @@ from hyimage.loading.dit_loader import load_dit
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
 from tests.fixtures.dit_layouts import fused_layout
-from tests.fixtures.fused_layout import split_by_hand
+from tests.fixtures.dit_layouts import split_by_hand
 from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
 from tests.utils import max_rel_error
 

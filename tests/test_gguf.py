@@ -16,7 +16,7 @@ from hyimage.loading.safetensors_io import CheckpointError
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.gguf import GGUFLinear, dequantize
 from tests.fixtures.dit_layouts import fused_layout
-from tests.fixtures.fused_layout import split_by_hand
+from tests.fixtures.dit_layouts import split_by_hand
 from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_
 from tests.utils import max_rel_error
 
