@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from loguru import logger
+
 from hyimage.cli import (
     VARIANT_ALIASES,
     add_loading_arguments,
@@ -404,7 +406,7 @@ def run_batch(args: argparse.Namespace) -> int:
     progress.done = len(jobs) - len(todo)
     if first and len(todo) < len(jobs):
         done = len(jobs) - len(todo)
-        print(f"{done} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
+        logger.info(f"{done} of {len(jobs)} images are done already in {args.out}; drawing the other {len(todo)}")
 
     # lazy: checks the checkpoint files and the parallel configuration now, loads the parts for the first image
     pipe = pipeline_from_args(
@@ -437,5 +439,5 @@ def run_batch(args: argparse.Namespace) -> int:
             dist.destroy_process_group()
     progress.close()
     if first:
-        print(f"{len(jobs)} images in {args.out} ({len(todo)} drawn now); settings in {args.out / RESULTS}")
+        logger.info(f"{len(jobs)} images in {args.out} ({len(todo)} drawn now); settings in {args.out / RESULTS}")
     return 0

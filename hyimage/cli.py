@@ -11,6 +11,7 @@ exit code 1 (`-v`/`--debug` add the traceback). `-v` (debug), `-q` (warnings onl
 
 import argparse
 import errno
+import json
 import os
 import random
 import sys
@@ -39,7 +40,6 @@ from hyimage.loading.download import (
 from hyimage.loading.layout import model_root
 from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
-from hyimage.offload.planner import add_plan_parser
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import shared_random_seed
 
@@ -282,6 +282,34 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
+    """Register `hyimage plan` on the CLI's subcommands."""
+    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
+    parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
+    parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
+    parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",
+                        choices=["base", "distilled", "hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled"])
+    parser.add_argument("--fp8", action="store_true")
+    parser.add_argument("--refiner", action="store_true", help="include the refiner stages")
+    parser.add_argument("--reprompt", choices=["7b", "32b"], default=None)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--height", type=int, default=2048)
+    parser.add_argument("--json", action="store_true", help="one JSON object with the list `stages`")
+    parser.set_defaults(run=run_plan)
+    return parser
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from hyimage.offload.planner import PlanRequest, make_plan
+
+    variant = {"base": "hunyuanimage-v2.1", "distilled": "hunyuanimage-v2.1-distilled"}.get(args.variant, args.variant)
+    request = PlanRequest(variant=variant, fp8=args.fp8, refiner=args.refiner, reprompt=args.reprompt,
+                          width=args.width, height=args.height)
+    plan = make_plan(request, args.gpu_gb, args.ram_gb)
+    print(json.dumps(plan.to_dict()) if args.json else plan)
+    return 0
 
 
 def run_download(args: argparse.Namespace) -> int:

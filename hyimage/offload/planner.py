@@ -25,7 +25,6 @@ host figure of a stage is the sum of the host copies built up to it; a plan whos
 host budget says so per stage (nothing is released between stages yet).
 """
 
-import argparse
 import functools
 import json
 from dataclasses import asdict, dataclass, field
@@ -414,31 +413,4 @@ def stage_of(module: Any) -> str | None:
     if name.endswith(("ForCausalLM", "ForConditionalGeneration")):
         return "reprompt"  # the reprompt model itself, run inside the Reprompter
     return None
-
-
-# `hyimage plan`.
-def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
-    """Register `hyimage plan` on the CLI's subcommands."""
-    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
-    parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
-    parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
-    parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",
-                        choices=["base", "distilled", "hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled"])
-    parser.add_argument("--fp8", action="store_true")
-    parser.add_argument("--refiner", action="store_true", help="include the refiner stages")
-    parser.add_argument("--reprompt", choices=["7b", "32b"], default=None)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--height", type=int, default=2048)
-    parser.add_argument("--json", action="store_true", help="one JSON object with the list `stages`")
-    parser.set_defaults(run=run_plan)
-    return parser
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    variant = {"base": "hunyuanimage-v2.1", "distilled": "hunyuanimage-v2.1-distilled"}.get(args.variant, args.variant)
-    request = PlanRequest(variant=variant, fp8=args.fp8, refiner=args.refiner, reprompt=args.reprompt,
-                          width=args.width, height=args.height)
-    plan = make_plan(request, args.gpu_gb, args.ram_gb)
-    print(json.dumps(plan.to_dict()) if args.json else plan)
-    return 0
 

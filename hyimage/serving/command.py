@@ -4,6 +4,8 @@ import argparse
 import os
 import socket
 
+from loguru import logger
+
 from hyimage.cli import VARIANT_ALIASES, add_loading_arguments, check_loading_arguments, fetch, pipeline_from_args
 from hyimage.loading.download import DownloadConfig
 
@@ -90,7 +92,7 @@ def run_serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if family == socket.AF_INET6 else host
     if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
-        print(f"warning: serving on {host} without --api-key: anyone who can reach this port can use the GPU")
+        logger.warning(f"serving on {host} without --api-key: anyone who can reach this port can use the GPU")
     print(f"hyimage serve: {variant} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1/images/generations)",
           flush=True)
     server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if getattr(args, "verbose", False) else "info"))
