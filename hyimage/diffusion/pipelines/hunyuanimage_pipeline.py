@@ -101,6 +101,23 @@ class HunyuanImageOutput:
         return 3
 
 
+def call_output(
+    images: Any,
+    prompts: list[str | None],
+    seeds: list[int | None],
+    output_type: str,
+    return_dict: bool | None,
+    batch: int,
+) -> Any:
+    """The official return (a PIL image for one image, a tensor for latents) unless `return_dict` is set."""
+    output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
+    if return_dict is None:
+        if output_type == "latent":
+            return images
+        return images[0] if output_type == "pil" and batch == 1 else output
+    return output if return_dict else output.to_tuple()
+
+
 @dataclass
 class _Conditioning:
     """Everything the DiT reads besides latents and time, batched as the loop feeds it."""
@@ -368,7 +385,7 @@ class HunyuanImagePipeline(LoraMixin):
             "passed in, a callback that returned them, or a half-precision overflow",
         )
         if output_type == "latent":
-            return self._output(latents, image_prompts, seeds, output_type, return_dict, batch)
+            return call_output(latents, image_prompts, seeds, output_type, return_dict, batch)
 
         images = self._decode(vae, latents)
         check_finite(
@@ -388,7 +405,7 @@ class HunyuanImagePipeline(LoraMixin):
                 refiner_handoff,
             )
         images = format_images(images, output_type)
-        return self._output(images, image_prompts, seeds, output_type, return_dict, batch)
+        return call_output(images, image_prompts, seeds, output_type, return_dict, batch)
 
     # Inputs.
     def _check_parts_given(
@@ -580,24 +597,6 @@ class HunyuanImagePipeline(LoraMixin):
                 latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
                 latents = hook(i, t, latents, host_timesteps[i])
         return latents
-
-    # Output.
-    @staticmethod
-    def _output(
-        images: Any,
-        prompts: list[str | None],
-        seeds: list[int | None],
-        output_type: str,
-        return_dict: bool | None,
-        batch: int,
-    ) -> Any:
-        """The official return (a PIL image for one image, a tensor for latents) unless `return_dict` is set."""
-        output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
-        if return_dict is None:
-            if output_type == "latent":
-                return images
-            return images[0] if output_type == "pil" and batch == 1 else output
-        return output if return_dict else output.to_tuple()
 
     def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the official does."""

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
-from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, call_output
 from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
@@ -280,12 +280,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
                 decoded, "the refiner VAE's decoding", "NaN/Inf weights in vae/vae_refiner or a half-precision overflow"
             )
             images = format_images(decoded, output_type)
-        output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
-        if return_dict is None:
-            if output_type == "latent":
-                return latents
-            return images[0] if output_type == "pil" and batch == 1 else output
-        return output if return_dict else output.to_tuple()
+        return call_output(images, prompts, seeds, output_type, return_dict, batch)
 
     def _condition(
         self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]
