@@ -94,6 +94,24 @@ def test_merges_file_alone_gives_the_same_ids(tokenizer, qwen_tokenizer_dir, tmp
     assert from_merges(text).input_ids == tokenizer(text).input_ids
 
 
+def test_template_ids_equal_the_official_slow_tokenizer(tokenizer):
+    """The ids and masks our tokenize() feeds the model equal those of the official code's tokenizer.
+
+    The official code loads the tokenizer with `use_fast=False` on transformers 4.56 (the Python Qwen2Tokenizer);
+    tests/data/make_slow_tokenizer_ids.py recorded its ids for 56 prompts (CJK, emoji, combining marks, typed
+    special tokens, whitespace, truncated long prompts) with both templates.
+    """
+    recorded = json.loads((Path(__file__).parent / "data" / "slow_tokenizer_ids.json").read_text("utf-8"))
+    assert recorded["transformers"] == "4.56.0"
+    for name, expected in recorded["ids"].items():
+        encoder = MLLMTextEncoder(torch.nn.Identity(), tokenizer, name)
+        tokens = encoder.tokenize(recorded["prompts"])
+        for prompt, ids, mask, want in zip(recorded["prompts"], tokens["input_ids"], tokens["attention_mask"], expected):
+            length = int(mask.sum())
+            assert ids[:length].tolist() == want, (name, prompt[:40])
+            assert mask.tolist() == [1] * len(want) + [0] * (len(ids) - len(want)), (name, prompt[:40])
+
+
 def test_only_the_needed_tensors_are_read(tiny_qwen25vl_dir, monkeypatch):  # noqa: F811
     read = []
     real_get = safetensors_io.SafetensorsReader.get
