@@ -20,6 +20,7 @@ handling what such a build lacks:
 - Python indexing of a CUDA tensor takes a device guard: `t[...]` is rebuilt from aten slice/select/index ops;
   a data-dependent truth value (`bool(mask.all())` in the attention mask) reads False: masks count as padded,
   the larger case;
+- `.contiguous()` of a strided CUDA tensor (the GGUF dequantisers' field reads) is a new tensor of its shape;
 - `pin_memory` returns the tensor (pinned memory is host memory); item assignment into a CUDA tensor
   (`mask[:, 0] = True`), in place and needing a device guard for the scalar, is skipped.
 Gradients must be off (a fake CUDA parameter that requires grad needs a device guard too).
@@ -118,6 +119,8 @@ class _FakeCuda(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.__getitem__ and args[0].device.type == "cuda":
             return _getitem(*args)
+        if func is torch.Tensor.contiguous and args[0].device.type == "cuda" and not args[0].is_contiguous():
+            return torch.empty(args[0].shape, dtype=args[0].dtype, device="cuda")  # the copy (values do not matter)
         if func is torch.Tensor.__bool__ and isinstance(args[0], FakeTensor):
             return False  # a data-dependent truth value (`bool(mask.all())`): masks count as padded
         if func is torch.Tensor.__setitem__ and args[0].device.type == "cuda":
@@ -256,8 +259,9 @@ def materialize(module: torch.nn.Module, device: str = "cpu") -> torch.nn.Module
 MANIFESTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "tests" / "data" / "manifests"
 
 
-def build_dit(config: Any, fp8: bool, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """The DiT of `config` on meta in `dtype` (FP8 linears when `fp8`), as loaded for a CUDA run."""
+def build_dit(config: Any, fp8: bool, dtype: torch.dtype = torch.bfloat16, gguf: str | None = None) -> torch.nn.Module:
+    """The DiT of `config` on meta in `dtype` (FP8 linears when `fp8`, GGUF linears of type `gguf` as the memory
+    planner estimates such a file), as loaded for a CUDA run."""
     from hyimage.models.dit.model import HYImageDiffusionTransformer
 
     with torch.device("meta"):
@@ -266,7 +270,25 @@ def build_dit(config: Any, fp8: bool, dtype: torch.dtype = torch.bfloat16) -> to
         from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
 
         convert_to_fp8_linear(model, fp8_linear_modules(model))
+    if gguf is not None:
+        from hyimage.offload.planner import _quantize_like_gguf
+
+        _quantize_like_gguf(model, gguf)
     return model.eval()
+
+
+def attach_lora(dit: torch.nn.Module, rank: int) -> None:
+    """One LoRA of `rank` on every linear layer of the DiT's blocks (meta tensors: shapes only)."""
+    from hyimage.lora.keys import LoraUpdate, linear_layers
+    from hyimage.lora.layers import add_adapter
+
+    updates = [
+        LoraUpdate(name, torch.empty(rank, layer.in_features, device="meta"),
+                   torch.empty(layer.out_features, rank, device="meta"))
+        for name, layer in linear_layers(dit).items()
+        if name.startswith(("double_blocks.", "single_blocks."))
+    ]
+    add_adapter(dit, "simulated", updates, 1.0)
 
 
 def simulate_dit(
@@ -281,12 +303,15 @@ def simulate_dit(
     weight_budget_gib: float | None = None,
     device: str = "cuda",
     dtype: torch.dtype | None = None,
+    gguf: str | None = None,
+    lora_rank: int = 0,
 ) -> dict[str, float]:
     """Peak GiB on `device` of one DiT forward as the pipeline runs it (`run_dit` under `memory.running`).
 
     `image_tokens` is the latent grid (h, w) or (t, h, w); on "cuda" everything is fake, on "cpu" (float32,
     real tensors) the caller must keep the model small. `dtype`: bf16 on CUDA (under autocast, as the pipeline
-    runs it), float32 on the CPU; float32 on CUDA runs without autocast (the real-vs-simulated check). Returns
+    runs it), float32 on the CPU; float32 on CUDA runs without autocast (the real-vs-simulated check). `gguf`: the
+    DiT's linears quantised to that GGUF type; `lora_rank`: a LoRA of that rank on every block linear. Returns
     the peak, the weights on the device and the activations (peak minus what was live before the forward)."""
     from hyimage.diffusion.pipelines.parts import run_dit
     from hyimage.offload import MemoryManager
@@ -294,7 +319,9 @@ def simulate_dit(
     fake = device == "cuda"
     dtype = dtype or (torch.bfloat16 if fake else torch.float32)
     if fake:
-        dit = build_dit(config, fp8, dtype)  # on meta, outside fake mode (see simulate_vae_decode)
+        dit = build_dit(config, fp8, dtype, gguf)  # on meta, outside fake mode (see simulate_vae_decode)
+        if lora_rank:
+            attach_lora(dit, lora_rank)
     else:
         from hyimage.models.dit.model import HYImageDiffusionTransformer
 

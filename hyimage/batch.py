@@ -33,8 +33,11 @@ from loguru import logger
 from hyimage.cli import (
     VARIANT_ALIASES,
     add_loading_arguments,
+    add_lora_argument,
     default_device,
     fetch,
+    load_loras,
+    lora_arguments,
     pipeline_from_args,
 )
 from hyimage.loading.download import DownloadConfig
@@ -360,6 +363,7 @@ def add_batch_parser(commands: Any) -> None:
     batch.add_argument("--reprompt", choices=["7b", "32b"])
     batch.add_argument("--trust-remote-code", action="store_true")
     batch.add_argument("--overwrite", action="store_true", help="redo every line (results.jsonl starts afresh)")
+    add_lora_argument(batch, note="; every line runs with them")
     add_parallel_argument(batch, data_parallel=True)
     add_loading_arguments(batch)
     batch.set_defaults(run=run_batch)
@@ -375,6 +379,7 @@ def run_batch(args: argparse.Namespace) -> int:
     lines = read_prompts(args.prompts)
     defaults = DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS
     jobs = resolve_jobs(lines, args, defaults)
+    loras = lora_arguments(args.lora)
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"--out {args.out} is a file; pass a folder for the images")
     state = None
@@ -412,6 +417,7 @@ def run_batch(args: argparse.Namespace) -> int:
     pipe = pipeline_from_args(
         args, variant, args.reprompt or "32b", progress_bar=False, parallel=state if args.parallel is not None else None
     ).to(device)
+    load_loras(pipe, loras)
     with sigterm_as_exit():
         for job in mine:
             result = pipe(
@@ -430,7 +436,7 @@ def run_batch(args: argparse.Namespace) -> int:
             )
             if writer:
                 record = dict(asdict(job), variant=variant, fp8=args.fp8, refiner=args.refiner,
-                              reprompt=args.reprompt, prompt_used=result.prompts[0])
+                              reprompt=args.reprompt, lora=args.lora, prompt_used=result.prompts[0])
                 write_png_atomic(result.images[0], args.out / job.file, record)
                 append_result(args.out, record)
             progress.refresh()

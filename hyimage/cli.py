@@ -12,6 +12,7 @@ exit code 1 (`-v`/`--debug` add the traceback). `-v` (debug), `-q` (warnings onl
 import argparse
 import errno
 import json
+import math
 import os
 import random
 import sys
@@ -19,6 +20,7 @@ import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,7 @@ from hyimage.loading.download import (
 from hyimage.loading.layout import model_root
 from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
+from hyimage.offload.planner import GGUF_TYPES
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import shared_random_seed
 
@@ -169,8 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", "-o", type=Path, default=None,
                           help="PNG path (default hyimage-<seed>.png); several images get -0, -1, ... before .png")
     generate.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    generate.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                          help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; repeatable")
+    add_lora_argument(generate)
     add_loading_arguments(generate)
     add_parallel_argument(generate)
     generate.set_defaults(run=run_generate)
@@ -229,6 +231,37 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                        help="GPU memory (GiB) the auto plan keeps within; in block mode, for streamed weights")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each DiT block (slow first image, faster steps after it)")
+
+
+def add_lora_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    parser.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                        help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; "
+                             f"repeatable{note}")
+
+
+def lora_arguments(specs: list[str]) -> list[tuple[Path, float]]:
+    """The `--lora PATH[:SCALE]` values, checked before anything loads: every file exists, every scale is a number."""
+    from hyimage.lora.mixin import parse_lora_spec
+
+    loras = []
+    for spec in specs:
+        path, scale = parse_lora_spec(spec)
+        before, sep, after = spec.rpartition(":")
+        if not path.is_file() and sep and Path(before).is_file():
+            raise RequestError("--lora", f"--lora {spec}: the scale {after!r} after ':' is not a number; "
+                                         "write PATH or PATH:SCALE, e.g. style.safetensors:0.8")
+        if not path.is_file():
+            raise RequestError("--lora", f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
+        if not math.isfinite(scale):
+            raise RequestError("--lora", f"--lora {spec}: the scale must be a finite number, e.g. {path}:0.8")
+        loras.append((path, scale))
+    return loras
+
+
+def load_loras(pipe: Any, loras: list[tuple[Path, float]]) -> None:
+    """Attach the checked `--lora` adapters to the pipeline's DiT."""
+    for path, scale in loras:
+        pipe.load_lora_weights(path, scale=scale)
 
 
 def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | None, **options: Any) -> Any:
@@ -296,17 +329,44 @@ def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
     parser.add_argument("--reprompt", choices=["7b", "32b"], default=None)
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--height", type=int, default=2048)
+    dit = parser.add_argument_group("the DiT's weights (default: the variant's bf16, or FP8 with --fp8)")
+    dit.add_argument("--dit-file", type=Path, default=None,
+                     help="the DiT file to load instead (as from_pretrained(dit_file=...)): a .gguf file is counted "
+                          "from its header, a .safetensors file as FP8 when it stores float8 weights")
+    dit.add_argument("--gguf", default=None, metavar="TYPE", choices=list(GGUF_TYPES),
+                     help=f"estimate a GGUF DiT of this type without a file: {', '.join(GGUF_TYPES)}")
+    dit.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="a LoRA file attached to the DiT (its adapters stay on the GPU); repeatable")
+    dit.add_argument("--dit-config", type=Path, default=None, metavar="JSON",
+                     help="the DiT's constructor arguments when not the variant's (a JSON file, as beside a checkpoint)")
     parser.add_argument("--json", action="store_true", help="one JSON object with the list `stages`")
     parser.set_defaults(run=run_plan)
     return parser
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from hyimage.offload.planner import PlanRequest, make_plan
+    from hyimage.offload.planner import PlanRequest, lora_layout, make_plan
 
     variant = {"base": "hunyuanimage-v2.1", "distilled": "hunyuanimage-v2.1-distilled"}.get(args.variant, args.variant)
+    if args.dit_file is not None and args.gguf is not None:
+        raise RequestError("--gguf", "--gguf estimates a GGUF DiT without a file, --dit-file counts a file: pass one")
+    if args.dit_file is not None and not args.dit_file.is_file():
+        raise RequestError("--dit-file", f"--dit-file {args.dit_file} does not exist; pass a .gguf or .safetensors DiT")
+    loras = lora_arguments(args.lora)
+    config = None
+    if args.dit_config is not None:
+        from hyimage.models.dit.configs import resolve_dit_config
+
+        try:
+            config = resolve_dit_config(json.loads(args.dit_config.read_text()), source=str(args.dit_config))
+        except (OSError, json.JSONDecodeError) as error:
+            raise RequestError("--dit-config", f"--dit-config {args.dit_config}: {error}; pass a JSON file of the "
+                                               "DiT's constructor arguments") from None
     request = PlanRequest(variant=variant, fp8=args.fp8, refiner=args.refiner, reprompt=args.reprompt,
-                          width=args.width, height=args.height)
+                          width=args.width, height=args.height, dit_config=config, gguf=args.gguf,
+                          dit_file=None if args.dit_file is None else str(args.dit_file))
+    if loras:
+        request = replace(request, loras=tuple(lora_layout(path, request) for path, _ in loras))
     plan = make_plan(request, args.gpu_gb, args.ram_gb)
     print(json.dumps(plan.to_dict()) if args.json else plan)
     return 0
@@ -374,13 +434,9 @@ def pick_seed(seed: int, shared: bool = False) -> int:
 
 def run_generate(args: argparse.Namespace) -> int:
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import ASPECT_RATIOS
-    from hyimage.lora.mixin import parse_lora_spec
 
     variant = VARIANT_ALIASES[args.variant or "base"]
-    loras = [parse_lora_spec(spec) for spec in args.lora]
-    for path, _ in loras:
-        if not path.is_file():
-            raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
+    loras = lora_arguments(args.lora)
     seed = pick_seed(args.seed, shared=args.parallel is not None)
     request = dict(
         prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
@@ -403,8 +459,7 @@ def run_generate(args: argparse.Namespace) -> int:
 
     pipe = pipeline_from_args(args, variant, args.reprompt or "32b", parallel=args.parallel)
     pipe.to(device)
-    for path, scale in loras:
-        pipe.load_lora_weights(path, scale=scale)
+    load_loras(pipe, loras)
     result = pipe(**request, output_type="pt", return_dict=True)
     defaults = pipe.defaults
     width, height = result.images.shape[-1], result.images.shape[-2]

@@ -171,6 +171,35 @@ def _check(model: nn.Module, path: Path, tensors: list[GGUFTensor], plan: dict, 
         raise CheckpointError("\n".join(lines))
 
 
+def _skeleton(
+    path: Path, config: str | dict | DiTConfig, dtype: torch.dtype
+) -> tuple[HYImageDiffusionTransformer, list[GGUFTensor], dict[str, list[tuple[str, int, int]]], set[str]]:
+    """The DiT on meta as `path` fills it (quantised linears as GGUFLinear, other tensors `dtype`), checked."""
+    tensors = read_gguf_tensors(path)
+    unknown = sorted({type_name(t.type_id) for t in tensors if t.type_id not in GGML_TYPES})
+    if unknown:
+        raise CheckpointError(f"{path} holds tensors of GGUF type {', '.join(unknown)}, which hyimage does not read")
+    model = HYImageDiffusionTransformer.from_config(config, dtype=dtype, device="meta")
+    plan, quantized = _plan(model, path, tensors)
+    by_module = {}
+    for tensor in tensors:
+        for key, _, _ in plan.get(tensor.name, []):
+            if key.endswith(".weight") and key[: -len(".weight")] in quantized:
+                by_module[key[: -len(".weight")]] = tensor.type_id
+    for name, type_id in by_module.items():
+        _to_gguf_linear(model, name, type_id)
+    _check(model, path, tensors, plan, quantized)
+    return model, tensors, plan, quantized
+
+
+def gguf_dit_on_meta(
+    path: PathLike, config: str | dict | DiTConfig, dtype: torch.dtype = torch.bfloat16
+) -> HYImageDiffusionTransformer:
+    """The DiT `load_gguf_dit(path, config, dtype=dtype)` builds, on meta: its tensors' shapes and dtypes, no data
+    (the memory planner counts the GPU bytes of a GGUF DiT from it; reads the file's header only)."""
+    return _skeleton(Path(path), config, dtype)[0].eval()
+
+
 def load_gguf_dit(
     path: PathLike,
     config: str | dict | DiTConfig,
@@ -182,20 +211,7 @@ def load_gguf_dit(
     path = Path(path)
     dtype = torch.bfloat16 if dtype is None else dtype
     device = torch.device(device)
-    tensors = read_gguf_tensors(path)
-    unknown = sorted({type_name(t.type_id) for t in tensors if t.type_id not in GGML_TYPES})
-    if unknown:
-        raise CheckpointError(f"{path} holds tensors of GGUF type {', '.join(unknown)}, which hyimage does not read")
-    model = HYImageDiffusionTransformer.from_config(config, device="meta")
-    plan, quantized = _plan(model, path, tensors)
-    by_module = {}
-    for tensor in tensors:
-        for key, _, _ in plan.get(tensor.name, []):
-            if key.endswith(".weight") and key[: -len(".weight")] in quantized:
-                by_module[key[: -len(".weight")]] = tensor.type_id
-    for name, type_id in by_module.items():
-        _to_gguf_linear(model, name, type_id)
-    _check(model, path, tensors, plan, quantized)
+    model, tensors, plan, quantized = _skeleton(path, config, dtype)
 
     counts: dict[str, int] = {}
     with open(path, "rb", buffering=0) as file:

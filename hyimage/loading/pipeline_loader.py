@@ -212,7 +212,7 @@ def load_pipeline(
     state = _parallel(parallel, model_name, config, layout, refiner_dit_config if refiner else None, device, refiner)
     if state is not None and device is None and state.device.type == "cuda":
         memory.to(state.device)
-    plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config)
+    plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config, dit_file)
     dit = _with_speed(
         _dit_factory(
             layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file,
@@ -375,14 +375,22 @@ def make_memory(
 
 
 def plan_for(
-    memory: MemoryManager, variant: str, fp8: bool, refiner: bool, reprompt: str | None, config: Any
+    memory: MemoryManager,
+    variant: str,
+    fp8: bool,
+    refiner: bool,
+    reprompt: str | None,
+    config: Any,
+    dit_file: str | os.PathLike | None = None,
 ) -> None:
-    """Tell an "auto" manager what it plans for (the released configuration's name, or the DiT's own config)."""
+    """Tell an "auto" manager what it plans for (the released configuration's name, or the DiT's own config, and
+    the DiT file loaded instead of the variant's: a GGUF file is planned from its header)."""
     from hyimage.offload.planner import PlanRequest
 
     if memory.mode == "auto" and memory.request is None:
         memory.request = PlanRequest(variant=variant, fp8=fp8, refiner=refiner, reprompt=reprompt,
-                                     dit_config=None if isinstance(config, str) else config)
+                                     dit_config=None if isinstance(config, str) else config,
+                                     dit_file=None if dit_file is None else str(dit_file))
 
 
 def compute_dtype(memory: MemoryManager, cuda_dtype: torch.dtype) -> torch.dtype:

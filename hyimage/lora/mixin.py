@@ -57,10 +57,11 @@ class LoraMixin:
     """`load_lora_weights`, `set_adapters`, `fuse_lora`, `unfuse_lora`, `unload_lora_weights` on `self.dit`."""
 
     def _lora_changed(self) -> None:
-        """Block streaming captures a module's tensors when it is first streamed: start afresh after a change."""
+        """Block streaming captures a module's tensors when it is first streamed, and the "auto" memory plan counts
+        the adapters: start both afresh after a change."""
         memory = getattr(self, "memory", None)
         if memory is not None:
-            memory.forget(self.dit)
+            memory.adapters_changed(self.dit)
 
     def load_lora_weights(
         self,

@@ -16,6 +16,7 @@ Four memory modes, one switch:
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -133,6 +134,20 @@ class MemoryManager:
         """Drop the block streamer of `module`, so the next run streams its tensors as they are now."""
         if isinstance(module, nn.Module):
             self._streamers.pop(module, None)
+
+    def adapters_changed(self, module: Movable) -> None:
+        """`module`'s LoRAs changed: forget its streamer and, for the DiT in mode "auto", plan again with them."""
+        self.forget(module)
+        from hyimage.offload.planner import PlanRequest, lora_layouts, stage_of
+
+        if self.mode != "auto" or not isinstance(module, nn.Module) or stage_of(module) != "dit":
+            return
+        request = self.request if self.request is not None else PlanRequest()
+        loras = lora_layouts(module)
+        if loras != request.loras:
+            self.request = replace(request, loras=loras)
+            self._plan = None
+            self._streamers.clear()
 
     def streamer(self, module: Movable) -> BlockStreamer | None:
         """The block streamer of `module`, or None when it has no block lists to stream."""

@@ -64,6 +64,11 @@ def page_config(limits: ServeLimits, api_key_required: bool, aspect_ratios: dict
     }
 
 
+def lora_list(limits: ServeLimits) -> list[dict]:
+    """The LoRAs the server runs every request with: file name and scale (not the server's paths)."""
+    return [{"file": name, "scale": scale} for name, scale in limits.loras]
+
+
 def create_app(
     worker: Worker, limits: ServeLimits, *, api_key: str | None = None, aspect_ratios: dict | None = None
 ) -> FastAPI:
@@ -105,12 +110,13 @@ def create_app(
         s = worker.stats
         return {"status": "ok", "model": limits.model_id, "queued": worker.pending, "running": worker.running,
                 "completed": s.completed, "failed": s.failed, "cancelled": s.cancelled, "calls": s.calls,
-                "largest_batch": s.largest_batch}
+                "largest_batch": s.largest_batch, "loras": lora_list(limits)}
 
     @v1.get("/models")
     async def models() -> dict:
         return {"object": "list",
-                "data": [{"id": limits.model_id, "object": "model", "created": 0, "owned_by": "tencent"}]}
+                "data": [{"id": limits.model_id, "object": "model", "created": 0, "owned_by": "tencent",
+                          "loras": lora_list(limits)}]}
 
     @v1.post("/images/generations")
     async def generations(request: Request) -> Any:

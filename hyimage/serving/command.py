@@ -6,7 +6,16 @@ import socket
 
 from loguru import logger
 
-from hyimage.cli import VARIANT_ALIASES, add_loading_arguments, check_loading_arguments, fetch, pipeline_from_args
+from hyimage.cli import (
+    VARIANT_ALIASES,
+    add_loading_arguments,
+    add_lora_argument,
+    check_loading_arguments,
+    fetch,
+    load_loras,
+    lora_arguments,
+    pipeline_from_args,
+)
 from hyimage.loading.download import DownloadConfig
 
 API_KEY_ENV = "HYIMAGE_API_KEY"
@@ -36,8 +45,7 @@ def add_serve_parser(
                        help="the PromptEnhancer a request with use_reprompt=true loads (default 32b)")
     serve.add_argument("--trust-remote-code", action="store_true",
                        help="allow the 7B reprompt model's tokenizer code from its checkpoint folder to run")
-    serve.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
-                       help="a LoRA for the DiT (kohya, ComfyUI or diffusers format), scale 1 by default; repeatable")
+    add_lora_argument(serve, note="; fixed at server start for every request (listed by /health and /v1/models)")
     add_loading_arguments(serve)
     serve.set_defaults(run=run_serve)
     return serve
@@ -59,7 +67,6 @@ def run_serve(args: argparse.Namespace) -> int:
         BASE_DEFAULTS,
         DISTILLED_DEFAULTS,
     )
-    from hyimage.lora.mixin import parse_lora_spec
     from hyimage.serving.validation import ServeLimits
     from hyimage.serving.worker import Worker
 
@@ -68,21 +75,18 @@ def run_serve(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     variant = VARIANT_ALIASES[args.variant]
     device = check_loading_arguments(args)
-    loras = [parse_lora_spec(spec) for spec in args.lora]
-    for path, _ in loras:
-        if not path.is_file():
-            raise FileNotFoundError(f"--lora {path} does not exist; pass the path of a LoRA .safetensors file")
+    loras = lora_arguments(args.lora)
     if args.download:
         fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner), args.model_root)
     pipe = pipeline_from_args(args, variant, args.reprompt, progress_bar=False)
     pipe.to(device)
-    for path, scale in loras:
-        pipe.load_lora_weights(path, scale=scale)
+    load_loras(pipe, loras)
     limits = ServeLimits(
         model_id=variant,
         defaults=DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS,
         refiner=args.refiner,
         max_n=args.max_n,
+        loras=tuple((path.name, scale) for path, scale in loras),
     )
     worker = Worker(pipe, max_queue=args.max_queue, max_batch=args.max_batch,
                     settings={"model": variant, "variant": variant, "fp8": args.fp8, "lora": args.lora}).start()

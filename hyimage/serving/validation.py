@@ -58,6 +58,8 @@ class ServeLimits:
     default_size: tuple[int, int] = (2048, 2048)
     size_multiple: int = 32
     max_n: int = 4
+    loras: tuple[tuple[str, float], ...] = ()
+    """The LoRAs every request runs with (file name, scale), fixed at server start."""
 
 
 @dataclass(frozen=True)
