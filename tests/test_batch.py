@@ -233,3 +233,40 @@ def test_two_ranks_draw_the_same_images_and_a_killed_run_resumes(reference: Path
     assert sorted(p.name for p in out.iterdir()) == sorted([*FILES, RESULTS])
     for name in FILES:
         assert np.array_equal(pixels(out / name), pixels(reference / name)), name
+
+
+def test_lora_argument_is_checked_before_anything_loads(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from tests.fixtures.tiny_tree import write_tiny_lora
+
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    lora = write_tiny_lora(tmp_path / "style.safetensors")
+    root = ["--model-root", str(tmp_path / "no-ckpts")]
+    for spec, message in (
+        (str(tmp_path / "absent.safetensors:0.5"), f"--lora {tmp_path / 'absent.safetensors'} does not exist"),
+        (f"{lora}:strong", f"--lora {lora}:strong: the scale 'strong' after ':' is not a number"),
+        (f"{lora}:nan", f"--lora {lora}:nan: the scale must be a finite number"),
+    ):
+        for command in (["batch", str(prompts), "--out", str(tmp_path / "out")], ["generate", "a fox"]):
+            assert main([*command, "--lora", spec, *root]) == 1
+            assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_lora_applies_to_every_line_as_generate_applies_it(tree: Path, tmp_path: Path) -> None:
+    """One line drawn with --lora FILE:0.5 differs from the line drawn without and equals `hyimage generate`'s image
+    with the same LoRA, scale and seed."""
+    from tests.fixtures.tiny_tree import write_tiny_lora
+
+    lora = write_tiny_lora(tmp_path / "style.safetensors")
+    prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS[:1])
+    common = ["--model-root", str(tree), *OPTIONS]
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "plain"), *common]) == 0
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "lora"), "--lora", f"{lora}:0.5", *common]) == 0
+    generate = ["generate", PROMPTS[0]["prompt"], "--seed", str(PROMPTS[0]["seed"]), "-o", str(tmp_path / "g.png")]
+    options = [o for i, o in enumerate(OPTIONS) if o != "--seed" and OPTIONS[i - 1] != "--seed"]  # generate's own
+    assert main([*generate, "--lora", f"{lora}:0.5", "--model-root", str(tree), *options]) == 0
+    with_lora = pixels(tmp_path / "lora" / "00001.png")
+    assert not np.array_equal(with_lora, pixels(tmp_path / "plain" / "00001.png"))
+    assert np.array_equal(with_lora, pixels(tmp_path / "g.png"))
+    assert records(tmp_path / "lora")[0]["lora"] == [f"{lora}:0.5"]

@@ -234,3 +234,15 @@ def test_plan_command_gguf_type_file_and_lora(tiny, tmp_path: Path, capsys: pyte
     assert "--gguf estimates a GGUF DiT without a file, --dit-file counts a file" in capsys.readouterr().err
     assert main(["plan", "--gpu-gb", "12", "--dit-file", str(tmp_path / "absent.gguf")]) == 1
     assert f"--dit-file {tmp_path / 'absent.gguf'} does not exist" in capsys.readouterr().err
+
+
+def test_from_pretrained_plans_its_dit_file(tiny, tmp_path: Path) -> None:
+    from hyimage.loading.pipeline_loader import make_memory, plan_for
+
+    path = tmp_path / "tiny-Q4_K.gguf"
+    write_gguf(tiny, path, [T.Q4_K])
+    memory = make_memory(None, None, 2, None)
+    plan_for(memory, DISTILLED, False, False, None, CONFIG, path)  # as load_pipeline calls it with dit_file
+    assert memory.request.dit_file == str(path)
+    loaded = HYImageDiffusionTransformer.from_single_file(path, CONFIG.to_dict(), dtype=torch.bfloat16)
+    assert memory.plan.stage("dit").weights_gib * GIB == pytest.approx(module_part(loaded).total)

@@ -330,3 +330,49 @@ def test_refiner_stage_reports_its_steps(inprocess_server: InProcessServer, tiny
     stages = [(e["stage"], e.get("step"), e.get("steps")) for e in seen if e["type"] == "progress"]
     assert stages == [("encode", None, None), ("denoise", 1, 2), ("denoise", 2, 2), ("decode", None, None)] + [
         ("refine", i, 4) for i in range(1, 5)]
+
+
+@pytest.mark.slow
+def test_lora_is_fixed_at_start_and_applied_as_generate_applies_it(serve_tree, tmp_path, monkeypatch) -> None:
+    """`hyimage serve --lora FILE:0.5` (run in this process; the HTTP calls go through the app in place of uvicorn's
+    loop): the image equals `hyimage generate`'s with the same LoRA, scale and seed, and differs from the image
+    without it; /health and /v1/models list the LoRA by file name."""
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    import hyimage.serving.app
+    from hyimage.cli import main
+    from tests.fixtures.tiny_tree import write_tiny_lora
+
+    lora = write_tiny_lora(tmp_path / "style.safetensors")
+    apps, answers = [], {}
+    create_app = hyimage.serving.app.create_app
+    monkeypatch.setattr(hyimage.serving.app, "create_app", lambda *a, **k: apps.append(create_app(*a, **k)) or apps[0])
+
+    def serve_three_requests(server, sockets=None) -> None:
+        client = TestClient(apps[0])
+        answers["health"] = client.get("/health").json()
+        answers["models"] = client.get("/v1/models").json()
+        body = {"prompt": "a red fox", "size": "64x64", "steps": 1, "seed": 7}
+        answers["image"] = client.post("/v1/images/generations", json=body).json()
+
+    monkeypatch.setattr(uvicorn.Server, "run", serve_three_requests)
+    options = ["--variant", "distilled", "--no-refiner", "--model-root", str(serve_tree), "--device", "cpu"]
+    assert main(["serve", *options, "--port", "0", "--lora", f"{lora}:0.5"]) == 0
+    assert answers["health"]["loras"] == [{"file": "style.safetensors", "scale": 0.5}]
+    assert answers["models"]["data"][0]["loras"] == answers["health"]["loras"]
+    served = np.asarray(decode(answers["image"]["data"][0]))
+
+    generate = ["generate", "a red fox", *options, "--width", "64", "--height", "64", "--steps", "1", "--seed", "7"]
+    assert main([*generate, "--lora", f"{lora}:0.5", "-o", str(tmp_path / "lora.png")]) == 0
+    assert main([*generate, "-o", str(tmp_path / "plain.png")]) == 0
+    np.testing.assert_array_equal(served, np.asarray(Image.open(tmp_path / "lora.png").convert("RGB")))
+    assert not np.array_equal(served, np.asarray(Image.open(tmp_path / "plain.png").convert("RGB")))
+
+
+def test_serve_refuses_a_bad_lora_before_loading(tmp_path, capsys) -> None:
+    from hyimage.cli import main
+
+    absent = tmp_path / "absent.safetensors"
+    assert main(["serve", "--model-root", str(tmp_path / "no-ckpts"), "--lora", f"{absent}:0.5"]) == 1
+    assert f"--lora {absent} does not exist" in capsys.readouterr().err
