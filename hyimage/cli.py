@@ -338,7 +338,8 @@ def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
     dit.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA file attached to the DiT (its adapters stay on the GPU); repeatable")
     dit.add_argument("--dit-config", type=Path, default=None, metavar="JSON",
-                     help="the DiT's constructor arguments when not the variant's (a JSON file, as beside a checkpoint)")
+                     help="the DiT's constructor arguments when not the variant's (a JSON file, as the one "
+                          "beside a checkpoint)")
     parser.add_argument("--json", action="store_true", help="one JSON object with the list `stages`")
     parser.set_defaults(run=run_plan)
     return parser

@@ -14,7 +14,8 @@ Predicted peak of a stage = weights on the GPU + activation peak. Weights are ex
 manifests'; the Qwen2.5-VL language models' come from their configurations (checked against meta builds in
 tests/test_memory_plan.py); the ByT5 glyph encoder, the 32B's vision tower and the 7B reprompt model
 (whose configuration was not seen) are approximate. The DiT's weight format (`PlanRequest.dit_file`,
-`PlanRequest.gguf`) and LoRAs (`PlanRequest.loras`) are counted as described in "The DiT's weights" below. Activation peaks are formulas in tokens x width
+`PlanRequest.gguf`) and its LoRAs (`PlanRequest.loras`) are counted as "The DiT's weights" below describes.
+Activation peaks are formulas in tokens x width
 (transformers) and pixels x channels (VAEs); their coefficients are read from the code and, for the DiTs and
 the VAE decodes, checked with the full-size simulator (benchmarks/memsim.py, which runs this package's code on
 fake CUDA tensors): the planner's figure must bound the simulated peak. The encoders' activations (well under
@@ -269,7 +270,7 @@ GGUF_DEQUANT_BYTES = {
 """Peak bytes per weight that `GGUFLinear` allocates while it dequantises its weight for one forward (int16 and
 float32 intermediates of `hyimage.quantization.gguf`, the float32 result and its bf16 copy). Measured with
 benchmarks/memsim.py's LiveBytes on a 1536 x 3584 layer: Q8_0 9.19, Q6_K 14.82, Q5_K 15.31, Q5_1 10.88,
-Q5_0 10.81, Q4_K 12.94, Q4_1 8.75, Q4_0 8.69, Q3_K 11.18, Q2_K 12.98 (tests/test_memory_plan.py checks the bound).
+Q5_0 10.81, Q4_K 12.94, Q4_1 8.75, Q4_0 8.69, Q3_K 11.18, Q2_K 12.98 (tests/test_plan_formats.py checks the bound).
 The largest quantised layer's figure is added to the DiT's activations."""
 GGUF_TYPES = tuple(GGUF_DEQUANT_BYTES)
 """The GGUF types a plan can estimate (those hyimage dequantises)."""
@@ -381,8 +382,7 @@ def _dit_layout(config_key: str, fp8: bool, gguf: str | None, gguf_file: str | N
     model = dit_on_meta(resolve_dit_config(json.loads(config_key)), fp8, gguf, gguf_file)
     layers = linear_layers(model)
     dequant = max(
-        (int(GGUF_DEQUANT_BYTES.get(type_name(layer.type_id), max(GGUF_DEQUANT_BYTES.values())) *
-             layer.in_features * layer.out_features)
+        (int(GGUF_DEQUANT_BYTES[type_name(layer.type_id)] * layer.in_features * layer.out_features)
          for layer in layers.values() if isinstance(layer, GGUFLinear)),
         default=0,
     )
@@ -455,17 +455,15 @@ def dit_summary(request: PlanRequest) -> dict:
     }
 
 
-def lora_layout(source: str | Path | dict[str, torch.Tensor], request: PlanRequest, name: str | None = None,
-                strict: bool = True) -> LoraLayout:
+def lora_layout(source: str | Path | dict[str, torch.Tensor], request: PlanRequest) -> LoraLayout:
     """A LoRA file (or state dict) as it would attach to the request's DiT (checked as `load_lora_weights` checks)."""
     from hyimage.lora.keys import parse_lora
     from hyimage.lora.mixin import read_lora_file
 
     state = source if isinstance(source, dict) else read_lora_file(source)
-    label = name or ("lora" if isinstance(source, dict) else Path(source).stem)
-    model = dit_on_meta(dit_config(request))
-    updates, _, _ = parse_lora(state, model, strict=strict, source=str(source) if not isinstance(source, dict)
-                               else "the LoRA state dict")
+    label = "lora" if isinstance(source, dict) else Path(source).stem
+    described = "the LoRA state dict" if isinstance(source, dict) else str(source)
+    updates, _, _ = parse_lora(state, dit_on_meta(dit_config(request)), source=described)
     if not updates:
         raise ValueError(f"{label} holds no LoRA matrix for the DiT's layers")
     return LoraLayout(label, tuple(sorted((u.module, int(u.down.shape[0])) for u in updates)))
