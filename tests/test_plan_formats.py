@@ -246,3 +246,22 @@ def test_from_pretrained_plans_its_dit_file(tiny, tmp_path: Path) -> None:
     assert memory.request.dit_file == str(path)
     loaded = HYImageDiffusionTransformer.from_single_file(path, CONFIG.to_dict(), dtype=torch.bfloat16)
     assert memory.plan.stage("dit").weights_gib * GIB == pytest.approx(module_part(loaded).total)
+
+
+def test_a_comfyui_fp8_file_counts_as_the_model_it_loads(tiny, tmp_path: Path) -> None:
+    """A ComfyUI `*_fp8_e4m3fn_scaled` file (float8 block linears with `scale_weight`, bf16 elsewhere)."""
+    from tests.fixtures.dit_layouts import fused_layout
+
+    file = {"diffusion_model.scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+    for key, tensor in fused_layout(tiny.state_dict()).items():
+        if "blocks." in key and "individual" not in key and key.endswith(".weight") and tensor.ndim == 2:
+            file[f"diffusion_model.{key}"] = tensor.to(torch.float8_e4m3fn)
+            file[f"diffusion_model.{key[: -len('weight')]}scale_weight"] = torch.ones(1)
+        else:
+            file[f"diffusion_model.{key}"] = tensor.to(torch.bfloat16)
+    path = tmp_path / "tiny_fp8_e4m3fn_scaled.safetensors"
+    save_file(file, str(path))
+    loaded = HYImageDiffusionTransformer.from_single_file(path, CONFIG.to_dict(), dtype=torch.bfloat16)
+    planned = base_dit_weights(tiny_request(dit_file=str(path)))
+    assert planned.fp8 and planned.part == module_part(loaded)
+    assert planned.part.total < base_dit_weights(tiny_request()).part.total

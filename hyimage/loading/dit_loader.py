@@ -65,15 +65,7 @@ def load_dit(
 
         return load_gguf_dit(path, config, dtype=dtype, device=device)
     infos = read_tensor_infos(path)
-    prefix, comfy = find_prefix(infos), is_comfy_internal(infos)
-    comfy_file = bool(prefix or comfy or any(key.endswith((".scale_weight", ".comfy_quant")) for key in infos))
-    if comfy_file:
-        _check_comfy_quant(path, infos)
-        names = [model_keys(key, prefix, comfy) for key in infos]
-        layout = "ComfyUI " + dit_layout(path, _modules(name for name in names if name))
-    else:
-        layout = "diffusers" if is_diffusers_layout(list(infos)) else dit_layout(path, _modules(infos))
-    stored_fp8 = any(is_float8(info.dtype) for info in infos.values())
+    comfy_file, layout, stored_fp8 = _file_kind(path, infos)
     if fp8_scale is not None and not Path(fp8_scale).is_file():
         raise FileNotFoundError(
             f"FP8 scale file {fp8_scale} does not exist; download the *_fp8_scale.safetensors released with {path.name}"
@@ -86,28 +78,15 @@ def load_dit(
     if dtype is None:
         dtype = _stored_float_dtype(path, infos)
 
-    model = HYImageDiffusionTransformer.from_config(config, device="meta")
-    hidden = model.config.hidden_size
-    if comfy_file:
-        translate = comfy_translate(prefix, comfy, layout.endswith(FUSED), hidden)
-    else:
-        translate = _translation(layout, hidden)
+    if comfy_file and stored_fp8 and fp8_scale is not None:
+        raise CheckpointError(f"{path} is a ComfyUI FP8 file, which carries its own scales: drop fp8_scale={fp8_scale}")
+    model, translate, names = _on_meta(path, config, infos, comfy_file, layout, stored_fp8, quantize_fp8)
     sources = [TensorSource(path, translate)]
-    keep_dtype: set[str] = set()
+    keep_dtype = {name + SCALE_SUFFIX for name in names}
     transform = None
     if comfy_file and stored_fp8:
-        if fp8_scale is not None:
-            raise CheckpointError(
-                f"{path} is a ComfyUI FP8 file, which carries its own scales: drop fp8_scale={fp8_scale}"
-            )
-        names = _fp8_modules_in_file(model, path, translate)
-        convert_to_fp8_linear(model, names)
-        keep_dtype = {name + SCALE_SUFFIX for name in names}
         transform = partial(_fp8_fixups, module_names=names, dtype=dtype)
     elif stored_fp8 or quantize_fp8:
-        names = fp8_linear_modules(model)
-        convert_to_fp8_linear(model, names)
-        keep_dtype = {name + SCALE_SUFFIX for name in names}
         if stored_fp8:
             provided = split_keys(infos) if layout == FUSED else set(infos)
             sources += _scale_sources(path, provided, keep_dtype, fp8_scale)
@@ -139,6 +118,60 @@ def load_dit(
             f"{error}\n(The file is in the released fused layout; the keys above are the model's split names: "
             "img_attn_q/k/v come from img_attn_qkv, linear1_q/k/v/mlp from linear1, linear2.fc from linear2.)"
         ) from None
+    return model.eval()
+
+
+def _file_kind(path: Path, infos: dict[str, TensorInfo]) -> tuple[bool, str, bool]:
+    """(a ComfyUI file, its layout's name, float8 weights stored) from a safetensors DiT file's header."""
+    prefix, comfy = find_prefix(infos), is_comfy_internal(infos)
+    comfy_file = bool(prefix or comfy or any(key.endswith((".scale_weight", ".comfy_quant")) for key in infos))
+    if comfy_file:
+        _check_comfy_quant(path, infos)
+        names = [model_keys(key, prefix, comfy) for key in infos]
+        layout = "ComfyUI " + dit_layout(path, _modules(name for name in names if name))
+    else:
+        layout = "diffusers" if is_diffusers_layout(list(infos)) else dit_layout(path, _modules(infos))
+    return comfy_file, layout, any(is_float8(info.dtype) for info in infos.values())
+
+
+def _on_meta(
+    path: Path,
+    config: str | dict | DiTConfig,
+    infos: dict[str, TensorInfo],
+    comfy_file: bool,
+    layout: str,
+    stored_fp8: bool,
+    quantize_fp8: bool = False,
+    dtype: torch.dtype | None = None,
+) -> tuple[HYImageDiffusionTransformer, Translate, list[str]]:
+    """The DiT on meta with FP8 linears where the file's weights will be FP8 (a ComfyUI file: its float8 layers;
+    else the official FP8 layers when the file stores float8 or is quantized while loading), the translation of
+    the file's keys, and those FP8 layers' names."""
+    model = HYImageDiffusionTransformer.from_config(config, dtype=dtype, device="meta")
+    hidden = model.config.hidden_size
+    if comfy_file:
+        prefix, comfy = find_prefix(infos), is_comfy_internal(infos)
+        translate = comfy_translate(prefix, comfy, layout.endswith(FUSED), hidden)
+    else:
+        translate = _translation(layout, hidden)
+    names: list[str] = []
+    if comfy_file and stored_fp8:
+        names = _fp8_modules_in_file(model, path, translate)
+    elif stored_fp8 or quantize_fp8:
+        names = fp8_linear_modules(model)
+    convert_to_fp8_linear(model, names)
+    return model, translate, names
+
+
+def safetensors_dit_on_meta(
+    path: PathLike, config: str | dict | DiTConfig, dtype: torch.dtype = torch.bfloat16
+) -> HYImageDiffusionTransformer:
+    """The DiT `load_dit(path, config, dtype=dtype)` builds, on meta: FP8 linear layers where the file stores float8
+    weights (the memory planner counts a DiT file's GPU bytes from it; reads the header only)."""
+    path = Path(path)
+    infos = read_tensor_infos(path)
+    comfy_file, layout, stored_fp8 = _file_kind(path, infos)
+    model, _, _ = _on_meta(path, config, infos, comfy_file, layout, stored_fp8, dtype=dtype)
     return model.eval()
 
 

@@ -251,9 +251,9 @@ def dit_config(request: PlanRequest, refiner: bool = False) -> Any:
 # The DiT's weights.
 #
 # bf16 / FP8: the DiT built on meta (FP8 linears converted as the loader converts them), counted per block.
-# A GGUF file: the DiT the GGUF loader builds from the file's header on meta (`gguf_dit_on_meta`): quantised linears
-# keep their ggml bytes (uint8), everything else is loaded as bf16 (whatever the file stores), so the count equals the
-# loaded model's, block by block. A GGUF type without a file: the DiT quantised as ComfyUI-GGUF's tools make such a
+# A DiT file: the DiT its loader builds from the file's header, on meta (`gguf_dit_on_meta`, `safetensors_dit_on_meta`):
+# a GGUF file's quantised linears keep their ggml bytes (uint8), a safetensors file's float8 linears are FP8, everything
+# else is loaded as bf16 (whatever the file stores), so the count equals the loaded model's, block by block. A GGUF type without a file: the DiT quantised as ComfyUI-GGUF's tools make such a
 # file (see GGUF_KEPT); its linears' rows take `columns / block * block bytes` (the ggml block sizes, also the gguf
 # package's GGML_QUANT_SIZES: Q8_0 34 bytes per 32 values, Q4_K 144 per 256, ...).
 # A LoRA adds, on each layer it adapts, A (rank x in) and B (out x rank) in the layer's compute dtype (bf16 on CUDA)
@@ -308,19 +308,15 @@ class _DiTLayout:
 
 
 def dit_format(request: PlanRequest) -> tuple[bool, str | None, str | None]:
-    """(FP8 linears, GGUF type to estimate, GGUF file) of the request's base DiT."""
+    """(FP8 linears, GGUF type to estimate, DiT file) of the request's base DiT (a file decides its own FP8)."""
     if request.gguf is not None:
         return False, request.gguf, None
     if request.dit_file is None:
         return request.fp8, None, None
-    from hyimage.loading.safetensors_io import checkpoint_format, is_float8, read_tensor_infos
-
     path = Path(request.dit_file)
     if not path.is_file():
         raise FileNotFoundError(f"dit_file {path} does not exist; pass the path of a .safetensors or .gguf DiT")
-    if checkpoint_format(path) == "gguf":
-        return False, None, str(path)
-    return any(is_float8(info.dtype) for info in read_tensor_infos(path).values()), None, None
+    return False, None, str(path)
 
 
 def dit_weights_label(request: PlanRequest) -> str:
@@ -335,15 +331,18 @@ def dit_weights_label(request: PlanRequest) -> str:
     return label
 
 
-def dit_on_meta(config: Any, fp8: bool = False, gguf: str | None = None, gguf_file: str | None = None) -> nn.Module:
+def dit_on_meta(config: Any, fp8: bool = False, gguf: str | None = None, dit_file: str | None = None) -> nn.Module:
     """The DiT of a DiTConfig on meta as it is loaded for a CUDA run: bf16, FP8 linears when `fp8`, GGUF linears of a
-    file (`gguf_file`) or of a type (`gguf`, see GGUF_KEPT)."""
+    type (`gguf`, see GGUF_KEPT), or as a DiT file loads (a GGUF file's quantised linears, a safetensors file's FP8
+    ones), read from the file's header."""
     from hyimage.models.dit.model import HYImageDiffusionTransformer
 
-    if gguf_file is not None:
+    if dit_file is not None:
+        from hyimage.loading.dit_loader import is_gguf, safetensors_dit_on_meta
         from hyimage.loading.gguf_loader import gguf_dit_on_meta
 
-        return gguf_dit_on_meta(gguf_file, config)
+        read = gguf_dit_on_meta if is_gguf(Path(dit_file)) else safetensors_dit_on_meta
+        return read(dit_file, config)
     with torch.device("meta"):
         model = HYImageDiffusionTransformer(**config.to_dict(), dtype=torch.bfloat16)
     if fp8:
@@ -374,12 +373,13 @@ def _quantize_like_gguf(model: nn.Module, type_name: str) -> None:
 
 
 @functools.lru_cache(maxsize=16)
-def _dit_layout(config_key: str, fp8: bool, gguf: str | None, gguf_file: str | None, file_stamp: Any) -> _DiTLayout:
+def _dit_layout(config_key: str, fp8: bool, gguf: str | None, dit_file: str | None, file_stamp: Any) -> _DiTLayout:
     from hyimage.lora.keys import linear_layers
     from hyimage.models.dit.configs import resolve_dit_config
+    from hyimage.quantization.fp8 import FP8Linear
     from hyimage.quantization.gguf import GGUFLinear, type_name
 
-    model = dit_on_meta(resolve_dit_config(json.loads(config_key)), fp8, gguf, gguf_file)
+    model = dit_on_meta(resolve_dit_config(json.loads(config_key)), fp8, gguf, dit_file)
     layers = linear_layers(model)
     dequant = max(
         (int(GGUF_DEQUANT_BYTES[type_name(layer.type_id)] * layer.in_features * layer.out_features)
@@ -389,22 +389,23 @@ def _dit_layout(config_key: str, fp8: bool, gguf: str | None, gguf_file: str | N
     blocks = {f"{name}.{i}.": n for n, (name, i) in enumerate(
         (name, i) for name, block_list in find_block_lists(model) for i in range(len(block_list)))}
     features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    fp8 = any(isinstance(layer, FP8Linear) for layer in layers.values())
     return _DiTLayout(module_part(model), fp8, dequant, blocks, features)
 
 
-def dit_part(config: Any, fp8: bool = False, gguf: str | None = None, gguf_file: str | None = None,
+def dit_part(config: Any, fp8: bool = False, gguf: str | None = None, dit_file: str | None = None,
              loras: tuple[LoraLayout, ...] = ()) -> Part:
     """The DiT's weights on the GPU for a DiTConfig (see `dit_on_meta`), with the adapters of `loras`."""
-    return _dit_weights(config, fp8, gguf, gguf_file, loras).part
+    return _dit_weights(config, fp8, gguf, dit_file, loras).part
 
 
-def _dit_weights(config: Any, fp8: bool, gguf: str | None, gguf_file: str | None,
+def _dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
                  loras: tuple[LoraLayout, ...]) -> DiTWeights:
     stamp = None
-    if gguf_file is not None:
-        stat = Path(gguf_file).stat()
-        stamp = (str(Path(gguf_file).resolve()), stat.st_size, stat.st_mtime_ns)
-    layout = _dit_layout(json.dumps(config.to_dict(), sort_keys=True), fp8, gguf, gguf_file, stamp)
+    if dit_file is not None:
+        stat = Path(dit_file).stat()
+        stamp = (str(Path(dit_file).resolve()), stat.st_size, stat.st_mtime_ns)
+    layout = _dit_layout(json.dumps(config.to_dict(), sort_keys=True), fp8, gguf, dit_file, stamp)
     rest, blocks = layout.part.rest, list(layout.part.blocks)
     rank = sum(max((r for _, r in lora.ranks), default=0) for lora in loras)
     for lora in loras:
@@ -428,21 +429,22 @@ def _prefixes(module: str) -> list[str]:
 
 def base_dit_weights(request: PlanRequest) -> DiTWeights:
     """The base DiT's weights for `request`: its format (bf16, FP8, a GGUF file or type) and its LoRAs."""
-    fp8, gguf, gguf_file = dit_format(request)
-    return _dit_weights(dit_config(request), fp8, gguf, gguf_file, request.loras)
+    fp8, gguf, dit_file = dit_format(request)
+    return _dit_weights(dit_config(request), fp8, gguf, dit_file, request.loras)
 
 
 def dit_summary(request: PlanRequest) -> dict:
     """The base DiT's weight format and its GPU bytes in GiB: in all, per block, outside the blocks, of the LoRAs."""
-    fp8, gguf, gguf_file = dit_format(request)
+    fp8, gguf, dit_file = dit_format(request)
     weights = base_dit_weights(request)
-    plain = _dit_weights(dit_config(request), fp8, gguf, gguf_file, ()).part
-    if gguf_file is not None:
-        kind = f"GGUF file {Path(gguf_file).name}"
+    plain = _dit_weights(dit_config(request), fp8, gguf, dit_file, ()).part
+    kind = "FP8" if weights.fp8 else "bf16"
+    if dit_file is not None:
+        from hyimage.loading.dit_loader import is_gguf
+
+        kind = f"{'GGUF' if is_gguf(Path(dit_file)) else kind} file {Path(dit_file).name}"
     elif gguf is not None:
         kind = f"GGUF {gguf}, estimated"
-    else:
-        kind = "FP8" if fp8 else "bf16"
     part = weights.part
     return {
         "format": kind,
