@@ -458,11 +458,20 @@ def dit_summary(request: PlanRequest) -> dict:
 
 
 def lora_layout(source: str | Path | dict[str, torch.Tensor], request: PlanRequest) -> LoraLayout:
-    """A LoRA file (or state dict) as it would attach to the request's DiT (checked as `load_lora_weights` checks)."""
-    from hyimage.lora.keys import parse_lora
+    """A LoRA file (or state dict) as it would attach to the request's DiT (checked as `load_lora_weights` checks).
+    A safetensors file is read from its header: its matrices as meta tensors, only the scalar alphas read."""
+    from hyimage.lora.keys import ALPHA_SUFFIX, parse_lora
     from hyimage.lora.mixin import read_lora_file
 
-    state = source if isinstance(source, dict) else read_lora_file(source)
+    if isinstance(source, dict):
+        state = source
+    elif Path(source).suffix == ".safetensors" and Path(source).is_file():
+        from hyimage.loading.safetensors_io import SafetensorsReader
+
+        with SafetensorsReader(source) as reader:
+            state = {k: reader.get(k) if k.endswith(ALPHA_SUFFIX) else reader.get_meta(k) for k in reader.keys()}
+    else:
+        state = read_lora_file(source)
     label = "lora" if isinstance(source, dict) else Path(source).stem
     described = "the LoRA state dict" if isinstance(source, dict) else str(source)
     updates, _, _ = parse_lora(state, dit_on_meta(dit_config(request)), source=described)
