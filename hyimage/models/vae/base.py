@@ -1,10 +1,10 @@
-"""What both VAEs share: batch slicing, blended tiled decoding, the CUDA decode precision and loading."""
+"""What both VAEs share: batch slicing, blended and exact tiled decoding, the CUDA decode precision and loading."""
 
 import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from loguru import logger
@@ -12,6 +12,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from hyimage.models.config_checks import check_bool, check_int, check_int_list, check_number
+
+if TYPE_CHECKING:
+    from hyimage.models.vae.exact_tiling import ExactTiling
 
 ConfigT = TypeVar("ConfigT")
 
@@ -140,7 +143,8 @@ def check_vae_config(config: Any) -> None:
 
 
 class VAEBase(nn.Module):
-    """Slicing, tiling, reconstruction and loading shared by `HunyuanVAE2D` and `AutoencoderKLConv3D`.
+    """Slicing, tiling (blended or exact), reconstruction and loading shared by `HunyuanVAE2D` and
+    `AutoencoderKLConv3D`.
 
     Subclasses pass their config, encoder and decoder and define `encode` and `decode`; the decoder maps latents
     whose spatial axes come last to images `config.ffactor_spatial` times larger.
@@ -153,6 +157,8 @@ class VAEBase(nn.Module):
         self.decoder = decoder
         self.use_slicing = False
         self.use_tiling = False
+        self.exact_tiling: "ExactTiling | None" = None
+        """Settings of the exact tiled decode and encode (`enable_exact_tiling`); None runs them whole."""
         self.tile_latent_size = max(1, self.config.sample_size // self.config.ffactor_spatial)
         self.tile_latent_overlap = self.tile_latent_size // 4
         # The official pipeline decodes under torch.autocast("cuda", dtype=torch.float16); None decodes in the
@@ -202,14 +208,37 @@ class VAEBase(nn.Module):
             self.tile_latent_overlap,
         )
         self.use_tiling = True
+        self.exact_tiling = None
 
     def disable_tiling(self) -> None:
         self.use_tiling = False
 
+    def enable_exact_tiling(self, tile_size: int = 256, activations_device: str | torch.device | None = None) -> None:
+        """Decode and encode layer by layer over tiles of `tile_size` pixels: the whole decode's numbers (up to
+        float summation order) at a peak set by the tile size (see `hyimage.models.vae.exact_tiling`).
+
+        `activations_device`: where whole intermediate activations live; None keeps them on the execution
+        device, "cpu" in (pinned, on CUDA) host memory with only tiles on the device.
+        """
+        from hyimage.models.vae.exact_tiling import ExactTiling
+
+        self.exact_tiling = ExactTiling(tile_size, activations_device)
+        self.use_tiling = False
+
+    def disable_exact_tiling(self) -> None:
+        self.exact_tiling = None
+
     def _encode_moments(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.dtype)
         if self.use_slicing and x.shape[0] > 1:
-            return torch.cat([self.encoder(part) for part in x.split(1)])
+            return torch.cat([self._encode_one(part) for part in x.split(1)])
+        return self._encode_one(x)
+
+    def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
+        if self.exact_tiling is not None:
+            from hyimage.models.vae import exact_tiling
+
+            return exact_tiling.encode(self.encoder, x, self.exact_tiling)
         return self.encoder(x)
 
     def _decode_latents(self, z: torch.Tensor) -> torch.Tensor:
@@ -223,6 +252,10 @@ class VAEBase(nn.Module):
             return self._decode_one(z)
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
+        if self.exact_tiling is not None:
+            from hyimage.models.vae import exact_tiling
+
+            return exact_tiling.decode(self.decoder, z, self.exact_tiling)
         size = self.tile_latent_size
         if self.use_tiling and (z.shape[-1] > size or z.shape[-2] > size):
             return tiled_decode(self.decoder, z, size, self.tile_latent_overlap, self.config.ffactor_spatial)

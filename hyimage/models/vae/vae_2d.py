@@ -167,6 +167,10 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution end: mid block, then the output conv plus the channel-averaging shortcut."""
         h = self.mid(h)
         shortcut = rearrange(h, "b (c g) h w -> b c g h w", g=self.group_size).mean(dim=2)
         return self.conv_out(swish(self.norm_out(h))) + shortcut
@@ -202,11 +206,14 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, config.out_channels, kernel_size=3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1)
-        h = self.mid(h)
+        h = self.stem(z)
         for level in self.up:
             h = level(h)
         return self.conv_out(swish(self.norm_out(h)))
+
+    def stem(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution start: the input conv plus the channel-repeating shortcut, then the mid block."""
+        return self.mid(self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1))
 
 
 class HunyuanVAE2D(VAEBase):
@@ -253,7 +260,8 @@ class HunyuanVAE2D(VAEBase):
 
         On CUDA this runs under `torch.autocast(dtype=torch.float16)` like the official pipeline; set
         `vae.cuda_decode_dtype = None` to decode in the weights' dtype instead. Elsewhere the latents are cast
-        to the weights' dtype. `enable_slicing()` and `enable_tiling()` lower the peak memory.
+        to the weights' dtype. `enable_slicing()` and `enable_exact_tiling()` lower the peak memory with the same
+        numbers, `enable_tiling()` with blended tiles (the numbers change).
         """
         frames = self._check_rank(z, "z")
         if frames:

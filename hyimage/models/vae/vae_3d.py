@@ -241,6 +241,10 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
+        return self.head(h)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution end: mid block, then the output conv plus the channel-averaging shortcut."""
         h = self.mid(h)
         shortcut = rearrange(h, "b (c g) f h w -> b c g f h w", g=self.group_size).mean(dim=2)
         return self.conv_out(swish(self.norm_out(h))) + shortcut
@@ -277,11 +281,14 @@ class Decoder(nn.Module):
         self.conv_out = CausalConv3d(block_in, config.out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1)
-        h = self.mid(h)
+        h = self.stem(z)
         for level in self.up:
             h = level(h)
         return self.conv_out(swish(self.norm_out(h)))
+
+    def stem(self, z: torch.Tensor) -> torch.Tensor:
+        """The latent-resolution start: the input conv plus the channel-repeating shortcut, then the mid block."""
+        return self.mid(self.conv_in(z) + z.repeat_interleave(self.repeats, dim=1))
 
 
 class AutoencoderKLConv3D(VAEBase):
@@ -331,7 +338,8 @@ class AutoencoderKLConv3D(VAEBase):
 
         On CUDA this runs under `torch.autocast(dtype=torch.float16)` like the official pipeline; set
         `vae.cuda_decode_dtype = None` to decode in the weights' dtype instead. `enable_slicing()` and
-        `enable_tiling()` (spatial tiles) lower the peak memory.
+        `enable_exact_tiling()` lower the peak memory with the same numbers, `enable_tiling()` with blended
+        spatial tiles (the numbers change).
         """
         if z.ndim != 5:
             raise ValueError(f"AutoencoderKLConv3D takes z as (B, C, T, H, W), got shape {tuple(z.shape)}")
