@@ -8,8 +8,10 @@ The same tracker runs on real tensors, which is how the simulation is checked (t
 `fake_cuda()` runs code under `FakeTensorMode` with tensors that claim to be on `cuda` on a CPU-only build,
 handling what such a build lacks:
 - moving a tensor to `cuda` (`.to`, `.cuda`, `copy_` into it) needs a CUDA device guard: the move is replaced
-  by a new fake CUDA tensor of the same shape, stride and dtype (values do not matter), and `param.data = t`
-  updates the parameter's fake device;
+  by a new fake CUDA tensor of the same shape, dtype and strides as `.to` gives them (values do not matter;
+  a view that is not dense, such as a tile, becomes contiguous rather than keeping its base's extent), a
+  `copy_` into a CUDA tensor (from anywhere: the exact tiled VAE writes tiles into views) is skipped, and
+  `param.data = t` updates the parameter's fake device;
 - `torch.autocast("cuda")` turns itself off without CUDA: inside `fake_cuda()` it switches the CUDA autocast
   dispatch key on directly (`torch.set_autocast_enabled("cuda", True)`), so casts happen as on a GPU;
 - SDPA on fake CUDA tensors would take the math kernel (an L x L score matrix that no GPU run allocates):
@@ -114,9 +116,10 @@ class _FakeCuda(TorchFunctionMode):
             t = args[0]
             device = torch.device("cuda") if func is torch.Tensor.cuda else _target_device(args, kwargs)
             if device is not None and device.type == "cuda" and t.device.type != "cuda":
-                return torch.empty_strided(t.shape, t.stride(), dtype=_target_dtype(t, args, kwargs), device="cuda")
-        if func is torch.Tensor.copy_ and args[0].device.type == "cuda" and args[1].device.type != "cuda":
-            return args[0]
+                # strides as `.to` keeps them: a dense tensor's own, a view's (a tile) made contiguous
+                return torch.empty_like(t, dtype=_target_dtype(t, args, kwargs), device="cuda")
+        if func is torch.Tensor.copy_ and args[0].device.type == "cuda":
+            return args[0]  # in place, no allocation (a copy into a CUDA view takes a device guard)
         if func is torch.Tensor.__getitem__ and args[0].device.type == "cuda":
             return _getitem(*args)
         if func is torch.Tensor.contiguous and args[0].device.type == "cuda" and not args[0].is_contiguous():
@@ -363,10 +366,13 @@ def vae_config(stage: str) -> dict:
     return json.loads((MANIFESTS / f"{name}.json").read_text())["config"]
 
 
-def simulate_vae_decode(stage: str, width: int, height: int, encode: bool = False) -> dict[str, float]:
+def simulate_vae_decode(
+    stage: str, width: int, height: int, encode: bool = False, exact: Any = None
+) -> dict[str, float]:
     """Peak GiB on fake CUDA of the VAE decode of one image (stage "vae_decode": 2D, float32 as stored;
     "refiner_vae": the 3D VAE in float16, a frame pair, as the refiner decodes); `encode`: the refiner's encode
-    of the image it refines instead."""
+    of the image it refines instead. `exact`: an `ExactTiling` to run the exact tiled decode (or encode) with;
+    its host activations count under "host" (GiB of host memory, peak minus what was live before)."""
     import hyimage.models as models
     from hyimage.offload import MemoryManager
 
@@ -391,13 +397,16 @@ def simulate_vae_decode(stage: str, width: int, height: int, encode: bool = Fals
             z = torch.randn(1, config["latent_channels"], frames, height // factor, width // factor,
                             device="cuda", dtype=dtype)
             pixels = torch.randn(1, 3, 1, height, width, device="cuda", dtype=dtype) if encode else None
+            vae.exact_tiling = exact
             with memory.running(vae):
                 before = tracker.gib("cuda", "current")
+                host_before = tracker.gib("cpu", "current")
                 tracker.reset_peak()
                 out = vae.encode(pixels).latent_dist.mean if encode else vae.decode(z, return_dict=False)[0]
                 del out
                 peak = tracker.gib("cuda")
-    return {"peak": peak, "weights": before, "activations": peak - before}
+                host = tracker.gib("cpu") - host_before
+    return {"peak": peak, "weights": before, "activations": peak - before, "host": host}
 
 
 def qwen_text_model(layers: int) -> torch.nn.Module:

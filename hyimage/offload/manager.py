@@ -2,9 +2,10 @@
 
 Four memory modes, one switch:
 - "auto":  each part as the memory plan places it (`hyimage.offload.planner`): resident, model-offloaded or
-           streamed with the resident blocks its budget allows; the plan is made on the first stage that runs
+           streamed with the resident blocks its budget allows, a VAE placed "exact" decoding and encoding
+           layer by layer over tiles with the plan's settings; the plan is made on the first stage that runs
            on CUDA, from `gpu_budget_gb` (else the free GPU memory then) and `host_budget_gb`. On other devices
-           parts stay where they are (as "none").
+           parts stay where they are (as "none"), and a VAE follows the plan only when `gpu_budget_gb` is given.
 - "none":  every part moves to the device once and stays there (fastest, needs the most memory).
 - "model": each part is on the device only while it runs (the official pipeline's offloading); its host
            copy stays in place, so leaving the stage drops the device copy instead of copying back.
@@ -26,6 +27,7 @@ from torch import nn
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
 
 if TYPE_CHECKING:
+    from hyimage.models.vae.exact_tiling import ExactTiling
     from hyimage.offload.planner import Plan, PlanRequest
 
 MEMORY_MODES = ("auto", "none", "model", "block")
@@ -106,9 +108,37 @@ class MemoryManager:
             )
         return stage.mode, stage.weight_budget_gib
 
+    def exact_tiling(self, module: object) -> "ExactTiling | None":
+        """The exact tiled VAE settings of mode "auto" for `module` when the plan places its stage "exact"."""
+        if self.mode != "auto" or (self.device.type != "cuda" and self.gpu_budget_gb is None):
+            return None
+        from hyimage.offload.planner import stage_of
+
+        stage = self.plan.stage(stage_of(module) or "")
+        if stage is None or stage.placement != "exact":
+            return None
+        from hyimage.models.vae.exact_tiling import ExactTiling
+
+        return ExactTiling(stage.tile_size, None if stage.activations_on == "gpu" else "cpu")
+
     @contextmanager
     def running(self, module: Movable) -> Iterator[Movable]:
-        """Context in which `module` is ready to run on `self.device`."""
+        """Context in which `module` is ready to run on `self.device` (a VAE placed "exact" in exact tiling)."""
+        settings = self.exact_tiling(module)
+        if settings is None:
+            with self._placed(module) as placed:
+                yield placed
+            return
+        previous = module.exact_tiling
+        module.exact_tiling = settings
+        try:
+            with self._placed(module) as placed:
+                yield placed
+        finally:
+            module.exact_tiling = previous
+
+    @contextmanager
+    def _placed(self, module: Movable) -> Iterator[Movable]:
         mode, _ = self.placement(module)
         if mode == "none":
             module.to(self.device)

@@ -7,6 +7,9 @@ DiT loop, refiner VAE (encode and decode). Each stage gets one placement:
 - "model": the stage's part is on the GPU while the stage runs (memory mode "model");
 - "block": its block lists are streamed from host memory, the first k blocks resident (memory mode "block"
   with the weight budget that keeps exactly those k, see `hyimage.offload.streaming.resident_count`);
+- "exact": a VAE whose whole decode does not fit decodes (and encodes) layer by layer over tiles, with the same
+  numbers (`hyimage.models.vae.exact_tiling`), its weights on the GPU as in "model", its whole activations on the
+  GPU or in pinned host memory with the tile size that fits;
 - "refused": it cannot fit, with the reason.
 
 Predicted peak of a stage = weights on the GPU + activation peak. Weights are exact: the DiTs are built on
@@ -70,8 +73,20 @@ HUNYUAN_7B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=1
 """The 7B PromptEnhancer's published Hunyuan-7B-Instruct configuration (its folder's config was not seen)."""
 GLYPH_PARAMS = 218_000_000  # ByT5-small's encoder with the Glyph-SDXL-v2 token table, float32
 VAE_PARAMS = {"vae_decode": 405_575_491, "refiner_vae": 1_260_634_115}  # the released manifests' num_params
-VAE_FIRST_CHANNELS = {"vae_decode": 128, "refiner_vae": 128}
+VAE_CHANNELS = {"vae_decode": (128, 256, 512, 512, 1024, 1024), "refiner_vae": (128, 256, 512, 1024, 1024)}
+"""The released configurations' block_out_channels (encoder order; the decoder runs them reversed)."""
+VAE_FIRST_CHANNELS = {stage: channels[0] for stage, channels in VAE_CHANNELS.items()}
 VAE_FACTOR = {"vae_decode": 32, "refiner_vae": 16}
+VAE_TEMPORAL_LEVELS = {"vae_decode": 0, "refiner_vae": 2}
+"""Decoder levels whose upsampling is also temporal: a single frame's conv makes 8x, not 4x, the channels."""
+EXACT_TILES = ((True, 512), (True, 256), (False, 512), (False, 256), (False, 128))
+"""Exact tiled VAE settings in the order tried, fastest first: (activations on the GPU, tile side in pixels)."""
+EXACT_TILE_UNITS = {"vae_decode": 3.5, "refiner_vae": 4.5}
+"""What one tile of the exact tiled VAE keeps live, in units of the widest fp16 tensor a tile op makes (a
+resnet conv's input at float32 for its norm, or a resampling conv's output), halo included. Read off the
+simulator at 2048x2048 (benchmarks/memsim.py, tiles of 512 and 256 pixels, activations on the GPU and on the
+host): the 2D decode keeps 3.4 of them (its GroupNorm copies and SiLU), the 3D decode 4.3 (RMSNorm's float32
+copies, the replication padding and the first frame's discarded half); the figure must bound every case."""
 GLYPH_TOKENS = 128
 TEXT_TOKENS = 1000
 REFINER_TEXT_TOKENS = 256
@@ -144,11 +159,15 @@ class StagePlan:
     weight_budget_gib: float | None = None
     host_gib: float = 0.0
     reason: str = ""
+    tile_size: int | None = None
+    """"exact": the tile side in pixels."""
+    activations_on: str | None = None
+    """"exact": where whole activations live, "gpu" or "host" (pinned)."""
 
     @property
     def mode(self) -> str:
         """The MemoryManager mode that runs this placement."""
-        return {"resident": "none", "model": "model", "block": "block"}.get(self.placement, "refused")
+        return {"resident": "none", "model": "model", "block": "block", "exact": "model"}.get(self.placement, "refused")
 
 
 @dataclass
@@ -204,6 +223,8 @@ class Plan:
             placement = s.placement
             if s.placement == "block":
                 placement = f"block {s.resident_blocks}/{s.total_blocks}"
+            if s.placement == "exact":
+                placement = f"exact {s.tile_size}px {s.activations_on}"
             lines.append(
                 f"{s.stage:<14}{placement:<16}{s.predicted_peak_gib:>9.2f}{s.weights_gib:>9.2f}"
                 f"{s.activations_gib:>8.2f}{s.host_gib:>10.1f}  {s.reason}"
@@ -530,6 +551,38 @@ def vae_activation_bytes(stage: str, request: PlanRequest, itemsize: int) -> int
     return int(VAE_ACTIVATION_UNITS[stage] * pixels * VAE_FIRST_CHANNELS[stage] * itemsize * frames)
 
 
+def _exact_vae_layers(stage: str, request: PlanRequest) -> list[tuple[int, int, int, int]]:
+    """The decoder's layers at image resolution: (height, width, widest channels a tile makes, elements of the
+    whole activations it reads and writes)."""
+    channels = tuple(reversed(VAE_CHANNELS[stage]))
+    layers = []
+    for i, c in enumerate(channels):
+        shift = len(channels) - 1 - i
+        h, w = request.height >> shift, request.width >> shift
+        layers.append((h, w, 2 * c, h * w * 2 * c))  # a resnet conv
+        if i < len(channels) - 1:  # the upsampling
+            factor = 8 if i < VAE_TEMPORAL_LEVELS[stage] else 4
+            layers.append((h, w, factor * channels[i + 1], h * w * (c + 4 * channels[i + 1])))
+    return layers
+
+
+def exact_vae_activation_bytes(stage: str, request: PlanRequest, tile: int, on_gpu: bool) -> int:
+    """Peak GPU activations of the exact tiled VAE (decode, and the refiner's encode, which this bounds): per
+    layer, the whole activations it reads and writes (when they live on the GPU; fp16 under autocast) plus one
+    tile's working set (see EXACT_TILE_UNITS); the largest layer's sum."""
+    peak = 0
+    for h, w, widest, whole in _exact_vae_layers(stage, request):
+        tile_bytes = EXACT_TILE_UNITS[stage] * (min(tile, h) + 4) * (min(tile, w) + 4) * widest * 2
+        peak = max(peak, int(tile_bytes) + (whole * 2 if on_gpu else 0))
+    return peak
+
+
+def exact_vae_host_bytes(stage: str, request: PlanRequest) -> int:
+    """Pinned host memory of the exact tiled VAE with its activations on the host: the largest layer's whole
+    input and output, fp16."""
+    return max(whole for _, _, _, whole in _exact_vae_layers(stage, request)) * 2
+
+
 def text_activation_bytes(c: dict, tokens: int) -> int:
     """One prompt through a decoder layer: hidden states, q/k/v, the MLP's gate, up and product, in bf16, twice
     over (a batch of two prompts; the simulator measures 0.13 GiB for one padded 2K prompt, 0.30 planned)."""
@@ -551,7 +604,15 @@ class _Need:
     activations: int
     host: int
     streamable: bool
-    floor_note: str = ""
+    exact: list[tuple[bool, int, int]] = field(default_factory=list)
+    """A VAE's exact tiled settings, fastest first: (activations on the GPU, tile side, activation bytes)."""
+    exact_host: int = 0
+    """Pinned host bytes of the exact tiled VAE when its activations live on the host."""
+
+
+def _exact_options(stage: str, request: PlanRequest) -> dict[str, Any]:
+    options = [(on_gpu, tile, exact_vae_activation_bytes(stage, request, tile, on_gpu)) for on_gpu, tile in EXACT_TILES]
+    return {"exact": options, "exact_host": exact_vae_host_bytes(stage, request)}
 
 
 def _needs(request: PlanRequest) -> list[_Need]:
@@ -579,7 +640,7 @@ def _needs(request: PlanRequest) -> list[_Need]:
                        dit.total, True))
     vae = Part(VAE_PARAMS["vae_decode"] * 4)
     needs.append(_Need("vae_decode", vae, vae_activation_bytes("vae_decode", request, 4), vae.total, False,
-                       "tiling would change the image, so the VAE decodes whole"))
+                       **_exact_options("vae_decode", request)))
     if request.refiner:
         refiner_config = dit_config(request, refiner=True)
         refiner = dit_part(refiner_config, request.fp8)
@@ -588,7 +649,7 @@ def _needs(request: PlanRequest) -> list[_Need]:
                            refiner.total, True))
         refiner_vae = Part(VAE_PARAMS["refiner_vae"] * 2)  # fp16 on the GPU, as the official
         needs.append(_Need("refiner_vae", refiner_vae, vae_activation_bytes("refiner_vae", request, 2),
-                           VAE_PARAMS["refiner_vae"] * 4, False, "tiling would change the image"))
+                           VAE_PARAMS["refiner_vae"] * 4, False, **_exact_options("refiner_vae", request)))
     return needs
 
 
@@ -633,6 +694,16 @@ def _stage_plan(need: _Need, room: float, all_resident: bool, resident_total: in
                          reason="beside the resident parts")
     if need.part.total + act <= room:
         return StagePlan(need.stage, "model", (need.part.total + act) / GIB, need.part.total / GIB, act / GIB)
+    weights, host_bytes = need.part.total, need.exact_host
+    for on_gpu, tile, exact_act in need.exact:
+        if weights + exact_act <= room:
+            where = "on the GPU" if on_gpu else f"in pinned host memory ({host_bytes / GIB:.1f} GiB)"
+            return StagePlan(need.stage, "exact", (weights + exact_act) / GIB, weights / GIB, exact_act / GIB,
+                             tile_size=tile, activations_on="gpu" if on_gpu else "host",
+                             reason=f"the whole decode needs {(weights + act) / GIB:.1f} GiB: exact tiled decode, "
+                                    f"{tile}px tiles, activations {where}")
+    if need.exact:
+        act = min(exact_act for _, _, exact_act in need.exact)
     blocks = need.part.blocks
     floor = need.part.rest + 2 * max(blocks, default=0) + act
     if need.streamable and blocks and floor <= room:
@@ -642,10 +713,9 @@ def _stage_plan(need: _Need, room: float, all_resident: bool, resident_total: in
         return StagePlan(need.stage, "block", (weights + act) / GIB, weights / GIB, act / GIB, k, len(blocks),
                          weight_budget / GIB, reason=f"{len(blocks) - k} blocks streamed")
     minimum = floor if need.streamable and blocks else need.part.total + act
-    note = f"; {need.floor_note}" if need.floor_note else ""
     return StagePlan(
         need.stage, "refused", minimum / GIB, (minimum - act) / GIB, act / GIB,
-        reason=f"needs {minimum / GIB:.1f} GiB + margin of GPU memory at this size{note}",
+        reason=f"needs {minimum / GIB:.1f} GiB + margin of GPU memory at this size",
     )
 
 
