@@ -1,13 +1,15 @@
 """Peak host memory and time to decode 512x512 images on the CPU with the full-size 32x VAE (random weights).
 
-Three ways, each in a fresh subprocess on the same latents (batch of 2: a smooth latent and a random one):
+Four ways, each in a fresh subprocess on the same latents (batch of 2: a smooth latent and a random one):
   whole    one decoder call for the batch
   sliced   vae.enable_slicing(): one image at a time (same numbers)
   tiled    vae.enable_tiling(tile, overlap): overlapping latent tiles blended linearly (numbers change)
+  exact    vae.enable_exact_tiling(exact_tile): layer by layer over tiles of exact_tile pixels (same numbers up
+           to float summation order)
 Peak memory is the decode's own: each worker resets its peak RSS (/proc/self/clear_refs) after building the
-model and reads VmHWM after decoding. The tiled error is max|tiled - whole| / max|whole| per image.
+model and reads VmHWM after decoding. The error is max|mode - whole| / max|whole| per image.
 
-    python benchmarks/bench_vae_decode.py [--size 512] [--tile 12] [--overlap 3] [--threads 2]
+    python benchmarks/bench_vae_decode.py [--size 512] [--tile 12] [--overlap 3] [--exact-tile 128] [--threads 2]
 """
 
 import argparse
@@ -21,6 +23,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 
+MODES = ("whole", "sliced", "tiled", "exact")
 FULL_SIZE_CONFIG = {
     "in_channels": 3,
     "out_channels": 3,
@@ -54,7 +57,7 @@ def latents_for(size: int):
     return torch.cat([smooth / smooth.std(), noise])
 
 
-def worker(mode: str, size: int, tile: int, overlap: int, threads: int, out: Path) -> None:
+def worker(mode: str, size: int, tile: int, overlap: int, exact_tile: int, threads: int, out: Path) -> None:
     import torch
 
     from hyimage.models import HunyuanVAE2D
@@ -67,6 +70,8 @@ def worker(mode: str, size: int, tile: int, overlap: int, threads: int, out: Pat
         vae.enable_slicing()
     elif mode == "tiled":
         vae.enable_tiling(tile_latent_size=tile, tile_latent_overlap=overlap)
+    elif mode == "exact":
+        vae.enable_exact_tiling(exact_tile)
     Path("/proc/self/clear_refs").write_text("5")
     baseline = _rss_kib("VmRSS")
     start = time.perf_counter()
@@ -87,20 +92,22 @@ def main() -> None:
     parser.add_argument(
         "--overlap", type=int, default=3, help="tile overlap in latent pixels (default: the model default)"
     )
+    parser.add_argument("--exact-tile", type=int, default=128, help="exact tiling's tile side in pixels")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--worker", choices=["whole", "sliced", "tiled"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.size, args.tile, args.overlap, args.threads, args.out)
+        worker(args.worker, args.size, args.tile, args.overlap, args.exact_tile, args.threads, args.out)
         return
 
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        for mode in ("whole", "sliced", "tiled"):
+        for mode in MODES:
             out = Path(folder) / f"{mode}.pt"
             command = [sys.executable, __file__, "--worker", mode, "--out", str(out)]
             command += ["--size", str(args.size), "--tile", str(args.tile), "--overlap", str(args.overlap)]
+            command += ["--exact-tile", str(args.exact_tile)]
             command += ["--threads", str(args.threads)]
             completed = subprocess.run(command, check=True, capture_output=True, text=True)
             results[mode] = json.loads(completed.stdout.strip().splitlines()[-1])
@@ -109,7 +116,7 @@ def main() -> None:
 
         whole = torch.load(results["whole"]["out"], weights_only=True)
         errors = {}
-        for mode in ("sliced", "tiled"):
+        for mode in MODES[1:]:
             other = torch.load(results[mode]["out"], weights_only=True)
             errors[mode] = [
                 ((other[i].double() - whole[i].double()).abs().max() / whole[i].double().abs().max()).item()
@@ -119,7 +126,7 @@ def main() -> None:
     print(f"HunyuanVAE2D full size (32x, 64 latent channels), random weights, float32, CPU, {args.threads} threads")
     print(
         f"decode 2 images of {args.size}x{args.size} (latent {args.size // 32}x{args.size // 32}); tiles "
-        f"{args.tile}x{args.tile} latent px, overlap {args.overlap}"
+        f"{args.tile}x{args.tile} latent px, overlap {args.overlap}; exact tiles {args.exact_tile}x{args.exact_tile} px"
     )
     whole_result = results["whole"]
     print(

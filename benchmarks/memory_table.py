@@ -7,8 +7,9 @@ size (benchmarks/memsim.py). DiT stages run 1 double + 1 single block at full wi
 weights of the full model that the plan keeps on the GPU are counted by the block streamer on its meta build
 and added (activations are per-block transients, independent of depth); the text encoder likewise (1 decoder
 layer simulated, the 26-layer model's placed weights counted). The glyph and reprompt models are planned from
-formulas only ("-" under simulated). The refiner VAE row is the larger of its encode and its decode. Peaks in GiB; the plan keeps its margin free
-on top. No GPU needed; a few minutes on 2 CPU cores.
+formulas only ("-" under simulated). The VAE stages run as placed: whole, or exact tiled with the plan's tile
+size and activation location; the refiner VAE row is the larger of its encode and its decode. Peaks in GiB; the
+plan keeps its margin free on top. No GPU needed; a few minutes on 2 CPU cores.
 """
 
 import argparse
@@ -27,6 +28,7 @@ from benchmarks.memsim import (
     simulate_vae_decode,
 )
 from hyimage.models.dit.configs import resolve_dit_config
+from hyimage.models.vae.exact_tiling import ExactTiling
 from hyimage.offload.planner import (
     TEMPLATE_TOKENS,
     TEXT_ENCODER_LAYERS,
@@ -77,10 +79,18 @@ def dit_activations(config, fp8: bool, batch: int, width: int, height: int, refi
     ]
 
 
+@functools.lru_cache(maxsize=64)
+def vae_peak(stage: str, width: int, height: int, tile_size: int | None, activations_on: str | None) -> float:
+    """Simulated peak of a VAE stage run whole (tile_size None) or exact tiled as planned."""
+    exact = None if tile_size is None else ExactTiling(tile_size, None if activations_on == "gpu" else "cpu")
+    peak = simulate_vae_decode(stage, width, height, exact=exact)["peak"]
+    if stage == "refiner_vae":
+        peak = max(peak, simulate_vae_decode(stage, width, height, True, exact)["peak"])
+    return peak
+
+
 def rows(budgets: list[float], sizes: list[tuple[int, int]]):
     for width, height in sizes:
-        vae = {stage: simulate_vae_decode(stage, width, height)["peak"] for stage in ("vae_decode", "refiner_vae")}
-        vae["refiner_vae"] = max(vae["refiner_vae"], simulate_vae_decode("refiner_vae", width, height, True)["peak"])
         text_activations = simulate_text_encoder(TEXT_TOKENS + TEMPLATE_TOKENS)["activations"]
         for name, variant in VARIANTS.items():
             for fp8 in (True, False):
@@ -98,14 +108,16 @@ def rows(budgets: list[float], sizes: list[tuple[int, int]]):
                             config = dit_config(request, refiner=stage.stage == "refiner_dit")
                             weights = full_weights_gib(config, fp8, stage.placement, stage.weight_budget_gib)
                             simulated = weights + acts[stage.stage]
-                        elif stage.stage in vae:
-                            simulated = vae[stage.stage]
+                        elif stage.stage in ("vae_decode", "refiner_vae") and stage.placement != "refused":
+                            simulated = vae_peak(stage.stage, width, height, stage.tile_size, stage.activations_on)
                         elif stage.stage == "text_encoder" and stage.placement != "refused":
                             simulated = text_encoder_weights_gib(stage.placement, stage.weight_budget_gib)
                             simulated += text_activations
                         placement = stage.placement
                         if placement == "block":
                             placement = f"block {stage.resident_blocks}/{stage.total_blocks}"
+                        if placement == "exact":
+                            placement = f"exact {stage.tile_size}px {stage.activations_on}"
                         yield (f"{width}x{height}", name, "FP8" if fp8 else "bf16", budget, stage.stage, placement,
                                stage.predicted_peak_gib, simulated)
 

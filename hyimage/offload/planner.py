@@ -86,7 +86,11 @@ EXACT_TILE_UNITS = {"vae_decode": 3.5, "refiner_vae": 4.5}
 resnet conv's input at float32 for its norm, or a resampling conv's output), halo included. Read off the
 simulator at 2048x2048 (benchmarks/memsim.py, tiles of 512 and 256 pixels, activations on the GPU and on the
 host): the 2D decode keeps 3.4 of them (its GroupNorm copies and SiLU), the 3D decode 4.3 (RMSNorm's float32
-copies, the replication padding and the first frame's discarded half); the figure must bound every case."""
+copies, the replication padding and the first frame's discarded half); the figure must bound every case.
+Planned / simulated activations at 2K (GiB), tiles on the GPU / host: 2D decode 512 gpu 2.53 / 2.25, 256 gpu
+2.11 / 2.06, 512 host 1.78 / 1.75, 256 host 0.90 / 0.81, 128 host 0.23 / 0.22; refiner decode 512 gpu 3.03 / 2.50,
+256 gpu 2.70 / 2.06, 512 host 2.32 / 2.25, 256 host 2.32 / 1.63, 128 host 1.20 / 0.78 (its encode is lower in
+every case: 2.25, 2.06, 1.25, 0.63, 0.25)."""
 GLYPH_TOKENS = 128
 TEXT_TOKENS = 1000
 REFINER_TEXT_TOKENS = 256

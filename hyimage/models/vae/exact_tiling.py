@@ -75,6 +75,11 @@ def group_norm_with(t: torch.Tensor, norm: nn.GroupNorm, mean: torch.Tensor, var
     return h.mul_(norm.weight.float().view(channels)).add_(norm.bias.float().view(channels)).to(dtype)
 
 
+def _scaled(start: int, stop: int, scale: tuple[int, int]) -> slice:
+    """[start, stop) times scale[0] / scale[1] (a layer's output over its input size: whole pixels by design)."""
+    return slice(start * scale[0] // scale[1], stop * scale[0] // scale[1])
+
+
 class _Tiles:
     """Runs layers over the tiles of whole activations kept on the store device."""
 
@@ -126,22 +131,15 @@ class _Tiles:
             r0, r1 = max(top - halo, 0), min(bottom + halo, height)
             c0, c1 = max(left - halo, 0), min(right + halo, width)
             y = fn(self.load(x[..., r0:r1, c0:c1]))
-            sy, sx = (y.shape[-2], r1 - r0), (y.shape[-1], c1 - c0)  # the layer's scale: 2 up, 1/2 down
-
-            def rows(a: int, b: int, s: tuple[int, int] = sy) -> slice:
-                return slice(a * s[0] // s[1], b * s[0] // s[1])
-
-            def cols(a: int, b: int, s: tuple[int, int] = sx) -> slice:
-                return slice(a * s[0] // s[1], b * s[0] // s[1])
-
-            y = y[..., rows(top - r0, bottom - r0), cols(left - c0, right - c0)]
+            rows, cols = (y.shape[-2], r1 - r0), (y.shape[-1], c1 - c0)  # the layer's scale: 2 up, 1/2 down
+            y = y[..., _scaled(top - r0, bottom - r0, rows), _scaled(left - c0, right - c0, cols)]
             if residual is not None:
                 y = residual(y, (top, bottom, left, right))
             if out is None:
-                shape = (*y.shape[:-2], rows(0, height).stop, cols(0, width).stop)
+                shape = (*y.shape[:-2], _scaled(0, height, rows).stop, _scaled(0, width, cols).stop)
                 same = into is not None and tuple(into.shape) == shape and into.dtype == y.dtype
                 out = into if same else self.empty(shape, y.dtype, on_device)
-            out[..., rows(top, bottom), cols(left, right)].copy_(y, non_blocking=self.pinned)
+            out[..., _scaled(top, bottom, rows), _scaled(left, right, cols)].copy_(y, non_blocking=self.pinned)
             del y
         return out
 
