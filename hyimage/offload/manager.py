@@ -110,11 +110,14 @@ class MemoryManager:
 
     def exact_tiling(self, module: object) -> "ExactTiling | None":
         """The exact tiled VAE settings of mode "auto" for `module` when the plan places its stage "exact"."""
-        if self.mode != "auto" or (self.device.type != "cuda" and self.gpu_budget_gb is None):
-            return None
         from hyimage.offload.planner import stage_of
 
-        stage = self.plan.stage(stage_of(module) or "")
+        name = stage_of(module)
+        if self.mode != "auto" or name not in ("vae_decode", "refiner_vae"):
+            return None
+        if self.device.type != "cuda" and self.gpu_budget_gb is None:
+            return None
+        stage = self.plan.stage(name)
         if stage is None or stage.placement != "exact":
             return None
         from hyimage.models.vae.exact_tiling import ExactTiling
