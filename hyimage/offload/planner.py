@@ -615,7 +615,7 @@ class _Need:
 
 
 def _exact_options(stage: str, request: PlanRequest) -> dict[str, Any]:
-    options = [(on_gpu, tile, exact_vae_activation_bytes(stage, request, tile, on_gpu)) for on_gpu, tile in EXACT_TILES]
+    options = [(gpu, tile, exact_vae_activation_bytes(stage, request, tile, gpu)) for gpu, tile in EXACT_TILES]
     return {"exact": options, "exact_host": exact_vae_host_bytes(stage, request)}
 
 
