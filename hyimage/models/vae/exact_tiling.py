@@ -98,10 +98,13 @@ class _Tiles:
         """A whole activation computed on the device, moved to the store."""
         if t.device == self.store_device:
             return t
-        return self.empty(tuple(t.shape), t.dtype).copy_(t, non_blocking=self.pinned)
+        return self.empty(tuple(t.shape), t.dtype).copy_(t)
 
     def load(self, t: torch.Tensor) -> torch.Tensor:
-        """A (part of a) stored activation on the execution device (the same tensor when it is there)."""
+        """A (part of a) stored activation on the execution device (the same tensor when it is there).
+
+        Only these host-to-device copies are asynchronous (from pinned memory); writes back to the host are
+        not, so a host buffer is never read before its tile has landed."""
         return t.to(self.device, non_blocking=self.pinned)
 
     def spans(self, length: int) -> list[tuple[int, int]]:
@@ -139,7 +142,7 @@ class _Tiles:
                 shape = (*y.shape[:-2], _scaled(0, height, rows).stop, _scaled(0, width, cols).stop)
                 same = into is not None and tuple(into.shape) == shape and into.dtype == y.dtype
                 out = into if same else self.empty(shape, y.dtype, on_device)
-            out[..., _scaled(top, bottom, rows), _scaled(left, right, cols)].copy_(y, non_blocking=self.pinned)
+            out[..., _scaled(top, bottom, rows), _scaled(left, right, cols)].copy_(y)
             del y
         return out
 
