@@ -122,6 +122,28 @@ def test_auto_mode_decodes_exactly_where_the_plan_says(vae_2d, vae_3d, monkeypat
     assert MemoryManager("cpu", "auto", gpu_budget_gb=16).exact_tiling(vae_2d) is None  # the whole decode fits
 
 
+@pytest.mark.parametrize("cls, config, shape", [
+    (HunyuanVAE2D, tiny_vae_2d_config(), (1, 64, 3, 2)),
+    (AutoencoderKLConv3D, tiny_refiner_vae_config(), (1, 32, 1, 5, 3)),
+])
+def test_under_cuda_autocast_the_exact_decode_returns_what_the_whole_one_does(cls, config, shape) -> None:
+    """On fake CUDA tensors (benchmarks/memsim.py): fp16 autocast as the official decode, same dtype, shape and
+    device, with the activations on the GPU or in host memory."""
+    from benchmarks.memsim import fake_cuda, materialize
+
+    with torch.device("meta"):
+        vae = cls(**config).eval()
+    with fake_cuda():
+        materialize(vae, "cuda")
+        z = torch.randn(*shape, device="cuda")
+        whole = vae.decode(z).sample
+        for activations_device in (None, "cpu"):
+            vae.exact_tiling = ExactTiling(32, activations_device)
+            exact = vae.decode(z).sample
+            assert (exact.dtype, exact.device, exact.shape) == (torch.float16, whole.device, whole.shape)
+    assert whole.dtype == torch.float16 and whole.device.type == "cuda"
+
+
 @pytest.mark.parametrize("budget", (16, 12, 8, 6))
 def test_every_vae_stage_is_planned_within_its_budget(budget: float) -> None:
     plan = make_plan(DISTILLED_FP8, budget)
