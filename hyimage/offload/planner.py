@@ -646,8 +646,8 @@ def make_plan(request: PlanRequest, gpu_gib: float, host_gib: float | None = Non
     stages = [_stage_plan(need, room, all_resident, resident_total) for need in needs]
     by_stage = {s.stage: s for s in stages}
     steps = plan_host(host_bytes(request, by_stage), host_gib, HOST_BASE_GIB)
-    for stage in stages:
-        apply_host_step(stage, steps[stage.stage], request, host_gib)
+    for stage, need in zip(stages, needs):
+        apply_host_step(stage, steps[stage.stage], host_gib, need.host)
     return Plan(request, gpu_gib, host_gib, margin, stages, steps)
 
 
@@ -735,16 +735,16 @@ def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gi
     return steps
 
 
-def apply_host_step(stage: StagePlan, step: HostStep, request: PlanRequest, host_gib: float | None) -> None:
-    """Write a stage's host figures into its plan; a refused part refuses the stage, naming the way out."""
+def apply_host_step(stage: StagePlan, step: HostStep, host_gib: float | None, loaded: int) -> None:
+    """Write a stage's host figures into its plan; a refused part refuses the stage, naming the way out (`loaded`:
+    the part's bytes as loaded, before any pinning)."""
     stage.host_gib, stage.host_held, stage.host_released = step.peak / GIB, step.held, step.released
     if step.refused:
-        way_out = "or give a larger host budget"
+        way_out = f"give a host budget of at least {math.ceil(step.peak / GIB)} GiB"
         if stage.stage == "reprompt":
-            way_out = (f"use the 7b reprompt model, no reprompt, or a host budget of at least "
-                       f"{math.ceil(step.peak / GIB)} GiB")
+            way_out = f"use the 7b reprompt model, no reprompt, or {way_out}"
         stage.placement = "refused"
-        stage.reason = f"{step.refused}; {way_out}"
+        stage.reason = f"{step.refused} (the part as loaded: {loaded / GIB:.1f} GiB); {way_out}"
     elif step.released:
         note = f"host: releases {', '.join(step.released)} first (read again when next needed)"
         stage.reason = f"{stage.reason}; {note}" if stage.reason else note
