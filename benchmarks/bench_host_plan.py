@@ -50,8 +50,8 @@ def sample():
 
 keeper_build = memory.host.before_build
 def before_build(stage):
+    keeper_build(stage)  # what it releases is still the previous stage's
     current[0] = stage or current[0]
-    keeper_build(stage)
 memory.host.before_build = before_build
 running = memory.running
 def placed(module):
@@ -80,7 +80,7 @@ from safetensors.torch import save_file
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.models.dit.model import HYImageDiffusionTransformer
 from tests.fixtures.dit_layouts import fused_layout
-path, variant, singles, text_dim = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+path, variant, singles, text_dim, fp8 = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 config = resolve_dit_config(variant).to_dict()
 config.update(mm_double_blocks_depth=1, mm_single_blocks_depth=singles, text_states_dim=text_dim)
 with torch.device("meta"):
@@ -88,8 +88,19 @@ with torch.device("meta"):
 generator = torch.Generator().manual_seed(0)
 state = {k: torch.empty(v.shape, dtype=torch.bfloat16).uniform_(-0.02, 0.02, generator=generator)
          for k, v in model.state_dict().items()}
-save_file(state, path)
 open(path.replace(".safetensors", ".json"), "w").write(json.dumps(config))
+if not fp8:
+    save_file(state, path)
+    sys.exit()
+from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
+model = HYImageDiffusionTransformer(**config, dtype=torch.bfloat16)
+model.load_state_dict(state)
+del state
+names = fp8_linear_modules(model)
+convert_to_fp8_linear(model, names)
+state = {k: v.contiguous() for k, v in model.state_dict().items()}
+save_file(state, path.replace(".safetensors", "_fp8.safetensors"))
+save_file({n: state[n + ".weight_scale"] for n in names}, path.replace(".safetensors", "_fp8_scale.safetensors"))
 """
 
 
@@ -113,6 +124,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget-gib", type=float, default=2.0, help="the host budget of the measured run")
     parser.add_argument("--singles", type=int, default=2, help="single-stream blocks of the scaled DiTs")
+    parser.add_argument("--fp8-files", action="store_true",
+                        help="write the scaled DiTs as FP8 pairs, as released (default: bf16, quantized while loading)")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the tree (default: a temp dir)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
@@ -130,11 +143,15 @@ def main() -> None:
         layout = CheckpointLayout(root)
         write_tiny_qwen25vl(layout.text_encoder, tokenizer, num_hidden_layers=6, hidden_size=text_dim)
         for variant in ("hunyuanimage-v2.1-distilled", "hunyuanimage-refiner"):
-            run(WRITER, str(layout.dit(variant)), variant, str(args.singles), str(text_dim))
+            layout.dit(variant).unlink()
+            for path in (layout.dit_fp8(variant), layout.dit_fp8_scale(variant)):
+                path.unlink(missing_ok=True)
+            run(WRITER, str(layout.dit(variant)), variant, str(args.singles), str(text_dim), str(int(args.fp8_files)))
         m = json.loads(run(CHILD, str(root), str(args.budget_gib)))
 
-    print(f"scaled tree on the CPU, host budget {args.budget_gib:g} GiB; part sizes (GiB): "
-          + ", ".join(f"{k} {v / GIB:.3f}" for k, v in m["sizes"].items()))
+    files = "FP8 pairs" if args.fp8_files else "bf16, quantized to FP8 while loading"
+    print(f"scaled tree on the CPU (DiTs: {files}), host budget {args.budget_gib:g} GiB; part sizes once loaded "
+          "(while loading), GiB: " + ", ".join(f"{k} {a / GIB:.3f} ({b / GIB:.3f})" for k, (a, b) in m["sizes"].items()))
     print(f"{'stage':<14}{'predicted GiB':>14}{'measured GiB':>14}{'ratio':>7}  released before it")
     for stage, predicted in m["predicted"].items():
         if stage not in m["peaks"]:

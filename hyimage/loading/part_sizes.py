@@ -4,7 +4,9 @@ The memory plan's host figures (`hyimage.offload.planner.plan_host`) use them fo
 fine-tune, a scaled or tiny test tree) instead of the released sizes: the DiTs are counted on their meta build
 (`dit_part`) at the dtype the loader gives them, the text encoder's language model from its config.json
 (`language_model`, the layers the encoder builds), the VAEs on their meta build from config.json, and the glyph
-encoder and the reprompt model as their files (they load in the dtype they are stored in).
+encoder and the reprompt model as their files (they load in the dtype they are stored in). Reading a part costs
+about one tensor on top of it, except an FP8 DiT quantized while loading from its bf16 file (see
+QUANTIZE_ON_LOAD_PEAK).
 """
 
 import json
@@ -15,6 +17,10 @@ import torch
 
 from hyimage.loading.layout import CheckpointLayout
 from hyimage.text_encoders.mllm import HIDDEN_STATE_SKIP_LAYER
+
+QUANTIZE_ON_LOAD_PEAK = 0.69
+"""Peak RSS growth while an FP8 DiT is quantized from its bf16 file, as a share of that file's size (0.689 measured
+by benchmarks/bench_dit_load_memory.py)."""
 
 
 def part_host_bytes(
@@ -27,10 +33,12 @@ def part_host_bytes(
     text_encoder_dtype: torch.dtype | None,
     reprompt: str | None,
     device: torch.device,
-) -> dict[str, int]:
-    """Per stage of the memory plan, the host bytes of its part as loaded for `device`."""
+    dit_file: Path | None = None,
+) -> dict[str, tuple[int, int]]:
+    """Per stage of the memory plan, the host bytes of its part once loaded for `device`, and while it loads (a
+    DiT from `dit_file`, another format, is left to the planner's own count)."""
     cuda = torch.device(device).type == "cuda"
-    sizes = {"dit": dit_bytes(variant if config is None else config, fp8, dit_dtype)}
+    sizes = {} if dit_file is not None else {"dit": dit_bytes(variant if config is None else config, fp8, dit_dtype)}
     text_dtype = text_encoder_dtype or (torch.bfloat16 if cuda else torch.float32)
     sizes["text_encoder"] = text_encoder_bytes(layout.text_encoder / "config.json", text_dtype.itemsize)
     glyph = _files(layout.glyph_diffusers[0], "*.safetensors") or _files(layout.glyph / "checkpoints", "*.pt")
@@ -42,7 +50,11 @@ def part_host_bytes(
         sizes["refiner_vae"] = vae_bytes("AutoencoderKLConv3D", layout.refiner_vae, torch.float16 if cuda else None)
     if reprompt is not None and _files(layout.reprompt(reprompt), "*.safetensors"):
         sizes["reprompt"] = _files(layout.reprompt(reprompt), "*.safetensors")
-    return sizes
+    loading = {}
+    for stage, name in (("dit", variant), ("refiner_dit", "hunyuanimage-refiner")):
+        if stage in sizes and fp8 and not layout.dit_fp8(name).is_file() and layout.dit(name).is_file():
+            loading[stage] = int(QUANTIZE_ON_LOAD_PEAK * layout.dit(name).stat().st_size)
+    return {stage: (size, max(size, loading.get(stage, 0))) for stage, size in sizes.items()}
 
 
 def dit_bytes(config: Any, fp8: bool, dtype: torch.dtype) -> int:

@@ -234,6 +234,7 @@ def load_pipeline(
     memory.part_sizes = lambda device: part_host_bytes(
         layout, model_name, config, _dit_config(layout, REFINER, refiner_dit_config) if refiner else None,
         use_fp8, dit_dtype(memory, use_fp8, dtype), text_encoder_dtype, REPROMPT_SIZES.get(reprompt_model), device,
+        dit_file,
     )
     dit = _with_speed(
         _dit_factory(

@@ -66,8 +66,9 @@ class MemoryManager:
         self.host_budget_gb = host_budget_gb
         self.request = request
         """What the "auto" plan is made for (the loader sets it); None plans the released distilled model at 2K."""
-        self.part_sizes: Callable[[torch.device], dict[str, int]] | None = None
-        """Host bytes per stage part of the checkpoints loaded, on a device (the loader sets it); None: released sizes."""
+        self.part_sizes: Callable[[torch.device], dict[str, tuple[int, int]]] | None = None
+        """Per stage part of the checkpoints loaded, its host bytes once loaded and while loading, for a device (the
+        loader sets it); None: the released sizes."""
         self.host = HostKeeper(self.host_plan, self.forget_within)
         self._plan: "Plan | None" = None
         self._host_plan: "dict[str, HostStep] | None" = None
@@ -86,7 +87,8 @@ class MemoryManager:
 
         request = self.request if self.request is not None else PlanRequest()
         if self.part_sizes is not None and request.host_part_bytes is None:
-            request = replace(request, host_part_bytes=tuple(sorted(self.part_sizes(self.device).items())))
+            sizes = self.part_sizes(self.device)
+            request = replace(request, host_part_bytes=tuple((stage, *sizes[stage]) for stage in sorted(sizes)))
         return request
 
     @property

@@ -108,9 +108,10 @@ class PlanRequest:
     """A GGUF quantisation type (Q4_K, Q8_0, ...): the DiT estimated as such a file would load (see GGUF_KEPT)."""
     loras: tuple["LoraLayout", ...] = ()
     """LoRAs attached to the DiT (`lora_layout`, `lora_layouts`): their adapters stay on the GPU with the layers."""
-    host_part_bytes: tuple[tuple[str, int], ...] | None = None
-    """(stage, bytes) of the parts as loaded into host memory, when not the released sizes (the pipeline loader
-    counts them for the checkpoint tree it loads: `hyimage.loading.part_sizes`)."""
+    host_part_bytes: tuple[tuple[str, int, int], ...] | None = None
+    """(stage, bytes held once loaded, bytes while loading) of the parts in host memory, when not the released
+    sizes read from the official files (the pipeline loader counts them for the checkpoint tree it loads:
+    `hyimage.loading.part_sizes`)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -677,16 +678,16 @@ class HostStep:
 def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dict[str, tuple[int, int]]:
     """(bytes held after the stage, bytes while it builds) per stage part, for the GPU placements in `stages`
     (None: a call on the CPU, every part in host memory)."""
-    given = dict(request.host_part_bytes or ())
+    given = {stage: (held, loading) for stage, held, loading in request.host_part_bytes or ()}
     sizes = {}
     for need in _needs(request):
-        held = given.get(need.stage, need.host)
+        held, loading = given.get(need.stage, (need.host, need.host))
         plan = None if stages is None else stages.get(need.stage)
         placement = None if plan is None else plan.placement
         if placement == "block" and need.part.pinned is not None:
             k = plan.resident_blocks
             held += sum(need.part.pinned[k:]) - sum(need.part.blocks[k:])
-        sizes[need.stage] = (0, held) if placement == "resident" else (held, held)
+        sizes[need.stage] = (0, loading) if placement == "resident" else (held, max(held, loading))
     return sizes
 
 
