@@ -227,6 +227,8 @@ class Plan:
                 f"{s.stage:<14}{placement:<16}{s.predicted_peak_gib:>9.2f}{s.weights_gib:>9.2f}"
                 f"{s.activations_gib:>8.2f}{s.host_gib:>10.1f}  {s.reason}"
             )
+        lines.append(f"host GiB: the stage's host RAM peak, the process counted as {HOST_BASE_GIB:g} GiB; a part released "
+                     "is read again from disk when next needed")
         return "\n".join(lines)
 
 
