@@ -34,9 +34,11 @@ def part_host_bytes(
     reprompt: str | None,
     device: torch.device,
     dit_file: Path | None = None,
+    base: bool = True,
 ) -> dict[str, tuple[int, int]]:
     """Per stage of the memory plan, the host bytes of its part once loaded for `device`, and while it loads (a
-    DiT from `dit_file`, another format, is left to the planner's own count)."""
+    DiT from `dit_file`, another format, is left to the planner's own count; `base=False`: the refiner alone, so
+    the base model's stages hold nothing)."""
     cuda = torch.device(device).type == "cuda"
     sizes = {} if dit_file is not None else {"dit": dit_bytes(variant if config is None else config, fp8, dit_dtype)}
     text_dtype = text_encoder_dtype or (torch.bfloat16 if cuda else torch.float32)
@@ -54,6 +56,8 @@ def part_host_bytes(
     for stage, name in (("dit", variant), ("refiner_dit", "hunyuanimage-refiner")):
         if stage in sizes and fp8 and not layout.dit_fp8(name).is_file() and layout.dit(name).is_file():
             loading[stage] = int(QUANTIZE_ON_LOAD_PEAK * layout.dit(name).stat().st_size)
+    if not base:
+        sizes.update(dit=0, glyph_encoder=0, vae_decode=0)
     return {stage: (size, max(size, loading.get(stage, 0))) for stage, size in sizes.items()}
 
 

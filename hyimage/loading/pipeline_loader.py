@@ -324,6 +324,10 @@ def load_refiner_pipeline(
     needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
     check_present(needs, layout.root, progress=progress_bar)
     plan_for(memory, VARIANTS[1], use_fp8, True, None, REFINER)
+    memory.part_sizes = lambda device: part_host_bytes(
+        layout, VARIANTS[1], None, _dit_config(layout, REFINER, dit_config), use_fp8, dit_dtype(memory, use_fp8, dtype),
+        text_encoder_dtype, None, device, base=False,
+    )
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
