@@ -178,6 +178,7 @@ class MemoryManager:
         if loras != request.loras:
             self.request = replace(request, loras=loras)
             self._plan = None
+            self._host_plan = None
             self._streamers.clear()
 
     def forget_within(self, part: object) -> None:

@@ -134,8 +134,9 @@ class Part:
 
     rest: int
     blocks: list[int] = field(default_factory=list)
-    pinned: list[int] | None = None
-    """Per block, the host bytes of its tensors once pinned for streaming (each rounded up to a power of two)."""
+    pinned: list[int] | None = field(default=None, compare=False)
+    """Per block, the host bytes of its tensors once pinned for streaming (each rounded up to a power of two); None
+    when not known (then the plan counts the streamed blocks as they are)."""
 
     @property
     def total(self) -> int:
@@ -684,6 +685,9 @@ def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dic
     sizes = {}
     for need in _needs(request):
         held, loading = given.get(need.stage, (need.host, need.host))
+        if need.stage == "dit" and need.stage in given and request.loras:  # the loader counts the DiT without them
+            plain = dit_part(dit_config(request), request.fp8, request.gguf, request.dit_file).total
+            held, loading = held + need.host - plain, loading + need.host - plain
         plan = None if stages is None else stages.get(need.stage)
         placement = None if plan is None else plan.placement
         if placement == "block" and need.part.pinned is not None:
