@@ -445,6 +445,7 @@ def _dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
         stamp = (str(Path(dit_file).resolve()), stat.st_size, stat.st_mtime_ns)
     layout = _dit_layout(json.dumps(config.to_dict(), sort_keys=True), fp8, gguf, dit_file, stamp)
     rest, blocks = layout.part.rest, list(layout.part.blocks)
+    pinned = None if layout.part.pinned is None else list(layout.part.pinned)
     rank = sum(max((r for _, r in lora.ranks), default=0) for lora in loras)
     for lora in loras:
         for module, module_rank in lora.ranks:
@@ -457,7 +458,9 @@ def _dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
                 rest += nbytes
             else:
                 blocks[index] += nbytes
-    return DiTWeights(Part(rest, blocks), layout.fp8, layout.dequant_bytes, rank)
+                if pinned is not None:
+                    pinned[index] += pinned_size(nbytes)  # its A and B as one allocation: about their rounding
+    return DiTWeights(Part(rest, blocks, pinned), layout.fp8, layout.dequant_bytes, rank)
 
 
 def _prefixes(module: str) -> list[str]:
