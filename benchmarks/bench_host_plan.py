@@ -152,6 +152,7 @@ def main() -> None:
     files = "FP8 pairs" if args.fp8_files else "bf16, quantized to FP8 while loading"
     print(f"scaled tree on the CPU (DiTs: {files}), host budget {args.budget_gib:g} GiB; part sizes once loaded "
           "(while loading), GiB: " + ", ".join(f"{k} {a / GIB:.3f} ({b / GIB:.3f})" for k, (a, b) in m["sizes"].items()))
+    print(f"process after imports: {m['base'] / GIB:.3f} GiB of RSS (the plan counts {m['plan_base'] / GIB:g})")
     print(f"{'stage':<14}{'predicted GiB':>14}{'measured GiB':>14}{'ratio':>7}  released before it")
     for stage, predicted in m["predicted"].items():
         if stage not in m["peaks"]:

@@ -654,7 +654,7 @@ def make_plan(request: PlanRequest, gpu_gib: float, host_gib: float | None = Non
     by_stage = {s.stage: s for s in stages}
     steps = plan_host(host_bytes(request, by_stage), host_gib, HOST_BASE_GIB)
     for stage, need in zip(stages, needs):
-        apply_host_step(stage, steps[stage.stage], host_gib, need.host)
+        apply_host_step(stage, steps[stage.stage], need.host)
     return Plan(request, gpu_gib, host_gib, margin, stages, steps)
 
 
@@ -745,7 +745,7 @@ def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gi
     return steps
 
 
-def apply_host_step(stage: StagePlan, step: HostStep, host_gib: float | None, loaded: int) -> None:
+def apply_host_step(stage: StagePlan, step: HostStep, loaded: int) -> None:
     """Write a stage's host figures into its plan; a refused part refuses the stage, naming the way out (`loaded`:
     the part's bytes as loaded, before any pinning)."""
     stage.host_gib, stage.host_held, stage.host_released = step.peak / GIB, step.held, step.released
