@@ -105,3 +105,9 @@ def test_tiny_tree_releases_and_reloads_parts_as_planned_with_the_same_images(tr
         assert dropped == (now is None or now[0] is not ref()), stage
     gc.collect()
     assert any(ref() is None for ref in refs.values())
+
+    # a budget the text encoder cannot fit even alone: refused before anything is read, naming the way out
+    tight = HunyuanImagePipeline.from_pretrained(**load, host_budget_gb=HOST_BASE_CPU_GIB + 1e6 / GIB)
+    with pytest.raises(MemoryError, match=r"text_encoder stage: host RAM.*host budget; give a host budget of at least"):
+        tight(**call)
+    assert tight.memory.host.built() == {}

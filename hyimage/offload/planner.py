@@ -719,9 +719,12 @@ def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gi
             after, building = sizes[stage]
             fixed = [s for s in HELD_WITH.get(stage, ()) if s in held]
             if budget is not None and base + building + sum(held[s] for s in fixed) > budget:
+                way_out = f"give a host budget of at least {math.ceil((base + building) / GIB)} GiB"
+                if stage == "reprompt":
+                    way_out = f"use the 7b reprompt model, no reprompt, or {way_out}"
                 steps[stage] = HostStep(base + building, [], [], refused=(
                     f"host RAM: {building / GIB:.1f} GiB for this part + {base_gib:g} GiB for the process exceed the "
-                    f"{host_gib:g} GiB host budget"))
+                    f"{host_gib:g} GiB host budget; {way_out}"))
                 continue
             released: list[str] = []
             if stage not in held:
@@ -750,11 +753,8 @@ def apply_host_step(stage: StagePlan, step: HostStep, loaded: int) -> None:
     the part's bytes as loaded, before any pinning)."""
     stage.host_gib, stage.host_held, stage.host_released = step.peak / GIB, step.held, step.released
     if step.refused:
-        way_out = f"give a host budget of at least {math.ceil(step.peak / GIB)} GiB"
-        if stage.stage == "reprompt":
-            way_out = f"use the 7b reprompt model, no reprompt, or {way_out}"
         stage.placement = "refused"
-        stage.reason = f"{step.refused} (the part as loaded: {loaded / GIB:.1f} GiB); {way_out}"
+        stage.reason = f"{step.refused} (the part as loaded: {loaded / GIB:.1f} GiB)"
     elif step.released:
         note = f"host: releases {', '.join(step.released)} first (read again when next needed)"
         stage.reason = f"{stage.reason}; {note}" if stage.reason else note
