@@ -102,11 +102,12 @@ class MemoryManager:
         return self._plan
 
     def host_plan(self) -> "dict[str, HostStep] | None":
-        """Per stage, what host memory holds within `host_budget_gb` (None without one: nothing is released). On
-        CUDA in mode "auto", the plan's (its GPU placements set the host bytes); elsewhere every part counts whole."""
+        """Per stage, what host memory holds within `host_budget_gb` (None without one, or in mode "none" on CUDA,
+        where parts are read straight onto the GPU: nothing is released). On CUDA in mode "auto", the plan's (its GPU
+        placements set the host bytes); elsewhere every part counts whole."""
         from hyimage.offload.planner import HOST_BASE_CPU_GIB, HOST_BASE_GIB, host_bytes, plan_host
 
-        if self.host_budget_gb is None:
+        if self.host_budget_gb is None or (self.mode == "none" and self.device.type == "cuda"):
             return None
         if self._host_plan is None:
             if self.mode == "auto" and self.device.type == "cuda":
