@@ -16,7 +16,7 @@ import torch
 
 from hyimage import HunyuanImagePipeline
 from hyimage.cli import main
-from hyimage.offload.planner import HOST_BASE_CPU_GIB, GIB, PlanRequest, make_plan
+from hyimage.offload.planner import GIB, HOST_BASE_CPU_GIB, PlanRequest, make_plan
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import write_tiny_tree
 

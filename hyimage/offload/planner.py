@@ -728,8 +728,8 @@ def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gi
                 continue
             released: list[str] = []
             if stage not in held:
-                def distance(other: str) -> int:
-                    return (order.index(other) - i) % len(order)
+                def distance(other: str, here: int = i) -> int:
+                    return (order.index(other) - here) % len(order)
 
                 others = sorted((s for s in held if s not in fixed), key=distance, reverse=True)
                 while budget is not None and others and base + building + sum(held.values()) > budget:
