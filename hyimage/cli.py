@@ -229,6 +229,9 @@ def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
                             "block by block")
     group.add_argument("--gpu-budget-gb", type=float, default=None,
                        help="GPU memory (GiB) the auto plan keeps within; in block mode, for streamed weights")
+    group.add_argument("--host-budget-gb", type=float, default=None,
+                       help="host RAM (GiB) to keep within: parts are released between stages and read again "
+                            "when next needed, as `hyimage plan --ram-gb` shows")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each DiT block (slow first image, faster steps after it)")
 
@@ -274,6 +277,7 @@ def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | N
         model_root=args.model_root,
         memory_mode=args.memory_mode,
         gpu_budget_gb=args.gpu_budget_gb,
+        host_budget_gb=args.host_budget_gb,
         reprompt_model=reprompt,
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
@@ -284,6 +288,9 @@ def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | N
 
 def check_loading_arguments(args: argparse.Namespace) -> str:
     """Memory options that agree with each other and a device that exists; returns the device."""
+    if args.host_budget_gb is not None:
+        check_real("host_budget_gb", args.host_budget_gb, 0.0, 1e6, low_open=True,
+                   namer={"host_budget_gb": "--host-budget-gb"})
     if args.gpu_budget_gb is not None:
         check_real("gpu_budget_gb", args.gpu_budget_gb, 0.0, 1e6, low_open=True,
                    namer={"gpu_budget_gb": "--gpu-budget-gb"})
@@ -524,7 +531,8 @@ def run_refine(args: argparse.Namespace) -> int:
     if args.download:
         fetch(DownloadConfig(fp8=args.fp8, refiner=True, base=False), args.model_root)
     pipe = HunyuanImageRefinerPipeline.from_pretrained(
-        use_fp8=args.fp8, model_root=args.model_root, memory_mode=args.memory_mode, gpu_budget_gb=args.gpu_budget_gb
+        use_fp8=args.fp8, model_root=args.model_root, memory_mode=args.memory_mode, gpu_budget_gb=args.gpu_budget_gb,
+        host_budget_gb=args.host_budget_gb,
     )
     pipe.to(device)
     result = pipe(image=image, **request, output_type="pt", return_dict=True)

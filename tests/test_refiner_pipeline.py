@@ -135,7 +135,7 @@ def test_condition_uses_vae_sample_and_augmentation_noise_of_the_seed(refiner) -
     """Official: condition = 0.25 * noise + 0.75 * (scaling * frame-paired VAE sample); here both draws come from the seed."""
     pixels = torch.rand(1, 3, 32, 48)
     g = torch.Generator().manual_seed(3)
-    condition = refiner._condition(refiner.vae, pixels, [g])
+    condition = refiner._condition(pixels, [g])
     dist = refiner.vae.encode(pixels.mul(2).sub(1).unsqueeze(2)).latent_dist
     g = torch.Generator().manual_seed(3)
     sample = dist.mean + dist.std * torch.randn(dist.mean.shape, generator=g)

@@ -17,6 +17,7 @@ the memory modes; an unknown keyword is refused naming the method and the closes
 first argument is a variant name or a local `ckpts/` folder.
 """
 
+import functools
 import inspect
 import json
 import os
@@ -30,6 +31,7 @@ from loguru import logger
 from hyimage.diffusion.request import RequestError, check_device, check_dtype, check_keywords
 from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
+from hyimage.loading.part_sizes import part_host_bytes
 from hyimage.loading.safetensors_io import regular_file_size
 from hyimage.offload import MemoryManager
 from hyimage.quantization.fp8 import FP8_COMPUTE_MODES, set_fp8_compute
@@ -56,8 +58,10 @@ class MissingCheckpointError(FileNotFoundError):
     """A file of the official layout that the chosen configuration needs is not there."""
 
 
-def once(factory: Callable[[], T]) -> Callable[[], T]:
-    """A zero-argument factory that builds on the first call and returns the same object afterwards."""
+def once(factory: Callable[[], T], shares: Callable[[], Any] | None = None) -> Callable[[], T]:
+    """A zero-argument factory that builds on the first call and returns the same object afterwards, until its
+    `release()` (the host memory plan's) drops it, and `shares`' too (a part it is built from and holds);
+    `config` is passed on from `factory`."""
     built: list[T] = []
 
     def get() -> T:
@@ -65,7 +69,21 @@ def once(factory: Callable[[], T]) -> Callable[[], T]:
             built.append(factory())
         return built[0]
 
+    def release() -> None:
+        built.clear()
+        if shares is not None:
+            shares.release()
+
+    get.release = release
+    if hasattr(factory, "config"):
+        get.config = factory.config
     return get
+
+
+def with_config(factory: Callable[[], T], config: Callable[[], Any]) -> Callable[[], T]:
+    """`factory` carrying `config`, the part's configuration without building it (see `Parts.config`)."""
+    factory.config = functools.lru_cache(maxsize=1)(config)
+    return factory
 
 
 def pipeline_from_pretrained(cls: type, model_name_or_path: Any, use_fp8: bool, kwargs: dict[str, Any]) -> Any:
@@ -213,6 +231,11 @@ def load_pipeline(
     if state is not None and device is None and state.device.type == "cuda":
         memory.to(state.device)
     plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config, dit_file)
+    memory.part_sizes = lambda device: part_host_bytes(
+        layout, model_name, config, _dit_config(layout, REFINER, refiner_dit_config) if refiner else None,
+        use_fp8, dit_dtype(memory, use_fp8, dtype), text_encoder_dtype, REPROMPT_SIZES.get(reprompt_model), device,
+        dit_file,
+    )
     dit = _with_speed(
         _dit_factory(
             layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file,
@@ -236,7 +259,8 @@ def load_pipeline(
         refiner_pipeline = once(
             lambda: _refiner_pipeline(
                 layout, use_fp8, dtype, memory, refiner_dit_config, refiner_needs, command_root,
-                text_encoder=lambda: _with_template(text_encoder(), REFINER_TEMPLATE), progress_bar=progress_bar,
+                text_encoder=once(lambda: _with_template(text_encoder(), REFINER_TEMPLATE), shares=text_encoder),
+                progress_bar=progress_bar,
                 parallel=state,
                 verify=verify,
             )
@@ -245,7 +269,7 @@ def load_pipeline(
     reprompt_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner, reprompt=size)
     return cls(
         dit=dit,
-        vae=once(lambda: _vae("HunyuanVAE2D", vae_dir, memory, verify=verify)),
+        vae=_vae_factory("HunyuanVAE2D", vae_dir, memory, verify=verify),
         text_encoder=text_encoder,
         glyph_encoder=(lambda: _glyph_encoder(layout, memory, verify)) if uses_glyph else None,
         reprompt_model=(
@@ -300,6 +324,10 @@ def load_refiner_pipeline(
     needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
     check_present(needs, layout.root, progress=progress_bar)
     plan_for(memory, VARIANTS[1], use_fp8, True, None, REFINER)
+    memory.part_sizes = lambda device: part_host_bytes(
+        layout, VARIANTS[1], None, _dit_config(layout, REFINER, dit_config), use_fp8, dit_dtype(memory, use_fp8, dtype),
+        text_encoder_dtype, None, device, base=False,
+    )
     _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
@@ -485,14 +513,24 @@ def _dit_factory(
         from hyimage.models.dit.model import HYImageDiffusionTransformer
 
         options = {k: v for k, v in kwargs.items() if k != "path"}
-        # FP8 weights dequantize into bf16, the dtype the rest of an FP8 model is kept in (as the official)
-        chosen = dtype if dtype is not None else torch.bfloat16 if use_fp8 else compute_dtype(memory, torch.bfloat16)
         return HYImageDiffusionTransformer.from_single_file(
-            kwargs["path"], config, dtype=chosen, device=_load_device(memory), verify=verify,
-            progress_bar=progress_bar, **options,
+            kwargs["path"], config, dtype=dit_dtype(memory, use_fp8, dtype), device=_load_device(memory),
+            verify=verify, progress_bar=progress_bar, **options,
         ).eval()
 
-    return once(load)
+    return with_config(load, lambda: _resolved(config))
+
+
+def dit_dtype(memory: MemoryManager, use_fp8: bool, dtype: torch.dtype | None) -> torch.dtype:
+    """The DiT's dtype: FP8 weights dequantize into bf16, the dtype the rest of an FP8 model is kept in (as the
+    official); else bf16 on CUDA, float32 elsewhere, unless `dtype` is given."""
+    return dtype if dtype is not None else torch.bfloat16 if use_fp8 else compute_dtype(memory, torch.bfloat16)
+
+
+def _resolved(config: Any) -> Any:
+    from hyimage.models.dit.configs import resolve_dit_config
+
+    return resolve_dit_config(config)
 
 
 def _with_speed(
@@ -507,7 +545,7 @@ def _with_speed(
         set_fp8_compute(model, fp8_compute)
         return model.compile_blocks() if compile else model
 
-    return once(build)
+    return with_config(build, factory.config)
 
 
 def _check_glyph(layout: CheckpointLayout, needs: DownloadConfig, command_root: Path | None) -> None:
@@ -553,6 +591,22 @@ def _text_encoder(
 def _with_template(encoder: Any, template: str) -> Any:
     """The same language model (no second copy) read with another prompt template."""
     return type(encoder)(encoder.model, encoder.tokenizer, template)
+
+
+def _vae_factory(
+    name: str, directory: Path, memory: MemoryManager, cuda_dtype: torch.dtype | None = None, verify: bool = False
+) -> Callable[[], torch.nn.Module]:
+    """Read the VAE on first use; its configuration from config.json without reading the weights."""
+
+    def config() -> Any:
+        import hyimage.models as models
+        from hyimage.loading.vae_loader import CONFIG_FILE, build_on_meta, read_vae_config
+
+        model_cls = getattr(models, name)
+        path = directory / CONFIG_FILE
+        return build_on_meta(model_cls, read_vae_config(path, model_cls)[0], path).config
+
+    return with_config(lambda: _vae(name, directory, memory, cuda_dtype, verify), config)
 
 
 def _vae(
@@ -604,7 +658,7 @@ def _refiner_pipeline(
         dit=_dit_factory(
             layout, REFINER, config, use_fp8, dtype, memory, needs, command_root, verify=verify, progress_bar=progress_bar
         ),
-        vae=once(lambda: _vae("AutoencoderKLConv3D", vae_dir, memory, torch.float16, verify)),
+        vae=_vae_factory("AutoencoderKLConv3D", vae_dir, memory, torch.float16, verify),
         text_encoder=text_encoder,
         memory=memory,
         progress_bar=progress_bar,

@@ -15,7 +15,7 @@ Four memory modes, one switch:
 """
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Protocol
@@ -24,11 +24,12 @@ import torch
 from loguru import logger
 from torch import nn
 
+from hyimage.offload.host import HostKeeper
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
 
 if TYPE_CHECKING:
     from hyimage.models.vae.exact_tiling import ExactTiling
-    from hyimage.offload.planner import Plan, PlanRequest
+    from hyimage.offload.planner import HostStep, Plan, PlanRequest
 
 MEMORY_MODES = ("auto", "none", "model", "block")
 CORE_STAGES = ("text_encoder", "glyph_encoder", "dit", "vae_decode")
@@ -43,7 +44,8 @@ class MemoryManager:
     """Moves a part onto the execution device for the stage that runs it.
 
     `gpu_budget_gb` (GiB, as every "gb" here) bounds the weights a streamed part keeps on the device in mode "block"
-    (activations come on top); None streams every block.
+    (activations come on top); None streams every block. `host_budget_gb` bounds host RAM in every mode: `host`
+    releases parts between stages as the plan's host figures say (see `hyimage.offload.host`).
     """
 
     def __init__(
@@ -66,7 +68,12 @@ class MemoryManager:
         self.host_budget_gb = host_budget_gb
         self.request = request
         """What the "auto" plan is made for (the loader sets it); None plans the released distilled model at 2K."""
+        self.part_sizes: Callable[[torch.device], dict[str, tuple[int, int]]] | None = None
+        """Per stage part of the checkpoints loaded, its host bytes once loaded and while loading, for a device (the
+        loader sets it); None: the released sizes."""
+        self.host = HostKeeper(self.host_plan, self.forget_within)
         self._plan: "Plan | None" = None
+        self._host_plan: "dict[str, HostStep] | None" = None
         self._streamers: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
 
     def to(self, device: str | torch.device) -> "MemoryManager":
@@ -74,18 +81,43 @@ class MemoryManager:
         self.device = torch.device(device)
         self._streamers.clear()
         self._plan = None
+        self._host_plan = None
         return self
+
+    def _request(self) -> "PlanRequest":
+        from hyimage.offload.planner import PlanRequest
+
+        request = self.request if self.request is not None else PlanRequest()
+        if self.part_sizes is not None and request.host_part_bytes is None:
+            sizes = self.part_sizes(self.device)
+            request = replace(request, host_part_bytes=tuple((stage, *sizes[stage]) for stage in sorted(sizes)))
+        return request
 
     @property
     def plan(self) -> "Plan":
         """The memory plan of mode "auto" for the current device and budgets (made once per device)."""
-        from hyimage.offload.planner import PlanRequest, gpu_budget_gib, make_plan
+        from hyimage.offload.planner import gpu_budget_gib, make_plan
 
         if self._plan is None:
-            request = self.request if self.request is not None else PlanRequest()
-            self._plan = make_plan(request, gpu_budget_gib(self.device, self.gpu_budget_gb), self.host_budget_gb)
+            self._plan = make_plan(self._request(), gpu_budget_gib(self.device, self.gpu_budget_gb), self.host_budget_gb)
             logger.info(f"{self._plan}")
         return self._plan
+
+    def host_plan(self) -> "dict[str, HostStep] | None":
+        """Per stage, what host memory holds within `host_budget_gb` (None without one, or in mode "none" on CUDA,
+        where parts are read straight onto the GPU: nothing is released). On CUDA in mode "auto", the plan's (its GPU
+        placements set the host bytes); elsewhere every part counts whole."""
+        from hyimage.offload.planner import HOST_BASE_CPU_GIB, HOST_BASE_GIB, host_bytes, plan_host
+
+        if self.host_budget_gb is None or (self.mode == "none" and self.device.type == "cuda"):
+            return None
+        if self._host_plan is None:
+            if self.mode == "auto" and self.device.type == "cuda":
+                self._host_plan = self.plan.host_steps
+            else:
+                base = HOST_BASE_GIB if self.device.type == "cuda" else HOST_BASE_CPU_GIB
+                self._host_plan = plan_host(host_bytes(self._request(), None), self.host_budget_gb, base)
+        return self._host_plan
 
     def placement(self, module: object) -> tuple[str, float | None]:
         """The mode ("none", "model" or "block") and weight budget (GB) that `module` runs with."""
@@ -180,7 +212,15 @@ class MemoryManager:
         if loras != request.loras:
             self.request = replace(request, loras=loras)
             self._plan = None
+            self._host_plan = None
             self._streamers.clear()
+
+    def forget_within(self, part: object) -> None:
+        """Drop the block streamers of `part` and of every module inside it (a released part: they hold it)."""
+        if isinstance(part, nn.Module):
+            inside = {id(m) for m in part.modules()}
+            for module in [m for m in self._streamers if id(m) in inside]:
+                self._streamers.pop(module, None)
 
     def streamer(self, module: Movable) -> BlockStreamer | None:
         """The block streamer of `module`, or None when it has no block lists to stream."""

@@ -25,13 +25,19 @@ fake CUDA tensors): the planner's figure must bound the simulated peak. The enco
 1 GiB) are formulas only. A stage fits when peak + MARGIN <= budget; the margin holds what neither the formulas nor
 the simulator see (CUDA context, cuBLAS/cuDNN workspaces, allocator fragmentation).
 
-Host RAM: every part a call has built stays in host memory (parts load on first use and are kept), so the
-host figure of a stage is the sum of the host copies built up to it; a plan whose host figure exceeds the
-host budget says so per stage (nothing is released between stages yet).
+Host RAM (see `plan_host`): a part is built in host memory when its stage first needs it and kept, until a host
+budget requires room: then, before a part is built, the parts held are released (dropped, and read again from disk
+when next needed) farthest next use first, keeping back any that still fit, so only what the budget requires is
+released and re-read. The host bytes of a part follow its GPU placement: "model" keeps the whole host copy (also
+while the part is on the GPU); "block" keeps its rest and resident blocks pageable and its streamed blocks pinned,
+each pinned tensor rounded up to a power of two by torch's caching host allocator; "resident" parts leave host
+memory when they move to the GPU (their host copy is transient, while loading). A stage whose part cannot fit
+the host budget even alone (the 32B reprompt model in bf16 under 32 GiB) is refused with the way out.
 """
 
 import functools
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +127,10 @@ class PlanRequest:
     """A GGUF quantisation type (Q4_K, Q8_0, ...): the DiT estimated as such a file would load (see GGUF_KEPT)."""
     loras: tuple["LoraLayout", ...] = ()
     """LoRAs attached to the DiT (`lora_layout`, `lora_layouts`): their adapters stay on the GPU with the layers."""
+    host_part_bytes: tuple[tuple[str, int, int], ...] | None = None
+    """(stage, bytes held once loaded, bytes while loading) of the parts in host memory, when not the released
+    sizes read from the official files (the pipeline loader counts them for the checkpoint tree it loads:
+    `hyimage.loading.part_sizes`)."""
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -143,6 +153,9 @@ class Part:
 
     rest: int
     blocks: list[int] = field(default_factory=list)
+    pinned: list[int] | None = field(default=None, compare=False)
+    """Per block, the host bytes of its tensors once pinned for streaming (each rounded up to a power of two); None
+    when not known (then the plan counts the streamed blocks as they are)."""
 
     @property
     def total(self) -> int:
@@ -162,6 +175,11 @@ class StagePlan:
     total_blocks: int | None = None
     weight_budget_gib: float | None = None
     host_gib: float = 0.0
+    """Predicted host RAM peak of the stage (GiB): the process, the parts held and the part it builds."""
+    host_held: list[str] = field(default_factory=list)
+    """The parts in host memory while the stage runs (stage names; its own part included)."""
+    host_released: list[str] = field(default_factory=list)
+    """The parts released (dropped, read again when next needed) before this stage builds its part."""
     reason: str = ""
     tile_size: int | None = None
     """"exact": the tile side in pixels."""
@@ -183,6 +201,8 @@ class Plan:
     host_gib: float | None
     margin_gib: float
     stages: list[StagePlan]
+    host_steps: "dict[str, HostStep]" = field(default_factory=dict)
+    """Per stage, what host memory holds (see `plan_host`); the keeper of `hyimage.offload.host` follows it."""
 
     def stage(self, name: str) -> StagePlan | None:
         return next((s for s in self.stages if s.stage == name), None)
@@ -233,6 +253,8 @@ class Plan:
                 f"{s.stage:<14}{placement:<16}{s.predicted_peak_gib:>9.2f}{s.weights_gib:>9.2f}"
                 f"{s.activations_gib:>8.2f}{s.host_gib:>10.1f}  {s.reason}"
             )
+        lines.append(f"host GiB: the stage's host RAM peak, the process counted as {HOST_BASE_GIB:g} GiB; a part released "
+                     "is read again from disk when next needed")
         return "\n".join(lines)
 
 
@@ -245,10 +267,21 @@ def _decoder_layer_params(c: dict) -> int:
     return q_o + k_v + mlp + 2 * c["hidden"]
 
 
+def _layer_tensor_params(c: dict) -> list[int]:
+    h, kv = c["hidden"], c["kv_heads"] * (c["hidden"] // c["heads"])
+    return [h * h, h, h * kv, kv, h * kv, kv, h * h, *[h * c["intermediate"]] * 3, h, h]
+
+
+def pinned_size(nbytes: int) -> int:
+    """Host bytes of a pinned copy: torch's caching host allocator rounds each allocation up to a power of two."""
+    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
+
+
 def language_model(c: dict, layers: int, *, lm_head: bool, extra: int = 0, itemsize: int = 2) -> Part:
     """A decoder-only language model's weights: embeddings (+ head, + `extra` parameters) and its layers."""
     rest = c["vocab"] * c["hidden"] * (2 if lm_head else 1) + c["hidden"] + extra
-    return Part(rest * itemsize, [_decoder_layer_params(c) * itemsize] * layers)
+    pinned = sum(pinned_size(n * itemsize) for n in _layer_tensor_params(c))
+    return Part(rest * itemsize, [_decoder_layer_params(c) * itemsize] * layers, [pinned] * layers)
 
 
 def module_part(module: nn.Module) -> Part:
@@ -261,8 +294,13 @@ def module_part(module: nn.Module) -> Part:
         unique = {id(t): t for t in tensors}
         return sum(t.numel() * t.element_size() for t in unique.values())
 
+    def pinned(tensors: Any) -> int:
+        unique = {id(t): t for t in tensors}
+        return sum(pinned_size(t.numel() * t.element_size()) for t in unique.values())
+
     rest = nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in block_ids)
-    return Part(rest, [nbytes((*b.parameters(), *b.buffers())) for b in blocks])
+    return Part(rest, [nbytes((*b.parameters(), *b.buffers())) for b in blocks],
+                [pinned((*b.parameters(), *b.buffers())) for b in blocks])
 
 
 def dit_config(request: PlanRequest, refiner: bool = False) -> Any:
@@ -432,6 +470,7 @@ def _dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
         stamp = (str(Path(dit_file).resolve()), stat.st_size, stat.st_mtime_ns)
     layout = _dit_layout(json.dumps(config.to_dict(), sort_keys=True), fp8, gguf, dit_file, stamp)
     rest, blocks = layout.part.rest, list(layout.part.blocks)
+    pinned = None if layout.part.pinned is None else list(layout.part.pinned)
     rank = sum(max((r for _, r in lora.ranks), default=0) for lora in loras)
     for lora in loras:
         for module, module_rank in lora.ranks:
@@ -444,7 +483,9 @@ def _dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
                 rest += nbytes
             else:
                 blocks[index] += nbytes
-    return DiTWeights(Part(rest, blocks), layout.fp8, layout.dequant_bytes, rank)
+                if pinned is not None:
+                    pinned[index] += pinned_size(nbytes)  # its A and B as one allocation: about their rounding
+    return DiTWeights(Part(rest, blocks, pinned), layout.fp8, layout.dequant_bytes, rank)
 
 
 def _prefixes(module: str) -> list[str]:
@@ -674,17 +715,114 @@ def make_plan(request: PlanRequest, gpu_gib: float, host_gib: float | None = Non
     all_resident = resident_total + max(n.activations for n in needs) <= room and all(
         resident_total + n.part.total + n.activations <= room for n in needs if n.stage == "reprompt"
     )
-    stages, host = [], 0
-    for need in needs:
-        host += need.host
-        plan = _stage_plan(need, room, all_resident, resident_total)
-        plan.host_gib = host / GIB
-        if host_gib is not None and host > host_gib * GIB:
-            plan.reason = (plan.reason + "; " if plan.reason else "") + (
-                f"host RAM: {host / GIB:.1f} GiB of parts held by now exceeds the {host_gib:g} GiB host budget"
-            )
-        stages.append(plan)
-    return Plan(request, gpu_gib, host_gib, margin, stages)
+    stages = [_stage_plan(need, room, all_resident, resident_total) for need in needs]
+    by_stage = {s.stage: s for s in stages}
+    steps = plan_host(host_bytes(request, by_stage), host_gib, HOST_BASE_GIB)
+    for stage, need in zip(stages, needs):
+        apply_host_step(stage, steps[stage.stage], need.host)
+    return Plan(request, gpu_gib, host_gib, margin, stages, steps)
+
+
+# Host RAM.
+HOST_BASE_GIB = 2.0
+"""The process itself on a CUDA machine: Python with torch and hyimage imported measures 0.24 GiB of RSS on the CPU
+build (benchmarks/bench_host_plan.py); the CUDA context and the cuBLAS/cuDNN kernels it loads into host memory are
+taken as the rest (not measured here)."""
+HOST_BASE_CPU_GIB = 0.25
+"""The same process on the CPU build (measured 0.24 GiB), for plans of calls that run on the CPU."""
+HOST_ORDER = ("reprompt", "text_encoder", "glyph_encoder", "dit", "vae_decode", "refiner_vae", "refiner_dit")
+"""The order in which a call builds its parts: the refiner VAE encodes the image before the refiner DiT runs."""
+HELD_WITH = {"refiner_dit": ("refiner_vae",)}
+"""Parts a stage never releases to make room: the refiner VAE decodes right after the refiner DiT."""
+
+
+@dataclass
+class HostStep:
+    """What host memory holds while one stage runs (bytes, the process included) and what was released for it."""
+
+    peak: int
+    held: list[str]
+    released: list[str]
+    refused: str = ""
+
+
+def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dict[str, tuple[int, int]]:
+    """(bytes held after the stage, bytes while it builds) per stage part, for the GPU placements in `stages`
+    (None: a call on the CPU, every part in host memory)."""
+    given = {stage: (held, loading) for stage, held, loading in request.host_part_bytes or ()}
+    sizes = {}
+    for need in _needs(request):
+        held, loading = given.get(need.stage, (need.host, need.host))
+        if need.stage == "dit" and need.stage in given and request.loras:  # the loader counts the DiT without them
+            plain = dit_part(dit_config(request), request.fp8, request.gguf, request.dit_file).total
+            held, loading = held + need.host - plain, loading + need.host - plain
+        plan = None if stages is None else stages.get(need.stage)
+        placement = None if plan is None else plan.placement
+        if placement == "block" and need.part.pinned is not None:
+            k = plan.resident_blocks
+            held += sum(need.part.pinned[k:]) - sum(need.part.blocks[k:])
+        sizes[need.stage] = (0, loading) if placement == "resident" else (held, max(held, loading))
+    return sizes
+
+
+def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gib: float) -> dict[str, HostStep]:
+    """Which parts host memory holds at each stage of a call, within `host_gib` (None: unbounded, all kept).
+
+    `sizes`: per stage, (bytes its part holds after the stage, bytes while it builds). Before a part is built,
+    if the process, the parts held and the new part exceed the budget, the held parts are released farthest next
+    use first (this call's later stages come before the next call's) until it fits; then any released part that
+    still fits is kept back, nearest next use first. The figures are those of a second call, which starts with
+    what the first left (a first call holds a subset of it at every stage, so it fits too). A part that cannot fit
+    even alone is refused and left out."""
+    base = int(base_gib * GIB)
+    budget = None if host_gib is None else int(host_gib * GIB)
+    order = [stage for stage in HOST_ORDER if stage in sizes]
+    held: dict[str, int] = {}
+    steps: dict[str, HostStep] = {}
+    for _ in range(2):
+        for i, stage in enumerate(order):
+            after, building = sizes[stage]
+            fixed = [s for s in HELD_WITH.get(stage, ()) if s in held]
+            if budget is not None and base + building + sum(held[s] for s in fixed) > budget:
+                way_out = f"give a host budget of at least {math.ceil((base + building) / GIB)} GiB"
+                if stage == "reprompt":
+                    way_out = f"use the 7b reprompt model, no reprompt, or {way_out}"
+                steps[stage] = HostStep(base + building, [], [], refused=(
+                    f"host RAM: {building / GIB:.1f} GiB for this part + {base_gib:g} GiB for the process exceed the "
+                    f"{host_gib:g} GiB host budget; {way_out}"))
+                continue
+            released: list[str] = []
+            if stage not in held:
+                def distance(other: str, here: int = i) -> int:
+                    return (order.index(other) - here) % len(order)
+
+                others = sorted((s for s in held if s not in fixed), key=distance, reverse=True)
+                while budget is not None and others and base + building + sum(held.values()) > budget:
+                    name = others.pop(0)
+                    held.pop(name)
+                    released.append(name)
+                for name in sorted(released, key=distance):
+                    if base + building + sum(held.values()) + sizes[name][0] <= budget:
+                        released.remove(name)
+                        held[name] = sizes[name][0]
+                peak = base + building + sum(held.values())
+                held[stage] = after
+            else:
+                peak = base + sum(held.values())
+            steps[stage] = HostStep(peak, list(held), released)
+    return steps
+
+
+def apply_host_step(stage: StagePlan, step: HostStep, loaded: int) -> None:
+    """Write a stage's host figures into its plan; a refused part refuses the stage, naming the way out (`loaded`:
+    the part's bytes as loaded, before any pinning)."""
+    stage.host_gib, stage.host_held, stage.host_released = step.peak / GIB, step.held, step.released
+    if step.refused:
+        stage.placement = "refused"
+        stage.reason = f"{step.refused} (the part as loaded: {loaded / GIB:.1f} GiB)"
+    elif step.released:
+        note = f"host: releases {', '.join(step.released)} first (read again when next needed)"
+        stage.reason = f"{stage.reason}; {note}" if stage.reason else note
 
 
 def _stage_plan(need: _Need, room: float, all_resident: bool, resident_total: int) -> StagePlan:

@@ -66,6 +66,14 @@ ASPECT_RATIOS: dict[str, tuple[int, int]] = {
 
 GLYPH_LENGTH = 128
 GLYPH_DIM = 1472
+HOST_STAGES = {
+    "reprompt_model": "reprompt",
+    "text_encoder": "text_encoder",
+    "glyph_encoder": "glyph_encoder",
+    "dit": "dit",
+    "vae": "vae_decode",
+}
+"""The memory plan's stage of each part (see `hyimage.offload.host`)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +190,7 @@ class HunyuanImagePipeline(LoraMixin):
             refiner_pipeline=refiner_pipeline,
         )
         self.memory = memory if memory is not None else MemoryManager()
+        self.memory.host.register(self.parts, HOST_STAGES)
         self.guidance = guidance if guidance is not None else GuidanceConfig()
         self.progress_bar = progress_bar
         self.parallel = parallel_state(parallel)  # hyimage.parallel: None, a ParallelConfig or a ParallelState
@@ -242,7 +251,7 @@ class HunyuanImagePipeline(LoraMixin):
 
     @property
     def is_distilled(self) -> bool:
-        return bool(self.dit.config.guidance_embed)
+        return bool(self.parts.config("dit").guidance_embed)
 
     @property
     def defaults(self) -> SamplingDefaults:
@@ -250,8 +259,8 @@ class HunyuanImagePipeline(LoraMixin):
         return DISTILLED_DEFAULTS if self.is_distilled else BASE_DEFAULTS
 
     def check_parts(self) -> None:
-        """The DiT's latent channels must be the VAE's."""
-        dit_cfg, vae_cfg = self.dit.config, self.vae.config
+        """The DiT's latent channels must be the VAE's (read from their configurations: nothing is built)."""
+        dit_cfg, vae_cfg = self.parts.config("dit"), self.parts.config("vae")
         if dit_cfg.in_channels != vae_cfg.latent_channels or dit_cfg.out_channels != vae_cfg.latent_channels:
             raise ValueError(
                 f"the DiT takes {dit_cfg.in_channels} and returns {dit_cfg.out_channels} latent channels but the VAE has "
@@ -312,10 +321,9 @@ class HunyuanImagePipeline(LoraMixin):
             {k: v for k, v in request.items() if k not in ("self", "unknown", "request")}, aspect_ratios=ASPECT_RATIOS
         )
         self._check_parts_given(prompt_embeds, negative_prompt_embeds, use_refiner, use_reprompt)
-        dit, vae = self.dit, self.vae
-        self.check_parts()
-        dit_cfg = dit.config
-        factor = vae.config.ffactor_spatial * dit_cfg.patch_size[-1]
+        self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
+        dit_cfg = self.parts.config("dit")
+        factor = self.parts.config("vae").ffactor_spatial * dit_cfg.patch_size[-1]
 
         prompts = self._prompts(prompt, prompt_embeds)
         n_prompts = len(prompts)
@@ -342,6 +350,7 @@ class HunyuanImagePipeline(LoraMixin):
 
         if use_reprompt:
             prompts = self._reprompt(prompts)
+        image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
 
         cond = self._encode(
             prompts, prompt_embeds, prompt_embeds_mask, glyph_embeds, glyph_embeds_mask, bool(dit_cfg.glyph_byT5_v2)
@@ -355,13 +364,13 @@ class HunyuanImagePipeline(LoraMixin):
                 negative_glyph_embeds_mask,
                 bool(dit_cfg.glyph_byT5_v2),
             )
+        refiner_text = self._encode_for_refiner(image_prompts) if use_refiner and output_type != "latent" else None
         cond = self._repeat(cond, num_images_per_prompt)
-        image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
 
         if self.parallel is not None and seed is None and generator is None:
             seed = self.parallel.shared_seeds(batch)  # the ranks of one image draw the same noise
         generators, seeds = make_generators(batch, plain_seed(seed), generator)
-        compute_dtype = autocast_dtype(dit)
+        compute_dtype = autocast_dtype(self.dit)
         if latents is None:
             shape = latent_shape(batch, dit_cfg.in_channels, height, width, factor, len(dit_cfg.patch_size))
             latents = initial_noise(shape, generators, compute_dtype or torch.float32, self.device)
@@ -377,7 +386,7 @@ class HunyuanImagePipeline(LoraMixin):
             conditioning, guider = cond, None
 
         hook = step_hook(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        latents = self._denoise(dit, latents, conditioning, steps, shift, guidance_scale, guider, compute_dtype, hook)
+        latents = self._denoise(latents, conditioning, steps, shift, guidance_scale, guider, compute_dtype, hook)
         check_finite(
             latents,
             "denoising",
@@ -387,7 +396,7 @@ class HunyuanImagePipeline(LoraMixin):
         if output_type == "latent":
             return call_output(latents, image_prompts, seeds, output_type, return_dict, batch)
 
-        images = self._decode(vae, latents)
+        images = self._decode(latents)
         check_finite(
             images, "VAE decoding", "NaN/Inf weights in the VAE checkpoint (vae/vae_2_1) or a half-precision overflow"
         )
@@ -403,6 +412,7 @@ class HunyuanImagePipeline(LoraMixin):
                 seeds,
                 generators,
                 refiner_handoff,
+                refiner_text,
             )
         images = format_images(images, output_type)
         return call_output(images, image_prompts, seeds, output_type, return_dict, batch)
@@ -514,6 +524,20 @@ class HunyuanImagePipeline(LoraMixin):
             ocr_mask=ocr_mask,
         )
 
+    def _refiner(self) -> Any:
+        """The refiner pipeline, running where this one runs and in its dtype."""
+        refiner = self.refiner_pipeline
+        if refiner.device != self.device:
+            refiner.to(self.device)
+        if self.parts.dtype is not None:
+            refiner.to(dtype=self.parts.dtype)
+        return refiner
+
+    def _encode_for_refiner(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The refiner's prompt embeddings (its own template, the same language model), computed in the text stage
+        so that the text encoder is not needed again after it (the host memory plan may release it)."""
+        return self._refiner().encode_prompt(prompts)
+
     def _encode_glyph(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
         """ByT5 glyph embeddings; an empty prompt (the default negative) needs no encoder: zeros, no valid token."""
         if all(not p for p in prompts):
@@ -550,7 +574,6 @@ class HunyuanImagePipeline(LoraMixin):
     # Denoising.
     def _denoise(
         self,
-        dit: torch.nn.Module,
         latents: torch.Tensor,
         c: _Conditioning,
         steps: int,
@@ -560,7 +583,7 @@ class HunyuanImagePipeline(LoraMixin):
         compute_dtype: torch.dtype | None,
         hook: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
-        device = self.device
+        device, dit = self.device, self.dit
         sigmas = shifted_sigmas(steps, shift)
         host_timesteps = timesteps_from_sigmas(sigmas).tolist()  # for the callback: no device read per step
         sigmas = sigmas.to(device)
@@ -598,8 +621,9 @@ class HunyuanImagePipeline(LoraMixin):
                 latents = hook(i, t, latents, host_timesteps[i])
         return latents
 
-    def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the official does."""
+        vae = self.vae
         latents = unscale_latents(latents, vae.config)
         if latents.ndim == 4:
             latents = latents.unsqueeze(2)
@@ -617,13 +641,10 @@ class HunyuanImagePipeline(LoraMixin):
         seeds: list[int | None],
         generators: Sequence[torch.Generator],
         handoff: str,
+        text: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """The refiner stage on decoded images, handed over as 8-bit (official) or float images."""
-        refiner = self.refiner_pipeline
-        if refiner.device != self.device:
-            refiner.to(self.device)
-        if self.parts.dtype is not None:
-            refiner.to(dtype=self.parts.dtype)
+        refiner = self._refiner()
         handed = torch.from_numpy(to_uint8(images)).permute(0, 3, 1, 2).float() / 255 if handoff == "uint8" else images
         use_seeds = all(s is not None for s in seeds)
         refined = refiner(
@@ -635,6 +656,8 @@ class HunyuanImagePipeline(LoraMixin):
             guidance_scale=guidance_scale,
             seed=seeds if use_seeds else None,
             generator=None if use_seeds else list(generators),
+            prompt_embeds=text[0],
+            prompt_embeds_mask=text[1],
             output_type="pt",
             return_dict=True,
         )

@@ -52,6 +52,8 @@ from hyimage.offload import MemoryManager
 from hyimage.parallel.runner import parallel_forward, parallel_state
 
 CONDITION_AUG_STRENGTH = 0.25
+HOST_STAGES = {"dit": "refiner_dit", "vae": "refiner_vae", "text_encoder": "text_encoder"}
+"""The memory plan's stage of each part (see `hyimage.offload.host`); the text encoder is the base pipeline's."""
 
 
 def frames_to_channel_pairs(latents: torch.Tensor) -> torch.Tensor:
@@ -117,6 +119,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
             raise ValueError("HunyuanImageRefinerPipeline needs `dit` and `vae` (objects or zero-argument factories)")
         self.parts = Parts(dit=dit, vae=vae, text_encoder=text_encoder)
         self.memory = memory if memory is not None else MemoryManager()
+        self.memory.host.register(self.parts, HOST_STAGES)
         self.progress_bar = progress_bar
         self.parallel = parallel_state(parallel)  # sequence parallelism only: the refiner has no CFG
 
@@ -156,8 +159,9 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         return self
 
     def check_parts(self) -> None:
-        """The refiner DiT reads [noisy; condition] latents, each two VAE latents stacked on channels."""
-        dit_cfg, vae_cfg = self.dit.config, self.vae.config
+        """The refiner DiT reads [noisy; condition] latents, each two VAE latents stacked on channels (read from their
+        configurations: nothing is built)."""
+        dit_cfg, vae_cfg = self.parts.config("dit"), self.parts.config("vae")
         pair = 2 * vae_cfg.latent_channels
         if dit_cfg.out_channels != pair or dit_cfg.in_channels != 2 * pair:
             raise ValueError(
@@ -213,9 +217,8 @@ class HunyuanImageRefinerPipeline(LoraMixin):
                 "prompt_embeds",
                 "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`",
             )
-        dit, vae = self.dit, self.vae
-        self.check_parts()
-        factor = vae.config.ffactor_spatial
+        self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
+        factor = self.parts.config("vae").ffactor_spatial
         width, height = request["width"], request["height"]
         for name, value in (("width", width), ("height", height)):
             if value < factor or value % factor:
@@ -231,12 +234,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
             prompt[0] if isinstance(prompt, (list, tuple)) and len(prompt) == 1 else prompt, batch, "prompt"
         )
         if prompt_embeds is None:
-            encoder = self.text_encoder
-            with running(self.memory, encoder):
-                prompt_embeds, prompt_embeds_mask = encoder.encode(prompts)
-            check_finite(
-                prompt_embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)"
-            )
+            prompt_embeds, prompt_embeds_mask = self.encode_prompt(prompts)
         else:
             check_finite(prompt_embeds, "the text embeddings given", "the `prompt_embeds` passed in hold NaN or Inf")
 
@@ -248,15 +246,15 @@ class HunyuanImageRefinerPipeline(LoraMixin):
             [torch.Generator().manual_seed(s) for s in seeds] if all(s is not None for s in seeds) else noise_generators
         )
 
-        compute_dtype = autocast_dtype(dit)
-        shape = (batch, dit.config.out_channels, 1, height // factor, width // factor)
-        latents = initial_noise(shape, noise_generators, compute_dtype or torch.float32, self.device)
-        condition = self._condition(vae, pixels, condition_generators)
+        shape = (batch, self.parts.config("dit").out_channels, 1, height // factor, width // factor)
+        noise = initial_noise(shape, noise_generators, torch.float32, self.device)  # drawn before the condition's
+        condition = self._condition(pixels, condition_generators)
+        compute_dtype = autocast_dtype(self.dit)  # the DiT is built after the VAE has encoded (the host plan's order)
+        latents = noise.to(compute_dtype or torch.float32)
         check_finite(
             condition, "the refiner VAE's encoding", "NaN/Inf weights in the refiner VAE checkpoint (vae/vae_refiner)"
         )
         latents = self._denoise(
-            dit,
             latents,
             condition,
             prompt_embeds,
@@ -275,17 +273,24 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         if output_type == "latent":
             images = latents
         else:
-            decoded = self._decode(vae, latents)
+            decoded = self._decode(latents)
             check_finite(
                 decoded, "the refiner VAE's decoding", "NaN/Inf weights in vae/vae_refiner or a half-precision overflow"
             )
             images = format_images(decoded, output_type)
         return call_output(images, prompts, seeds, output_type, return_dict, batch)
 
-    def _condition(
-        self, vae: torch.nn.Module, pixels: torch.Tensor, generators: Sequence[torch.Generator]
-    ) -> torch.Tensor:
+    def encode_prompt(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings and mask with the refiner's template (the text encoder stage)."""
+        encoder = self.text_encoder
+        with running(self.memory, encoder):
+            embeds, mask = encoder.encode(prompts)
+        check_finite(embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)")
+        return embeds, mask
+
+    def _condition(self, pixels: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
         """Condition latents: VAE sample, frame pairs on channels, shift and scale, then condition augmentation."""
+        vae = self.vae
         with running(self.memory, vae):
             dist = vae.encode((pixels * 2 - 1).unsqueeze(2).to(self.device, module_dtype(vae))).latent_dist
         noise = initial_noise(tuple(dist.mean.shape), generators, dist.mean.dtype, dist.mean.device)
@@ -296,7 +301,6 @@ class HunyuanImageRefinerPipeline(LoraMixin):
 
     def _denoise(
         self,
-        dit: torch.nn.Module,
         latents: torch.Tensor,
         condition: torch.Tensor,
         text: torch.Tensor,
@@ -307,7 +311,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         compute_dtype: torch.dtype | None,
         hook: Callable[..., torch.Tensor],
     ) -> torch.Tensor:
-        device = self.device
+        device, dit = self.device, self.dit
         sigmas = shifted_sigmas(steps, shift)
         host_timesteps = timesteps_from_sigmas(sigmas).tolist()  # for the callback: no device read per step
         sigmas = sigmas.to(device)
@@ -324,6 +328,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
                 latents = hook(i, t, latents, host_timesteps[i])
         return latents
 
-    def _decode(self, vae: torch.nn.Module, latents: torch.Tensor) -> torch.Tensor:
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Final latents to images (B, 3, H, W) in [0, 1]."""
+        vae = self.vae
         return decode_to_images(self.memory, vae, channel_pairs_to_frames(unscale_latents(latents, vae.config)))

@@ -22,20 +22,45 @@ def is_factory(part: Any) -> bool:
 
 
 class Parts:
-    """Named parts, each built on first use when it was given as a factory, then kept."""
+    """Named parts, each built on first use when it was given as a factory, then kept until released.
+
+    A factory may carry `config`, a zero-argument function giving the part's configuration without building it.
+    `before_build(name)`, when set, runs before a part is built (the host memory plan releases parts there)."""
 
     def __init__(self, **parts: Any) -> None:
         self._parts = dict(parts)
+        self._factories = {name: part for name, part in parts.items() if is_factory(part)}
         self.dtype: torch.dtype | None = None
+        self.before_build: Callable[[str], None] | None = None
 
     def get(self, name: str) -> Any:
         part = self._parts[name]
         if is_factory(part):
+            if self.before_build is not None:
+                self.before_build(name)
             part = part()
             self._parts[name] = part
             if self.dtype is not None and isinstance(part, torch.nn.Module):
                 cast_floating(part, self.dtype)
         return part
+
+    def config(self, name: str) -> Any:
+        """The part's `config`, from its factory when it has not been built (else the built part's)."""
+        part = self._parts[name]
+        if is_factory(part) and callable(getattr(part, "config", None)):
+            return part.config()
+        return self.get(name).config
+
+    def release(self, name: str) -> bool:
+        """Drop the built part `name`: its factory builds it again when next needed. False when there is nothing
+        to release (not built, or given built, so that it could not be built again)."""
+        factory = self._factories.get(name)
+        if factory is None or is_factory(self._parts[name]):
+            return False
+        self._parts[name] = factory
+        if callable(getattr(factory, "release", None)):
+            factory.release()
+        return True
 
     def cast(self, dtype: torch.dtype) -> None:
         """Cast the built parts' floating weights to `dtype` now, and the others when they are built."""
