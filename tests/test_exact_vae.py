@@ -122,6 +122,19 @@ def test_auto_mode_decodes_exactly_where_the_plan_says(vae_2d, vae_3d, monkeypat
     assert MemoryManager("cpu", "auto", gpu_budget_gb=16).exact_tiling(vae_2d) is None  # the whole decode fits
 
 
+def test_activations_in_host_memory_make_room_first(vae_3d, monkeypatch) -> None:
+    """A VAE placed "exact" with its activations in host memory asks the host keeper to release what the plan
+    releases for its stage before it runs (the plan counts those pinned bytes); on the GPU it does not ask."""
+    asked = []
+    for budget, where in ((6, "host"), (8, "gpu")):
+        auto = MemoryManager("cpu", "auto", gpu_budget_gb=budget, host_budget_gb=32, request=DISTILLED_FP8)
+        assert auto.plan.stage("refiner_vae").activations_on == where
+        monkeypatch.setattr(auto.host, "before_build", asked.append)
+        with auto.running(vae_3d):
+            pass
+    assert asked == ["refiner_vae"]
+
+
 @pytest.mark.parametrize("cls, config, shape", [
     (HunyuanVAE2D, tiny_vae_2d_config(), (1, 64, 3, 2)),
     (AutoencoderKLConv3D, tiny_refiner_vae_config(), (1, 32, 1, 5, 3)),

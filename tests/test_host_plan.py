@@ -23,7 +23,7 @@ from tests.fixtures.tiny_tree import write_tiny_tree
 REFINER_2K_FP8 = PlanRequest(fp8=True, refiner=True)
 
 
-@pytest.mark.parametrize("gpu", (24, 16, 12, 8))
+@pytest.mark.parametrize("gpu", (24, 16, 12, 8, 6))
 def test_2k_refiner_call_fits_a_32_gib_host(gpu: float) -> None:
     plan = make_plan(REFINER_2K_FP8, gpu, 32)
     for stage in plan.stages:
@@ -33,6 +33,22 @@ def test_2k_refiner_call_fits_a_32_gib_host(gpu: float) -> None:
     roomy = make_plan(REFINER_2K_FP8, gpu, 256)
     assert not any(s.host_released for s in roomy.stages) and roomy.stage("refiner_dit").host_gib > 32
     assert roomy.stage("refiner_dit").host_held == make_plan(REFINER_2K_FP8, gpu).stage("refiner_dit").host_held
+
+
+def test_exact_vae_activations_in_host_memory_count_in_the_host_plan() -> None:
+    """At 6 GiB the refiner VAE keeps its whole activations in pinned host memory: its stage's host peak holds them
+    on top of the parts held, and parts are released to make room for them (before, the stage came to 33.0 GiB)."""
+    from hyimage.offload.planner import exact_vae_host_bytes, host_bytes
+
+    plan = make_plan(REFINER_2K_FP8, 6, 32)
+    vae = plan.stage("refiner_vae")
+    assert vae.placement == "exact" and vae.activations_on == "host"
+    pinned = exact_vae_host_bytes("refiner_vae", REFINER_2K_FP8)
+    sizes = host_bytes(REFINER_2K_FP8, {s.stage: s for s in plan.stages})
+    assert sizes["refiner_vae"][2] == pinned > 1.5 * GIB
+    held = sum(sizes[name][0] for name in vae.host_held)
+    assert vae.host_gib * GIB == pytest.approx(2 * GIB + held + pinned)  # the process, the parts held, the activations
+    assert vae.host_released and vae.host_gib <= 32
 
 
 def test_32b_reprompt_is_refused_under_32_gib_with_the_way_out() -> None:

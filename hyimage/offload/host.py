@@ -1,15 +1,16 @@
 """Host RAM kept within `host_budget_gb`: parts released between stages as the memory plan says, read again later.
 
 The plan (`hyimage.offload.planner.plan_host`) says which parts host memory holds at each stage. Before a pipeline
-builds a part, `HostKeeper.before_build` releases every built part that the plan does not hold at that stage: each
-pipeline's part registry (`Parts`) drops it and goes back to its factory, the memory manager forgets the part's
-block streamers (which hold it and its pinned copies), and the freed memory goes back to the operating system: a
-garbage collection, glibc's `malloc_trim`, and torch's pinned-memory cache emptied (it keeps freed pinned blocks
-for reuse). `malloc_trim` because glibc raises its mmap threshold (up to 32 MB) each time it frees a larger mapped
-block, after which tensors under it (an FP8 DiT's 3584x3584 weights: 12.8 MB) come from the heap, and a heap
-interleaved with tensors that stay does not shrink: measured, 200 tensors of 12 MB freed between small ones kept
-left 2.35 GiB of RSS without `malloc_trim` and none with it. A stage the plan refuses raises
-MemoryError before anything is read. Without a host budget nothing is ever released.
+builds a part (and before an exact tiled VAE puts its whole activations in host memory), `HostKeeper.before_build`
+releases every built part that the plan does not hold at that stage: each pipeline's part registry (`Parts`) drops
+it and goes back to its factory, the memory manager forgets the part's block streamers (which hold it and its pinned
+copies), and the freed memory goes back to the operating system: a garbage collection, glibc's `malloc_trim`, and
+torch's pinned-memory cache emptied (it keeps freed pinned blocks for reuse). `malloc_trim` because glibc raises its
+mmap threshold (up to 32 MB) each time it frees a larger mapped block, after which tensors under it (an FP8 DiT's
+3584x3584 weights: 12.8 MB) come from the heap, and a heap interleaved with tensors that stay does not shrink:
+measured, 200 tensors of 12 MB freed between small ones kept left 2.35 GiB of RSS without `malloc_trim` and none
+with it. A stage the plan refuses raises MemoryError before anything is read. Without a host budget nothing is ever
+released.
 """
 
 import ctypes

@@ -746,9 +746,10 @@ class HostStep:
     refused: str = ""
 
 
-def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dict[str, tuple[int, int]]:
-    """(bytes held after the stage, bytes while it builds) per stage part, for the GPU placements in `stages`
-    (None: a call on the CPU, every part in host memory)."""
+def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dict[str, tuple[int, int, int]]:
+    """(bytes held after the stage, bytes while it builds, bytes the stage adds while it runs) per stage part, for
+    the GPU placements in `stages` (None: a call on the CPU, every part in host memory). A stage adds bytes while
+    it runs when an exact tiled VAE keeps its whole activations in pinned host memory."""
     given = {stage: (held, loading) for stage, held, loading in request.host_part_bytes or ()}
     sizes = {}
     for need in _needs(request):
@@ -761,14 +762,17 @@ def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dic
         if placement == "block" and need.part.pinned is not None:
             k = plan.resident_blocks
             held += sum(need.part.pinned[k:]) - sum(need.part.blocks[k:])
-        sizes[need.stage] = (0, loading) if placement == "resident" else (held, max(held, loading))
+        running = need.exact_host if placement == "exact" and plan.activations_on == "host" else 0
+        resident = placement == "resident"
+        sizes[need.stage] = (0, loading, running) if resident else (held, max(held, loading), running)
     return sizes
 
 
-def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gib: float) -> dict[str, HostStep]:
+def plan_host(sizes: dict[str, tuple[int, int, int]], host_gib: float | None, base_gib: float) -> dict[str, HostStep]:
     """Which parts host memory holds at each stage of a call, within `host_gib` (None: unbounded, all kept).
 
-    `sizes`: per stage, (bytes its part holds after the stage, bytes while it builds). Before a part is built,
+    `sizes`: per stage, (bytes its part holds after the stage, bytes while it builds, bytes the stage adds while
+    it runs: pinned activations, freed when it ends). Before a part is built,
     if the process, the parts held and the new part exceed the budget, the held parts are released farthest next
     use first (this call's later stages come before the next call's) until it fits; then any released part that
     still fits is kept back, nearest next use first. The figures are those of a second call, which starts with
@@ -781,7 +785,8 @@ def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gi
     steps: dict[str, HostStep] = {}
     for _ in range(2):
         for i, stage in enumerate(order):
-            after, building = sizes[stage]
+            after, building, running = sizes[stage]
+            building = max(building, after + running)
             fixed = [s for s in HELD_WITH.get(stage, ()) if s in held]
             if budget is not None and base + building + sum(held[s] for s in fixed) > budget:
                 way_out = f"give a host budget of at least {math.ceil((base + building) / GIB)} GiB"
@@ -791,24 +796,24 @@ def plan_host(sizes: dict[str, tuple[int, int]], host_gib: float | None, base_gi
                     f"host RAM: {building / GIB:.1f} GiB for this part + {base_gib:g} GiB for the process exceed the "
                     f"{host_gib:g} GiB host budget; {way_out}"))
                 continue
-            released: list[str] = []
-            if stage not in held:
-                def distance(other: str, here: int = i) -> int:
-                    return (order.index(other) - here) % len(order)
+            # a part built now needs its building bytes; a part already held, only what its stage adds while running
+            extra = building if stage not in held else running
 
-                others = sorted((s for s in held if s not in fixed), key=distance, reverse=True)
-                while budget is not None and others and base + building + sum(held.values()) > budget:
-                    name = others.pop(0)
-                    held.pop(name)
-                    released.append(name)
-                for name in sorted(released, key=distance):
-                    if base + building + sum(held.values()) + sizes[name][0] <= budget:
-                        released.remove(name)
-                        held[name] = sizes[name][0]
-                peak = base + building + sum(held.values())
-                held[stage] = after
-            else:
-                peak = base + sum(held.values())
+            def distance(other: str, here: int = i) -> int:
+                return (order.index(other) - here) % len(order)
+
+            released: list[str] = []
+            others = sorted((s for s in held if s not in fixed and s != stage), key=distance, reverse=True)
+            while budget is not None and others and base + extra + sum(held.values()) > budget:
+                name = others.pop(0)
+                held.pop(name)
+                released.append(name)
+            for name in sorted(released, key=distance):
+                if base + extra + sum(held.values()) + sizes[name][0] <= budget:
+                    released.remove(name)
+                    held[name] = sizes[name][0]
+            peak = base + extra + sum(held.values())
+            held[stage] = after
             steps[stage] = HostStep(peak, list(held), released)
     return steps
 
