@@ -1,4 +1,4 @@
-"""The `hyimage` console script: generate, refine, download, serve.
+"""The `hyimage` console script: generate, refine, download, plan here; batch and serve in their own modules.
 
     hyimage generate "a red fox in the snow" --download --variant distilled --fp8
     hyimage refine photo.png --prompt "a red fox in the snow" --output refined.png
@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     download.set_defaults(run=run_download)
     add_plan_parser(commands)
 
-    from hyimage.batch import add_batch_parser
-    from hyimage.serving.command import add_serve_parser
+    from hyimage.cli.batch import add_batch_parser
+    from hyimage.cli.serve import add_serve_parser
 
     add_batch_parser(commands)
     add_serve_parser(commands, parents=[common])
