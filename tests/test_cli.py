@@ -74,3 +74,32 @@ def test_generate_download_with_hub_unreachable_is_a_clear_error(
     code = main(["generate", "a fox", "--download", "--model-root", str(tmp_path), "-o", str(tmp_path / "x.png")])
     assert code == 1
     assert "could not reach the Hugging Face Hub" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["generate", "a fox"], ["batch", "prompts.jsonl", "--out", "out"], ["serve"]])
+def test_dit_file_and_budgets_are_checked_before_loading(command: list[str], tmp_path: Path, capsys) -> None:
+    """generate, batch and serve take --dit-file (a GGUF or single-file DiT); a path that is not a file, or a
+    negative budget, is refused before any checkpoint is looked for."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "a fox"}\n')
+    command = [str(tmp_path / part) if part in ("prompts.jsonl", "out") else part for part in command]
+    root = ["--model-root", str(tmp_path / "no-ckpts")]
+    assert main([*command, *root, "--dit-file", str(tmp_path / "absent.gguf")]) == 1
+    assert f"--dit-file {tmp_path / 'absent.gguf'} is not a file" in capsys.readouterr().err
+    assert main([*command, *root, "--gpu-budget-gb", "-1"]) == 1
+    assert "--gpu-budget-gb" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_dit_file_reaches_from_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hyimage.cli import pipeline_from_args
+    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+
+    dit = tmp_path / "hunyuanimage2.1-distilled-Q4_K.gguf"
+    dit.write_bytes(b"GGUF")
+    seen = {}
+    monkeypatch.setattr(HunyuanImagePipeline, "from_pretrained", lambda **kwargs: seen.update(kwargs))
+    args = build_parser().parse_args(["generate", "a fox", "--dit-file", str(dit)])
+    pipeline_from_args(args, "hunyuanimage-v2.1-distilled", None)
+    assert seen["dit_file"] == dit
+    with pytest.raises(SystemExit):  # refine loads the refiner's own DiT: no --dit-file
+        build_parser().parse_args(["refine", "x.png", "--prompt", "p", "--dit-file", str(dit)])

@@ -187,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--seed", type=seed_argument, default=RANDOM_SEED, help="default (or -1): a random seed")
     refine.add_argument("--output", "-o", type=Path, default=None, help="default <image>-refined.png")
     refine.add_argument("--overwrite", action="store_true")
-    add_loading_arguments(refine)
+    add_loading_arguments(refine, dit_file=False)
     refine.set_defaults(run=run_refine)
 
     download = commands.add_parser("download", help="fetch the checkpoints a configuration needs", parents=[common])
@@ -215,13 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+def add_loading_arguments(parser: argparse.ArgumentParser, dit_file: bool = True) -> None:
+    """The options that say where the checkpoints are and how parts load (`dit_file`: offer --dit-file)."""
     group = parser.add_argument_group("loading and memory")
     group.add_argument("--model-root", type=Path, default=None,
                        help="the ckpts/ folder (default $HUNYUANIMAGE_V2_1_MODEL_ROOT or ./ckpts)")
     group.add_argument("--download", action="store_true", help="fetch the missing checkpoint files first")
     group.add_argument("--fp8", action="store_true",
                        help="FP8 DiT weights (the official _fp8 files, or the bf16 file quantized while loading)")
+    if dit_file:
+        group.add_argument("--dit-file", type=Path, default=None,
+                           help="another DiT file for the variant in place of the checkpoint folder's: a GGUF "
+                                "(e.g. Q4_K), a ComfyUI single-file FP8 DiT or any diffusion_model.-prefixed file")
     group.add_argument("--device", default=None, help="default cuda when available, else cpu")
     group.add_argument("--memory-mode", choices=MEMORY_MODES, default=None,
                        help="auto (default): as `hyimage plan` places each part; none: every part stays on the GPU; "
@@ -282,12 +287,18 @@ def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | N
         trust_remote_code=args.trust_remote_code,
         refiner=args.refiner,
         compile=args.compile,
+        dit_file=args.dit_file,
         **options,
     )
 
 
 def check_loading_arguments(args: argparse.Namespace) -> str:
-    """Memory options that agree with each other and a device that exists; returns the device."""
+    """Memory options that agree with each other, a DiT file that exists and a device that exists; returns the
+    device."""
+    dit_file = getattr(args, "dit_file", None)
+    if dit_file is not None and not dit_file.is_file():
+        raise RequestError("--dit-file", f"--dit-file {dit_file} is not a file; pass the path of a .gguf or "
+                                         ".safetensors DiT (see hyimage plan --dit-file for its memory)")
     if args.host_budget_gb is not None:
         check_real("host_budget_gb", args.host_budget_gb, 0.0, 1e6, low_open=True,
                    namer={"host_budget_gb": "--host-budget-gb"})
@@ -358,7 +369,8 @@ def run_plan(args: argparse.Namespace) -> int:
     variant = {"base": "hunyuanimage-v2.1", "distilled": "hunyuanimage-v2.1-distilled"}.get(args.variant, args.variant)
     if args.dit_file is not None and args.gguf is not None:
         raise RequestError("--gguf", "--gguf estimates a GGUF DiT without a file, --dit-file counts a file: pass one")
-    if args.dit_file is not None and not args.dit_file.is_file():
+    dit_file = getattr(args, "dit_file", None)
+    if dit_file is not None and not dit_file.is_file():
         raise RequestError("--dit-file", f"--dit-file {args.dit_file} does not exist; pass a .gguf or .safetensors DiT")
     loras = lora_arguments(args.lora)
     config = None

@@ -23,6 +23,7 @@ from hyimage.cli import (
     VARIANT_ALIASES,
     add_loading_arguments,
     add_lora_argument,
+    check_loading_arguments,
     default_device,
     fetch,
     load_loras,
@@ -73,6 +74,7 @@ def run_batch(args: argparse.Namespace) -> int:
     defaults = DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS
     jobs = resolve_jobs(lines, args, defaults)
     loras = lora_arguments(args.lora)
+    device = check_loading_arguments(args)
     if args.out.exists() and not args.out.is_dir():
         raise FileExistsError(f"--out {args.out} is a file; pass a folder for the images")
     state = None
@@ -80,7 +82,6 @@ def run_batch(args: argparse.Namespace) -> int:
         device_type = (args.device or default_device()).split(":")[0]
         state = ParallelState.create(args.parallel or ParallelConfig(), exact=False, device_type=device_type)
     first = state is None or state.rank == 0
-    device = args.device or default_device()
     if state is not None and device == "cuda":
         device = state.device  # one GPU per rank: cuda:LOCAL_RANK
 
