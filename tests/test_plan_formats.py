@@ -265,3 +265,33 @@ def test_a_comfyui_fp8_file_counts_as_the_model_it_loads(tiny, tmp_path: Path) -
     planned = base_dit_weights(tiny_request(dit_file=str(path)))
     assert planned.fp8 and planned.part == module_part(loaded)
     assert planned.part.total < base_dit_weights(tiny_request()).part.total
+
+
+def test_a_refiner_lora_is_planned_with_the_refiner_dit() -> None:
+    """A LoRA on the refiner's DiT (patch 1x2x2: the refiner stage) adds its adapters to that stage's weights,
+    rank x (in + out) bf16 values plus a float32 scale per adapted layer, and leaves the base DiT's GPU plan alone
+    (its host figure holds the refiner DiT, adapters included)."""
+    from hyimage.models.dit.configs import resolve_dit_config
+    from tests.fixtures.tiny_tree import TINY_REFINER
+
+    hidden, rank = TINY_REFINER["hidden_size"], 4
+    refiner = HYImageDiffusionTransformer(**TINY_REFINER, dtype=torch.bfloat16).eval()
+    state = {"lora_unet_double_blocks_0_img_attn_proj.lora_down.weight": torch.randn(rank, hidden),
+             "lora_unet_double_blocks_0_img_attn_proj.lora_up.weight": torch.randn(hidden, rank),
+             "lora_unet_double_blocks_0_img_attn_proj.alpha": torch.tensor(2.0)}
+    request = PlanRequest(fp8=True, refiner=True)
+    memory = MemoryManager(mode="auto", gpu_budget_gb=24, request=request)  # the refiner DiT whole on the GPU
+    holder = Holder(refiner, memory)
+    before = memory.plan
+    holder.load_lora_weights(state)
+    assert memory.request.loras == () and len(memory.request.refiner_loras) == 1
+    after = memory.plan
+    full = resolve_dit_config("hunyuanimage-refiner").hidden_size  # the released refiner's projection: full x full
+    added = (after.stage("refiner_dit").weights_gib - before.stage("refiner_dit").weights_gib) * GIB
+    assert after.stage("refiner_dit").placement == before.stage("refiner_dit").placement == "model"
+    assert added == pytest.approx(rank * (full + full) * 2 + 4, abs=16)
+    assert after.stage("refiner_dit").activations_gib > before.stage("refiner_dit").activations_gib
+    gpu = ("placement", "predicted_peak_gib", "weights_gib", "activations_gib")
+    assert [getattr(after.stage("dit"), k) for k in gpu] == [getattr(before.stage("dit"), k) for k in gpu]
+    holder.unload_lora_weights()
+    assert memory.request.refiner_loras == () and memory.plan.stage("refiner_dit") == before.stage("refiner_dit")

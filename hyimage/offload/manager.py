@@ -205,16 +205,17 @@ class MemoryManager:
             self._streamers.pop(module, None)
 
     def adapters_changed(self, module: Movable) -> None:
-        """`module`'s LoRAs changed: forget its streamer and, for the DiT in mode "auto", plan again with them."""
+        """`module`'s LoRAs changed: forget its streamer and, for a DiT in mode "auto", plan again with them."""
         self.forget(module)
         from hyimage.offload.planner import PlanRequest, lora_layouts, stage_of
 
-        if self.mode != "auto" or not isinstance(module, nn.Module) or stage_of(module) != "dit":
+        if self.mode != "auto" or not isinstance(module, nn.Module) or stage_of(module) not in ("dit", "refiner_dit"):
             return
         request = self.request if self.request is not None else PlanRequest()
+        field = "loras" if stage_of(module) == "dit" else "refiner_loras"
         loras = lora_layouts(module)
-        if loras != request.loras:
-            self.request = replace(request, loras=loras)
+        if loras != getattr(request, field):
+            self.request = replace(request, **{field: loras})
             self._plan = None
             self._host_plan = None
             self._streamers.clear()

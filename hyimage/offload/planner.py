@@ -127,6 +127,8 @@ class PlanRequest:
     """A GGUF quantisation type (Q4_K, Q8_0, ...): the DiT estimated as such a file would load (see GGUF_KEPT)."""
     loras: tuple["LoraLayout", ...] = ()
     """LoRAs attached to the DiT (`lora_layout`, `lora_layouts`): their adapters stay on the GPU with the layers."""
+    refiner_loras: tuple["LoraLayout", ...] = ()
+    """LoRAs attached to the refiner's DiT, counted as `loras` are for the base DiT."""
     host_part_bytes: tuple[tuple[str, int, int], ...] | None = None
     """(stage, bytes held once loaded, bytes while loading) of the parts in host memory, when not the released
     sizes read from the official files (the pipeline loader counts them for the checkpoint tree it loads:
@@ -214,7 +216,8 @@ class Plan:
     def to_dict(self) -> dict:
         request = asdict(self.request)
         request["dit_config"] = None if self.request.dit_config is None else str(self.request.dit_config)
-        request["loras"] = [{"name": lora.name, "layers": len(lora.ranks)} for lora in self.request.loras]
+        for key in ("loras", "refiner_loras"):
+            request[key] = [{"name": lora.name, "layers": len(lora.ranks)} for lora in getattr(self.request, key)]
         return {
             "request": request,
             "dit_weights": dit_summary(self.request),
@@ -383,7 +386,7 @@ def dit_format(request: PlanRequest) -> tuple[bool, str | None, str | None]:
 
 
 def dit_weights_label(request: PlanRequest) -> str:
-    """How the plan's first line names the base DiT's format and LoRAs."""
+    """How the plan's first line names the base DiT's format and the LoRAs of both DiTs."""
     label = ""
     if request.gguf is not None:
         label = f", DiT GGUF {request.gguf} (estimated)"
@@ -391,6 +394,8 @@ def dit_weights_label(request: PlanRequest) -> str:
         label = f", DiT {Path(request.dit_file).name}"
     if request.loras:
         label += f", {len(request.loras)} LoRA{'s' if len(request.loras) > 1 else ''}"
+    if request.refiner_loras:
+        label += f", {len(request.refiner_loras)} refiner LoRA{'s' if len(request.refiner_loras) > 1 else ''}"
     return label
 
 
@@ -688,10 +693,11 @@ def _needs(request: PlanRequest) -> list[_Need]:
                        **_exact_options("vae_decode", request)))
     if request.refiner:
         refiner_config = dit_config(request, refiner=True)
-        refiner = dit_part(refiner_config, request.fp8)
-        needs.append(_Need("refiner_dit", refiner,
-                           dit_activation_bytes(refiner_config, 1, *dit_tokens(request, True), request.fp8),
-                           refiner.total, True))
+        refiner_weights = _dit_weights(refiner_config, request.fp8, None, None, request.refiner_loras)
+        refiner, refiner_tokens = refiner_weights.part, dit_tokens(request, True)
+        activations = dit_activation_bytes(refiner_config, 1, *refiner_tokens, request.fp8)
+        activations += format_activation_bytes(refiner_weights, refiner_config, 1, sum(refiner_tokens))
+        needs.append(_Need("refiner_dit", refiner, activations, refiner.total, True))
         refiner_vae = Part(VAE_PARAMS["refiner_vae"] * 2)  # fp16 on the GPU, as the official
         needs.append(_Need("refiner_vae", refiner_vae, vae_activation_bytes("refiner_vae", request, 2),
                            VAE_PARAMS["refiner_vae"] * 4, False, **_exact_options("refiner_vae", request)))
@@ -754,9 +760,12 @@ def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dic
     sizes = {}
     for need in _needs(request):
         held, loading = given.get(need.stage, (need.host, need.host))
-        if need.stage == "dit" and need.stage in given and request.loras:  # the loader counts the DiT without them
-            plain = dit_part(dit_config(request), request.fp8, request.gguf, request.dit_file).total
-            held, loading = held + need.host - plain, loading + need.host - plain
+        if need.stage in given and need.stage in ("dit", "refiner_dit"):  # the loader counts DiTs without LoRAs
+            refiner = need.stage == "refiner_dit"
+            if request.refiner_loras if refiner else request.loras:
+                plain = (dit_part(dit_config(request, refiner=True), request.fp8) if refiner else
+                         dit_part(dit_config(request), request.fp8, request.gguf, request.dit_file)).total
+                held, loading = held + need.host - plain, loading + need.host - plain
         plan = None if stages is None else stages.get(need.stage)
         placement = None if plan is None else plan.placement
         if placement == "block" and need.part.pinned is not None:
