@@ -319,9 +319,10 @@ def dit_config(request: PlanRequest, refiner: bool = False) -> Any:
 # bf16 / FP8: the DiT built on meta (FP8 linears converted as the loader converts them), counted per block.
 # A DiT file: the DiT its loader builds from the file's header, on meta (`gguf_dit_on_meta`, `safetensors_dit_on_meta`):
 # a GGUF file's quantised linears keep their ggml bytes (uint8), a safetensors file's float8 linears are FP8, everything
-# else is loaded as bf16 (whatever the file stores), so the count equals the loaded model's, block by block. A GGUF type without a file: the DiT quantised as ComfyUI-GGUF's tools make such a
-# file (see GGUF_KEPT); its linears' rows take `columns / block * block bytes` (the ggml block sizes, also the gguf
-# package's GGML_QUANT_SIZES: Q8_0 34 bytes per 32 values, Q4_K 144 per 256, ...).
+# else is loaded as bf16 (whatever the file stores), so the count equals the loaded model's, block by block.
+# A GGUF type without a file: the DiT quantised as ComfyUI-GGUF's tools make such a file (see GGUF_KEPT); its
+# linears' rows take `columns / block * block bytes` (the ggml block sizes, also the gguf package's
+# GGML_QUANT_SIZES: Q8_0 34 bytes per 32 values, Q4_K 144 per 256, ...).
 # A LoRA adds, on each layer it adapts, A (rank x in) and B (out x rank) in the layer's compute dtype (bf16 on CUDA)
 # and its 0-dim float32 scale, in the block that holds the layer (they stream with it).
 GGUF_KEPT = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
