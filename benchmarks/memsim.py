@@ -274,7 +274,7 @@ def build_dit(config: Any, fp8: bool, dtype: torch.dtype = torch.bfloat16, gguf:
 
         convert_to_fp8_linear(model, fp8_linear_modules(model))
     if gguf is not None:
-        from hyimage.offload.planner import _quantize_like_gguf
+        from hyimage.offload.weights import _quantize_like_gguf
 
         _quantize_like_gguf(model, gguf)
     return model.eval()

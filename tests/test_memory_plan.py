@@ -26,13 +26,12 @@ from hyimage.offload.planner import (
     TEXT_TOKENS,
     PlanRequest,
     dit_activation_bytes,
-    dit_config,
     dit_tokens,
-    language_model,
     make_plan,
     margin_gib,
 )
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
+from hyimage.offload.weights import dit_config, language_model
 
 BUDGETS = (24, 16, 12, 8)
 DISTILLED_FP8 = PlanRequest(fp8=True, refiner=True)

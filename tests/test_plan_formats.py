@@ -21,21 +21,23 @@ from hyimage.lora.mixin import LoraMixin
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.offload import MemoryManager
 from hyimage.offload.planner import (
-    GGUF_DEQUANT_BYTES,
-    GGUF_KEPT,
     GIB,
     PlanRequest,
-    base_dit_weights,
     dit_activation_bytes,
-    dit_config,
-    dit_on_meta,
     dit_tokens,
     format_activation_bytes,
-    lora_layout,
     make_plan,
-    module_part,
 )
 from hyimage.offload.streaming import BlockStreamer
+from hyimage.offload.weights import (
+    GGUF_DEQUANT_BYTES,
+    GGUF_KEPT,
+    base_dit_weights,
+    dit_config,
+    dit_on_meta,
+    lora_layout,
+    module_part,
+)
 from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear
 from tests.test_gguf import CONFIG, H, write_gguf
 
@@ -114,7 +116,7 @@ def test_simulated_gguf_and_lora_activations_stay_within_the_plan() -> None:
     """Full-size blocks (1 double, 1 single) at 2K on fake CUDA tensors: Q4_K, and bf16 with a rank-64 LoRA on
     every block linear (weights exact, activations within the plan and above 80% of it)."""
     from hyimage.lora.keys import linear_layers
-    from hyimage.offload.planner import LoraLayout, _dit_weights
+    from hyimage.offload.weights import LoraLayout, dit_weights
 
     request = PlanRequest(variant=DISTILLED)
     config = replace(dit_config(request), mm_double_blocks_depth=1, mm_single_blocks_depth=1)
@@ -122,7 +124,7 @@ def test_simulated_gguf_and_lora_activations_stay_within_the_plan() -> None:
     names = [n for n in linear_layers(dit_on_meta(config)) if n.startswith(("double_blocks.", "single_blocks."))]
     for gguf, rank in (("Q4_K", 0), (None, 64)):
         loras = (LoraLayout("all", tuple((n, rank) for n in names)),) if rank else ()
-        weights = _dit_weights(config, False, gguf, None, loras)
+        weights = dit_weights(config, False, gguf, None, loras)
         planned = dit_activation_bytes(config, 1, *tokens, False) + format_activation_bytes(weights, config, 1,
                                                                                              sum(tokens))
         simulated = simulate_dit(config, fp8=False, batch=1, image_tokens=(64, 64), text_tokens=1000,

@@ -42,7 +42,7 @@ from hyimage.loading.download import (
 from hyimage.loading.layout import model_root
 from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
-from hyimage.offload.planner import GGUF_TYPES
+from hyimage.offload.weights import GGUF_TYPES
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import shared_random_seed
 
@@ -364,7 +364,8 @@ def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from hyimage.offload.planner import PlanRequest, lora_layout, make_plan
+    from hyimage.offload.planner import PlanRequest, make_plan
+    from hyimage.offload.weights import lora_layout
 
     variant = {"base": "hunyuanimage-v2.1", "distilled": "hunyuanimage-v2.1-distilled"}.get(args.variant, args.variant)
     if args.dit_file is not None and args.gguf is not None:

@@ -207,7 +207,8 @@ class MemoryManager:
     def adapters_changed(self, module: Movable) -> None:
         """`module`'s LoRAs changed: forget its streamer and, for a DiT in mode "auto", plan again with them."""
         self.forget(module)
-        from hyimage.offload.planner import PlanRequest, lora_layouts, stage_of
+        from hyimage.offload.planner import PlanRequest, stage_of
+        from hyimage.offload.weights import lora_layouts
 
         if self.mode != "auto" or not isinstance(module, nn.Module) or stage_of(module) not in ("dit", "refiner_dit"):
             return

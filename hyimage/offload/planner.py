@@ -17,7 +17,7 @@ Predicted peak of a stage = weights on the GPU + activation peak. Weights are ex
 manifests'; the Qwen2.5-VL language models' come from their configurations (checked against meta builds in
 tests/test_memory_plan.py); the ByT5 glyph encoder, the 32B's vision tower and the 7B reprompt model
 (whose configuration was not seen) are approximate. The DiT's weight format (`PlanRequest.dit_file`,
-`PlanRequest.gguf`) and its LoRAs (`PlanRequest.loras`) are counted as "The DiT's weights" below describes.
+`PlanRequest.gguf`) and its LoRAs (`PlanRequest.loras`) are counted as `hyimage.offload.weights` describes.
 Activation peaks are formulas in tokens x width
 (transformers) and pixels x channels (VAEs); their coefficients are read from the code and, for the DiTs and
 the VAE decodes, checked with the full-size simulator (benchmarks/memsim.py, which runs this package's code on
@@ -35,19 +35,29 @@ memory when they move to the GPU (their host copy is transient, while loading). 
 the host budget even alone (the 32B reprompt model in bf16 under 32 GiB) is refused with the way out.
 """
 
-import functools
-import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from hyimage.offload.streaming import find_block_lists, resident_count
+from hyimage.offload.streaming import resident_count
+from hyimage.offload.weights import (
+    GGUF_DEQUANT_BYTES,
+    GIB,
+    LORA_ITEMSIZE,
+    DiTWeights,
+    LoraLayout,
+    Part,
+    base_dit_weights,
+    dit_config,
+    dit_part,
+    dit_summary,
+    dit_weights,
+    dit_weights_label,
+    language_model,
+)
 
-GIB = 1024**3
 MARGIN_FIXED_GIB = 0.75
 """CUDA context and library handles: about 0.5 GiB on recent GPUs (outside the allocator), cuBLAS workspaces."""
 MARGIN_SHARE = 0.08
@@ -125,9 +135,9 @@ class PlanRequest:
     counted from its header; a safetensors file counts as FP8 when it stores float8 weights, else as bf16."""
     gguf: str | None = None
     """A GGUF quantisation type (Q4_K, Q8_0, ...): the DiT estimated as such a file would load (see GGUF_KEPT)."""
-    loras: tuple["LoraLayout", ...] = ()
+    loras: tuple[LoraLayout, ...] = ()
     """LoRAs attached to the DiT (`lora_layout`, `lora_layouts`): their adapters stay on the GPU with the layers."""
-    refiner_loras: tuple["LoraLayout", ...] = ()
+    refiner_loras: tuple[LoraLayout, ...] = ()
     """LoRAs attached to the refiner's DiT, counted as `loras` are for the base DiT."""
     host_part_bytes: tuple[tuple[str, int, int], ...] | None = None
     """(stage, bytes held once loaded, bytes while loading) of the parts in host memory, when not the released
@@ -147,21 +157,6 @@ class PlanRequest:
             value = getattr(self, name)
             if value < 32 or value % 32:
                 raise ValueError(f"{name}={value} must be a positive multiple of 32 (the VAE's factor)")
-
-
-@dataclass
-class Part:
-    """The weights of one part as the GPU sees them: the rest and each streamable block, in bytes."""
-
-    rest: int
-    blocks: list[int] = field(default_factory=list)
-    pinned: list[int] | None = field(default=None, compare=False)
-    """Per block, the host bytes of its tensors once pinned for streaming (each rounded up to a power of two); None
-    when not known (then the plan counts the streamed blocks as they are)."""
-
-    @property
-    def total(self) -> int:
-        return self.rest + sum(self.blocks)
 
 
 @dataclass
@@ -259,309 +254,6 @@ class Plan:
         lines.append(f"host GiB: the stage's host RAM peak, the process counted as {HOST_BASE_GIB:g} GiB; a part released "
                      "is read again from disk when next needed")
         return "\n".join(lines)
-
-
-# Weights.
-def _decoder_layer_params(c: dict) -> int:
-    head_dim = c["hidden"] // c["heads"]
-    q_o = 2 * c["hidden"] * c["hidden"] + c["hidden"]  # q has a bias in Qwen2.5 (and not in Hunyuan: ~0)
-    k_v = 2 * (c["hidden"] * c["kv_heads"] * head_dim + c["kv_heads"] * head_dim)
-    mlp = 3 * c["hidden"] * c["intermediate"]
-    return q_o + k_v + mlp + 2 * c["hidden"]
-
-
-def _layer_tensor_params(c: dict) -> list[int]:
-    h, kv = c["hidden"], c["kv_heads"] * (c["hidden"] // c["heads"])
-    return [h * h, h, h * kv, kv, h * kv, kv, h * h, *[h * c["intermediate"]] * 3, h, h]
-
-
-def pinned_size(nbytes: int) -> int:
-    """Host bytes of a pinned copy: torch's caching host allocator rounds each allocation up to a power of two."""
-    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
-
-
-def language_model(c: dict, layers: int, *, lm_head: bool, extra: int = 0, itemsize: int = 2) -> Part:
-    """A decoder-only language model's weights: embeddings (+ head, + `extra` parameters) and its layers."""
-    rest = c["vocab"] * c["hidden"] * (2 if lm_head else 1) + c["hidden"] + extra
-    pinned = sum(pinned_size(n * itemsize) for n in _layer_tensor_params(c))
-    return Part(rest * itemsize, [_decoder_layer_params(c) * itemsize] * layers, [pinned] * layers)
-
-
-def module_part(module: nn.Module) -> Part:
-    """The weights of a (meta or real) module, split as the block streamer splits them."""
-    lists = find_block_lists(module)
-    blocks = [block for _, blocks in lists for block in blocks]
-    block_ids = {id(t) for block in blocks for t in (*block.parameters(), *block.buffers())}
-
-    def nbytes(tensors: Any) -> int:
-        unique = {id(t): t for t in tensors}
-        return sum(t.numel() * t.element_size() for t in unique.values())
-
-    def pinned(tensors: Any) -> int:
-        unique = {id(t): t for t in tensors}
-        return sum(pinned_size(t.numel() * t.element_size()) for t in unique.values())
-
-    rest = nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in block_ids)
-    return Part(rest, [nbytes((*b.parameters(), *b.buffers())) for b in blocks],
-                [pinned((*b.parameters(), *b.buffers())) for b in blocks])
-
-
-def dit_config(request: PlanRequest, refiner: bool = False) -> Any:
-    from hyimage.models.dit.configs import resolve_dit_config
-
-    if refiner:
-        return resolve_dit_config("hunyuanimage-refiner")
-    return resolve_dit_config(request.dit_config if request.dit_config is not None else request.variant)
-
-
-# The DiT's weights.
-#
-# bf16 / FP8: the DiT built on meta (FP8 linears converted as the loader converts them), counted per block.
-# A DiT file: the DiT its loader builds from the file's header, on meta (`gguf_dit_on_meta`, `safetensors_dit_on_meta`):
-# a GGUF file's quantised linears keep their ggml bytes (uint8), a safetensors file's float8 linears are FP8, everything
-# else is loaded as bf16 (whatever the file stores), so the count equals the loaded model's, block by block.
-# A GGUF type without a file: the DiT quantised as ComfyUI-GGUF's tools make such a file (see GGUF_KEPT); its
-# linears' rows take `columns / block * block bytes` (the ggml block sizes, also the gguf package's
-# GGML_QUANT_SIZES: Q8_0 34 bytes per 32 values, Q4_K 144 per 256, ...).
-# A LoRA adds, on each layer it adapts, A (rank x in) and B (out x rank) in the layer's compute dtype (bf16 on CUDA)
-# and its 0-dim float32 scale, in the block that holds the layer (they stream with it).
-GGUF_KEPT = ("img_in.", "txt_in.", "time_in.", "vector_in.", "guidance_in.", "final_layer.")
-"""Weights ComfyUI-GGUF's llama.cpp patch (`tools/lcpp.patch`, `llama_tensor_get_type`) keeps in F32/F16 at every
-quantisation type. Its `tools/convert.py` also keeps 1-D tensors and those of at most GGUF_SMALL values in F32, and
-a row that is no whole number of the type's blocks falls back to F16; hyimage loads all of these as bf16."""
-GGUF_SMALL = 1024
-GGUF_DEQUANT_BYTES = {
-    "Q8_0": 9.25, "Q6_K": 15.0, "Q5_K": 15.5, "Q5_1": 11.0, "Q5_0": 11.0, "Q4_K": 13.0, "Q4_1": 8.8, "Q4_0": 8.75,
-    "Q3_K": 11.25, "Q2_K": 13.0,
-}
-"""Peak bytes per weight that `GGUFLinear` allocates while it dequantises its weight for one forward (int16 and
-float32 intermediates of `hyimage.quantization.gguf`, the float32 result and its bf16 copy). Measured with
-benchmarks/memsim.py's LiveBytes on a 1536 x 3584 layer: Q8_0 9.19, Q6_K 14.82, Q5_K 15.31, Q5_1 10.88,
-Q5_0 10.81, Q4_K 12.94, Q4_1 8.75, Q4_0 8.69, Q3_K 11.18, Q2_K 12.98 (tests/test_plan_formats.py checks the bound).
-The largest quantised layer's figure is added to the DiT's activations."""
-GGUF_TYPES = tuple(GGUF_DEQUANT_BYTES)
-"""The GGUF types a plan can estimate (those hyimage dequantises)."""
-LORA_ITEMSIZE = 2
-"""Adapters run in the layer's compute dtype: bf16 on CUDA (and for FP8 and GGUF layers, see `hyimage.lora.layers`)."""
-
-
-@dataclass(frozen=True)
-class LoraLayout:
-    """One LoRA as the plan sees it: the DiT layers it adapts, each with its rank."""
-
-    name: str
-    ranks: tuple[tuple[str, int], ...]
-
-
-@dataclass
-class DiTWeights:
-    """The DiT's weights on the GPU (`part`) and what its formats add to one forward's activations."""
-
-    part: Part
-    fp8: bool
-    dequant_bytes: int = 0
-    """The largest GGUF layer's dequantisation temporaries (GGUF_DEQUANT_BYTES x its weights)."""
-    lora_rank: int = 0
-    """The largest rank of the adapted layers, summed over the LoRAs (0: no LoRA)."""
-
-
-@dataclass
-class _DiTLayout:
-    part: Part
-    fp8: bool
-    dequant_bytes: int
-    blocks: dict[str, int]
-    features: dict[str, tuple[int, int]]
-
-
-def dit_format(request: PlanRequest) -> tuple[bool, str | None, str | None]:
-    """(FP8 linears, GGUF type to estimate, DiT file) of the request's base DiT (a file decides its own FP8)."""
-    if request.gguf is not None:
-        return False, request.gguf, None
-    if request.dit_file is None:
-        return request.fp8, None, None
-    path = Path(request.dit_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"dit_file {path} does not exist; pass the path of a .safetensors or .gguf DiT")
-    return False, None, str(path)
-
-
-def dit_weights_label(request: PlanRequest) -> str:
-    """How the plan's first line names the base DiT's format and the LoRAs of both DiTs."""
-    label = ""
-    if request.gguf is not None:
-        label = f", DiT GGUF {request.gguf} (estimated)"
-    elif request.dit_file is not None:
-        label = f", DiT {Path(request.dit_file).name}"
-    if request.loras:
-        label += f", {len(request.loras)} LoRA{'s' if len(request.loras) > 1 else ''}"
-    if request.refiner_loras:
-        label += f", {len(request.refiner_loras)} refiner LoRA{'s' if len(request.refiner_loras) > 1 else ''}"
-    return label
-
-
-def dit_on_meta(config: Any, fp8: bool = False, gguf: str | None = None, dit_file: str | None = None) -> nn.Module:
-    """The DiT of a DiTConfig on meta as it is loaded for a CUDA run: bf16, FP8 linears when `fp8`, GGUF linears of a
-    type (`gguf`, see GGUF_KEPT), or as a DiT file loads (a GGUF file's quantised linears, a safetensors file's FP8
-    ones), read from the file's header."""
-    from hyimage.models.dit.model import HYImageDiffusionTransformer
-
-    if dit_file is not None:
-        from hyimage.loading.dit_loader import is_gguf, safetensors_dit_on_meta
-        from hyimage.loading.gguf_loader import gguf_dit_on_meta
-
-        read = gguf_dit_on_meta if is_gguf(Path(dit_file)) else safetensors_dit_on_meta
-        return read(dit_file, config)
-    with torch.device("meta"):
-        model = HYImageDiffusionTransformer(**config.to_dict(), dtype=torch.bfloat16)
-    if fp8:
-        from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
-
-        convert_to_fp8_linear(model, fp8_linear_modules(model))
-    if gguf is not None:
-        _quantize_like_gguf(model, gguf)
-    return model.eval()
-
-
-def _quantize_like_gguf(model: nn.Module, type_name: str) -> None:
-    """Replace the linears a GGUF file of `type_name` quantises by (meta) GGUFLinear layers."""
-    from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear
-
-    type_id = next(i for i, (name, _, _) in GGML_TYPES.items() if name == type_name)
-    block = GGML_TYPES[type_id][1]
-    for name, layer in list(model.named_modules()):
-        if type(layer) is not nn.Linear or name.startswith(GGUF_KEPT):
-            continue
-        if layer.weight.numel() <= GGUF_SMALL or layer.in_features % block:
-            continue
-        has_bias = layer.bias is not None
-        quantized = GGUFLinear(layer.in_features, layer.out_features, type_id, bias=has_bias,
-                               device=torch.device("meta"), bias_dtype=layer.bias.dtype if has_bias else None)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, quantized)
-
-
-@functools.lru_cache(maxsize=16)
-def _dit_layout(config_key: str, fp8: bool, gguf: str | None, dit_file: str | None, file_stamp: Any) -> _DiTLayout:
-    from hyimage.lora.keys import linear_layers
-    from hyimage.models.dit.configs import resolve_dit_config
-    from hyimage.quantization.fp8 import FP8Linear
-    from hyimage.quantization.gguf import GGUFLinear, type_name
-
-    model = dit_on_meta(resolve_dit_config(json.loads(config_key)), fp8, gguf, dit_file)
-    layers = linear_layers(model)
-    dequant = max(
-        (int(GGUF_DEQUANT_BYTES[type_name(layer.type_id)] * layer.in_features * layer.out_features)
-         for layer in layers.values() if isinstance(layer, GGUFLinear)),
-        default=0,
-    )
-    blocks = {f"{name}.{i}.": n for n, (name, i) in enumerate(
-        (name, i) for name, block_list in find_block_lists(model) for i in range(len(block_list)))}
-    features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
-    fp8 = any(isinstance(layer, FP8Linear) for layer in layers.values())
-    return _DiTLayout(module_part(model), fp8, dequant, blocks, features)
-
-
-def dit_part(config: Any, fp8: bool = False, gguf: str | None = None, dit_file: str | None = None,
-             loras: tuple[LoraLayout, ...] = ()) -> Part:
-    """The DiT's weights on the GPU for a DiTConfig (see `dit_on_meta`), with the adapters of `loras`."""
-    return _dit_weights(config, fp8, gguf, dit_file, loras).part
-
-
-def _dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
-                 loras: tuple[LoraLayout, ...]) -> DiTWeights:
-    stamp = None
-    if dit_file is not None:
-        stat = Path(dit_file).stat()
-        stamp = (str(Path(dit_file).resolve()), stat.st_size, stat.st_mtime_ns)
-    layout = _dit_layout(json.dumps(config.to_dict(), sort_keys=True), fp8, gguf, dit_file, stamp)
-    rest, blocks = layout.part.rest, list(layout.part.blocks)
-    pinned = None if layout.part.pinned is None else list(layout.part.pinned)
-    rank = sum(max((r for _, r in lora.ranks), default=0) for lora in loras)
-    for lora in loras:
-        for module, module_rank in lora.ranks:
-            if module not in layout.features:
-                raise ValueError(f"LoRA {lora.name!r} adapts {module}, which this DiT does not have")
-            in_f, out_f = layout.features[module]
-            nbytes = module_rank * (in_f + out_f) * LORA_ITEMSIZE + 4
-            index = next((layout.blocks[p] for p in _prefixes(module) if p in layout.blocks), None)
-            if index is None:
-                rest += nbytes
-            else:
-                blocks[index] += nbytes
-                if pinned is not None:
-                    pinned[index] += pinned_size(nbytes)  # its A and B as one allocation: about their rounding
-    return DiTWeights(Part(rest, blocks, pinned), layout.fp8, layout.dequant_bytes, rank)
-
-
-def _prefixes(module: str) -> list[str]:
-    parts = module.split(".")
-    return [".".join(parts[:k]) + "." for k in range(1, len(parts))]
-
-
-def base_dit_weights(request: PlanRequest) -> DiTWeights:
-    """The base DiT's weights for `request`: its format (bf16, FP8, a GGUF file or type) and its LoRAs."""
-    fp8, gguf, dit_file = dit_format(request)
-    return _dit_weights(dit_config(request), fp8, gguf, dit_file, request.loras)
-
-
-def dit_summary(request: PlanRequest) -> dict:
-    """The base DiT's weight format and its GPU bytes in GiB: in all, per block, outside the blocks, of the LoRAs."""
-    fp8, gguf, dit_file = dit_format(request)
-    weights = base_dit_weights(request)
-    plain = _dit_weights(dit_config(request), fp8, gguf, dit_file, ()).part
-    kind = "FP8" if weights.fp8 else "bf16"
-    if dit_file is not None:
-        from hyimage.loading.dit_loader import is_gguf
-
-        kind = f"{'GGUF' if is_gguf(Path(dit_file)) else kind} file {Path(dit_file).name}"
-    elif gguf is not None:
-        kind = f"GGUF {gguf}, estimated"
-    part = weights.part
-    return {
-        "format": kind,
-        "total_gib": round(part.total / GIB, 3),
-        "rest_gib": round(part.rest / GIB, 3),
-        "blocks": len(part.blocks),
-        "largest_block_gib": round(max(part.blocks, default=0) / GIB, 4),
-        "lora_gib": round((part.total - plain.total) / GIB, 4),
-        "bytes": part.total,
-    }
-
-
-def lora_layout(source: str | Path | dict[str, torch.Tensor], request: PlanRequest) -> LoraLayout:
-    """A LoRA file (or state dict) as it would attach to the request's DiT (checked as `load_lora_weights` checks).
-    A safetensors file is read from its header: its matrices as meta tensors, only the scalar alphas read."""
-    from hyimage.lora.keys import ALPHA_SUFFIX, parse_lora
-    from hyimage.lora.mixin import read_lora_file
-
-    if isinstance(source, dict):
-        state = source
-    elif Path(source).suffix == ".safetensors" and Path(source).is_file():
-        from hyimage.loading.safetensors_io import SafetensorsReader
-
-        with SafetensorsReader(source) as reader:
-            state = {k: reader.get(k) if k.endswith(ALPHA_SUFFIX) else reader.get_meta(k) for k in reader.keys()}
-    else:
-        state = read_lora_file(source)
-    label = "lora" if isinstance(source, dict) else Path(source).stem
-    described = "the LoRA state dict" if isinstance(source, dict) else str(source)
-    updates, _, _ = parse_lora(state, dit_on_meta(dit_config(request)), source=described)
-    if not updates:
-        raise ValueError(f"{label} holds no LoRA matrix for the DiT's layers")
-    return LoraLayout(label, tuple(sorted((u.module, int(u.down.shape[0])) for u in updates)))
-
-
-def lora_layouts(dit: nn.Module) -> tuple[LoraLayout, ...]:
-    """The LoRAs attached to a loaded DiT (`load_lora_weights`), as the plan counts them."""
-    from hyimage.lora.layers import adapter_names, banks
-
-    found = banks(dit)
-    return tuple(
-        LoraLayout(name, tuple(sorted((layer, int(bank._buffers[f"{name}_down"].shape[0]))
-                                      for layer, bank in found.items() if name in bank.names)))
-        for name in adapter_names(dit)
-    )
 
 
 # Activations.
@@ -694,7 +386,7 @@ def _needs(request: PlanRequest) -> list[_Need]:
                        **_exact_options("vae_decode", request)))
     if request.refiner:
         refiner_config = dit_config(request, refiner=True)
-        refiner_weights = _dit_weights(refiner_config, request.fp8, None, None, request.refiner_loras)
+        refiner_weights = dit_weights(refiner_config, request.fp8, None, None, request.refiner_loras)
         refiner, refiner_tokens = refiner_weights.part, dit_tokens(request, True)
         activations = dit_activation_bytes(refiner_config, 1, *refiner_tokens, request.fp8)
         activations += format_activation_bytes(refiner_weights, refiner_config, 1, sum(refiner_tokens))
