@@ -25,26 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HIDDEN = 2048
-# Parameters of one double plus one single stream block, in units of hidden_size^2 (see models/dit/blocks.py).
-PAIR_PARAMS = 51 * HIDDEN**2
-
-
-def config_for(gigabytes: float) -> dict:
-    pairs = max(1, round(gigabytes * 1e9 / 2 / PAIR_PARAMS))
-    return dict(
-        patch_size=[1, 1],
-        in_channels=64,
-        out_channels=64,
-        hidden_size=HIDDEN,
-        heads_num=16,
-        mlp_width_ratio=4,
-        mm_double_blocks_depth=pairs,
-        mm_single_blocks_depth=pairs,
-        rope_dim_list=[64, 64],
-        text_states_dim=HIDDEN,
-        glyph_byT5_v2=True,
-    )
+sys.path.insert(0, str(REPO))
+from benchmarks.scaled_dit import HIDDEN, scaled_dit_config  # noqa: E402
 
 
 def write_checkpoint(path: Path, config: dict, fused: bool) -> None:
@@ -125,7 +107,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write it (default: a temporary folder)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = config_for(args.gb)
+    config = scaled_dit_config(args.gb, glyph=True)
     if args.child:
         child(args.child[0], args.child[1], config)
         return

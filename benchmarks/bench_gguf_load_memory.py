@@ -21,26 +21,10 @@ import tempfile
 import time
 from pathlib import Path
 
-HIDDEN = 2048
-PAIR_PARAMS = 51 * HIDDEN**2  # one double plus one single stream block, in hidden_size^2
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.scaled_dit import HIDDEN, scaled_dit_config  # noqa: E402
+
 BYTES_PER_PARAM = {"Q8_0": 34 / 32, "Q4_K": 144 / 256}
-
-
-def config_for(gigabytes: float, qtype: str) -> dict:
-    pairs = max(1, round(gigabytes * 1e9 / BYTES_PER_PARAM[qtype] / PAIR_PARAMS))
-    return dict(
-        patch_size=[1, 1],
-        in_channels=64,
-        out_channels=64,
-        hidden_size=HIDDEN,
-        heads_num=16,
-        mlp_width_ratio=4,
-        mm_double_blocks_depth=pairs,
-        mm_single_blocks_depth=pairs,
-        rope_dim_list=[64, 64],
-        text_states_dim=HIDDEN,
-        glyph_byT5_v2=False,
-    )
 
 
 def write_gguf(path: Path, config: dict, qtype: str) -> None:
@@ -140,7 +124,7 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where to write it (default: a temporary folder)")
     parser.add_argument("--child", nargs=2, metavar=("METHOD", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    config = config_for(args.gb, args.type)
+    config = scaled_dit_config(args.gb, BYTES_PER_PARAM[args.type])
     if args.child:
         child(args.child[0], args.child[1], config, args.type)
         return

@@ -19,15 +19,8 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HIDDEN = 2048
-
-
-def config_for(gigabytes: float) -> dict:
-    blocks = max(1, round(gigabytes * 1e9 / 2 / (51 * HIDDEN**2)))
-    return dict(
-        patch_size=[1, 1], in_channels=64, out_channels=64, hidden_size=HIDDEN, heads_num=16, mlp_width_ratio=4,
-        mm_double_blocks_depth=blocks, mm_single_blocks_depth=blocks, rope_dim_list=[64, 64], text_states_dim=HIDDEN,
-    )
+sys.path.insert(0, str(REPO))
+from benchmarks.scaled_dit import scaled_dit_config  # noqa: E402
 
 
 WRITE = """
@@ -66,7 +59,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch threads in the loaders (0: torch's default)")
     args = parser.parse_args()
-    config = json.dumps(config_for(args.gb))
+    config = json.dumps(scaled_dit_config(args.gb))
     with tempfile.TemporaryDirectory() as folder:
         path = str(Path(folder) / "dit.safetensors")
         run(WRITE, config, path)
