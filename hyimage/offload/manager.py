@@ -159,14 +159,14 @@ class MemoryManager:
     @contextmanager
     def running(self, module: Movable) -> Iterator[Movable]:
         """Context in which `module` is ready to run on `self.device` (a VAE placed "exact" in exact tiling)."""
-        from hyimage.offload.planner import stage_of
-
         settings = self.exact_tiling(module)
         if settings is None:
             with self._placed(module) as placed:
                 yield placed
             return
         if settings.activations_device is not None:  # its pinned activations may need parts released first
+            from hyimage.offload.planner import stage_of
+
             self.host.before_build(stage_of(module))
         previous = module.exact_tiling
         module.exact_tiling = settings
