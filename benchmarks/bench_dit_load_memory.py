@@ -63,7 +63,6 @@ def child(method: str, path: str, config: dict) -> None:
     import torch
     from safetensors.torch import load_file
 
-    from hyimage.loading.dit_loader import load_dit
     from hyimage.models import HYImageDiffusionTransformer
 
     torch.set_num_threads(2)
@@ -73,9 +72,9 @@ def child(method: str, path: str, config: dict) -> None:
         write_checkpoint(Path(path), config, fused=method == "write fused")
         return
     if method in ("hyimage", "hyimage fused"):
-        model = load_dit(path, config)
+        model = HYImageDiffusionTransformer.from_single_file(path, config)
     elif method == "hyimage fp8":
-        model = load_dit(path, config, quantize_fp8=True)
+        model = HYImageDiffusionTransformer.from_single_file(path, config, quantize_fp8=True)
     else:
         model = HYImageDiffusionTransformer.from_config(config, dtype=torch.bfloat16, device="meta")
         model = model.to_empty(device="cpu")

@@ -95,9 +95,9 @@ def child(method: str, path: str, config: dict, qtype: str) -> None:
         write_gguf(Path(path), config, qtype)
         return
     if method == "hyimage":
-        from hyimage.loading.dit_loader import load_dit
+        from hyimage.models import HYImageDiffusionTransformer
 
-        model = load_dit(path, config)
+        model = HYImageDiffusionTransformer.from_single_file(path, config)
         held = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
     else:
         import gguf

@@ -6,7 +6,7 @@ blocks, FP8 quantized while loading, and a Qwen2.5-VL text encoder 1024 wide) ru
 on the CPU twice in a fresh process; a thread samples the RSS every 2 ms and keeps the peak of each stage (the
 stage is the one whose part is being built or run). The second call is the steady state the plan describes.
 Predicted: the plan's host figure of each stage (`hyimage.offload.planner.plan_host`, the part sizes counted by
-`hyimage.loading.part_sizes`) minus its process base; measured: peak RSS minus the RSS after imports. The CPU
+`hyimage.diffusion.pipelines.part_sizes`) minus its process base; measured: peak RSS minus the RSS after imports. The CPU
 run holds its activations in host memory too (small at 64x64), which the plan (made for GPUs) does not count.
 
     python benchmarks/bench_host_plan.py [--budget-gib 2.0] [--singles 2]
@@ -28,7 +28,9 @@ import json, sys, threading, time
 import torch
 torch.set_num_threads(2)
 from hyimage import HunyuanImagePipeline
-from hyimage.offload.planner import HOST_BASE_CPU_GIB, GIB, stage_of
+from hyimage.offload.host_plan import HOST_BASE_CPU_GIB
+from hyimage.offload.manager import stage_of
+from hyimage.offload.weights import GIB
 import hyimage.models, hyimage.text_encoders.mllm, hyimage.text_encoders.glyph
 import hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline
 
@@ -113,7 +115,8 @@ def run(code: str, *args: str) -> str:
 
 
 def full_size_tables() -> None:
-    from hyimage.offload.planner import PlanRequest, make_plan
+    from hyimage.offload.planner import make_plan
+    from hyimage.offload.request import PlanRequest
 
     for reprompt in (None, "7b", "32b"):
         for gpu in (24, 12):

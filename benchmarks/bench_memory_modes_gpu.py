@@ -89,7 +89,8 @@ def measure(model: HYImageDiffusionTransformer, memory: MemoryManager, steps: in
 def measure_plan(variant: str, budgets: list[float], steps: int) -> None:
     """Planned vs measured peak of the DiT stage per budget, FP8 off and on."""
     from hyimage.diffusion.pipelines.parts import run_dit
-    from hyimage.offload.planner import PlanRequest, make_plan
+    from hyimage.offload.planner import make_plan
+    from hyimage.offload.request import PlanRequest
 
     device = torch.device("cuda")
     print(f"{'weights':>8} {'budget':>7} {'placement':>12} {'planned':>8} {'measured':>9} {'s/step':>8}")

@@ -25,10 +25,10 @@ def serve(pipe, max_batch: int, queue: int):
     """(url, stop) of a server over a fresh worker with `max_batch`."""
     import uvicorn
 
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import DISTILLED_DEFAULTS
     from hyimage.serving.app import create_app
     from hyimage.serving.validation import ServeLimits
     from hyimage.serving.worker import Worker
+    from hyimage.variants import DISTILLED_DEFAULTS
 
     worker = Worker(pipe, max_queue=queue, max_batch=max_batch).start()
     limits = ServeLimits(model_id="hunyuanimage-v2.1-distilled", defaults=DISTILLED_DEFAULTS, refiner=False)

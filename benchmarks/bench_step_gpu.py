@@ -23,8 +23,8 @@ sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-
 from bench_flops import BYT5_DIM, GLYPH_POSITIONS, LATENT_SIZE, TEXT_POSITIONS, useful_flops  # noqa: E402
+
 from hyimage.diffusion.padding import trim_padding  # noqa: E402
 from hyimage.models.dit.configs import resolve_dit_config  # noqa: E402
 from hyimage.models.dit.model import HYImageDiffusionTransformer  # noqa: E402

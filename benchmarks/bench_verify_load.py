@@ -22,7 +22,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.scaled_dit import scaled_dit_config  # noqa: E402
 
-
 WRITE = """
 import json, sys, torch
 from safetensors.torch import save_file

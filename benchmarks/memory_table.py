@@ -29,9 +29,11 @@ from benchmarks.memsim import (
 )
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.models.vae.exact_tiling import ExactTiling
-from hyimage.offload.planner import TEMPLATE_TOKENS, TEXT_ENCODER_LAYERS, TEXT_TOKENS, PlanRequest, make_plan
+from hyimage.offload.activations import TEMPLATE_TOKENS, TEXT_TOKENS
+from hyimage.offload.needs import TEXT_ENCODER_LAYERS
+from hyimage.offload.planner import make_plan
+from hyimage.offload.request import PlanRequest, dit_config
 from hyimage.offload.streaming import BlockStreamer
-from hyimage.offload.weights import dit_config
 
 VARIANTS = {"distilled": "hunyuanimage-v2.1-distilled", "base": "hunyuanimage-v2.1"}
 

@@ -274,7 +274,7 @@ def build_dit(config: Any, fp8: bool, dtype: torch.dtype = torch.bfloat16, gguf:
 
         convert_to_fp8_linear(model, fp8_linear_modules(model))
     if gguf is not None:
-        from hyimage.offload.weights import _quantize_like_gguf
+        from hyimage.offload.dit_weights import _quantize_like_gguf
 
         _quantize_like_gguf(model, gguf)
     return model.eval()
@@ -414,7 +414,7 @@ def qwen_text_model(layers: int) -> torch.nn.Module:
     from transformers import Qwen2_5_VLTextConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
 
-    from hyimage.offload.planner import QWEN25VL_7B as c
+    from hyimage.offload.needs import QWEN25VL_7B as c
 
     config = Qwen2_5_VLTextConfig(hidden_size=c["hidden"], intermediate_size=c["intermediate"],
                                   num_hidden_layers=layers, num_attention_heads=c["heads"],

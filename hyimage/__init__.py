@@ -17,8 +17,8 @@ logger.disable("hyimage")
 _LAZY = {
     "HunyuanImagePipeline": "hyimage.diffusion.pipelines.hunyuanimage_pipeline",
     "HunyuanImageRefinerPipeline": "hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline",
-    "RequestError": "hyimage.diffusion.request",
-    "NonFiniteError": "hyimage.diffusion.pipelines.finite",
+    "RequestError": "hyimage.errors",
+    "NonFiniteError": "hyimage.errors",
     "ParallelConfig": "hyimage.parallel",
 }
 

@@ -20,10 +20,9 @@ import torch
 from PIL import Image
 
 from hyimage.cli import main, save_png
-from hyimage.diffusion.pipelines.finite import NonFiniteError
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, HunyuanImagePipeline
 from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
-from hyimage.diffusion.request import RequestError, RequestTypeError
+from hyimage.errors import NonFiniteError, RequestError, RequestTypeError
 from tests.test_dit_parity import TINY_CONFIGS, tiny_model
 from tests.test_pipeline import FakeGlyphEncoder, FakeTextEncoder, tiny_vae
 
@@ -359,7 +358,7 @@ ABSURD = textwrap.dedent("""
     import resource, sys
     import torch
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
-    from hyimage.diffusion.request import RequestError
+    from hyimage.errors import RequestError
     from tests.test_dit_parity import TINY_CONFIGS, tiny_model
     from tests.test_pipeline import FakeGlyphEncoder, FakeTextEncoder, tiny_vae
 

@@ -5,13 +5,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hyimage.loading.dit_loader import load_dit
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
-from tests.fixtures.dit_layouts import fused_layout
-from tests.fixtures.dit_layouts import split_by_hand
+from tests.fixtures.dit_layouts import fused_layout, split_by_hand
 from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
 from tests.utils import max_rel_error
+
+load_dit = HYImageDiffusionTransformer.from_single_file
 
 E4M3 = torch.float8_e4m3fn
 # ComfyUI's in-memory names for some official ones (supported_models.HunyuanVideo.process_unet_state_dict)
@@ -94,7 +94,7 @@ def test_other_comfy_quant_formats_are_refused_by_name(tmp_path: Path) -> None:
 
     import pytest
 
-    from hyimage.loading.safetensors_io import CheckpointError
+    from hyimage.errors import CheckpointError
 
     file = {f"diffusion_model.{k}": v for k, v in fused_layout(tiny_dit().state_dict()).items()}
     config = json.dumps({"format": "nvfp4"}).encode()

@@ -23,17 +23,8 @@ import pytest
 from loguru import logger
 
 from hyimage.cli import main
-from hyimage.loading.download import (
-    RECORD_FILE,
-    DownloadConfig,
-    DownloadError,
-    HubUnreachableError,
-    OfflineError,
-    UnsafeListingError,
-    check_present,
-    download,
-    plan,
-)
+from hyimage.errors import DownloadError, HubUnreachableError, OfflineError, UnsafeListingError
+from hyimage.loading.download import RECORD_FILE, DownloadConfig, check_present, download, plan
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

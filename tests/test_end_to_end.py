@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from hyimage.cli import main
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+from hyimage.errors import MissingCheckpointError
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout
-from hyimage.loading.pipeline_loader import MissingCheckpointError
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import write_tiny_tree
 

@@ -6,8 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from hyimage.loading.dit_loader import load_dit
-from hyimage.loading.safetensors_io import CheckpointError
+from hyimage.errors import CheckpointError
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import (
     FP8Linear,
@@ -17,6 +16,8 @@ from hyimage.quantization.fp8 import (
 )
 from tests.test_dit_loading import TINY, run, save, tiny_dit, tiny_inputs
 from tests.utils import TOLERANCE, load_manifest, max_rel_error
+
+load_dit = HYImageDiffusionTransformer.from_single_file
 
 E4M3 = torch.float8_e4m3fn
 

@@ -11,14 +11,14 @@ import torch
 from gguf import GGML_QUANT_SIZES, quants
 from gguf import GGMLQuantizationType as T
 
-from hyimage.loading.dit_loader import load_dit
-from hyimage.loading.safetensors_io import CheckpointError
+from hyimage.errors import CheckpointError
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.gguf import GGUFLinear, dequantize
-from tests.fixtures.dit_layouts import fused_layout
-from tests.fixtures.dit_layouts import split_by_hand
+from tests.fixtures.dit_layouts import fused_layout, split_by_hand
 from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_
 from tests.utils import max_rel_error
+
+load_dit = HYImageDiffusionTransformer.from_single_file
 
 # hidden 256: K-quant rows hold multiples of 256 values, as in the real model (3584 = 14 x 256)
 CONFIG = replace(
@@ -269,8 +269,8 @@ def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
 
 
 def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
+    from hyimage.diffusion.pipelines.factories import _dit_factory
     from hyimage.loading.layout import CheckpointLayout
-    from hyimage.loading.pipeline_loader import _dit_factory
     from hyimage.offload import MemoryManager
 
     path = tmp_path / "hunyuanimage2.1-distilled-Q4_K.gguf"

@@ -16,7 +16,10 @@ import torch
 
 from hyimage import HunyuanImagePipeline
 from hyimage.cli import main
-from hyimage.offload.planner import GIB, HOST_BASE_CPU_GIB, PlanRequest, make_plan
+from hyimage.offload.host_plan import HOST_BASE_CPU_GIB
+from hyimage.offload.planner import make_plan
+from hyimage.offload.request import PlanRequest
+from hyimage.offload.weights import GIB
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import write_tiny_tree
 
@@ -38,7 +41,8 @@ def test_2k_refiner_call_fits_a_32_gib_host(gpu: float) -> None:
 def test_exact_vae_activations_in_host_memory_count_in_the_host_plan() -> None:
     """At 6 GiB the refiner VAE keeps its whole activations in pinned host memory: its stage's host peak holds them
     on top of the parts held, and parts are released to make room for them (before, the stage came to 33.0 GiB)."""
-    from hyimage.offload.planner import exact_vae_host_bytes, host_bytes
+    from hyimage.offload.activations import exact_vae_host_bytes
+    from hyimage.offload.planner import host_bytes
 
     plan = make_plan(REFINER_2K_FP8, 6, 32)
     vae = plan.stage("refiner_vae")

@@ -16,15 +16,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import ByT5Tokenizer, Qwen2Config
 
+from hyimage.errors import CheckpointError, NonFiniteWeightError, UnsafeCheckpointError
 from hyimage.loading.safetensors_io import (
-    CheckpointError,
     SafetensorsReader,
     checkpoint_format,
     load_safetensors_into,
     read_tensor_infos,
 )
-from hyimage.loading.torch_io import UnsafeCheckpointError
-from hyimage.loading.verify import NonFiniteWeightError
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D, HYImageDiffusionTransformer
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.reprompt import Reprompter

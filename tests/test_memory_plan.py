@@ -17,21 +17,12 @@ from benchmarks.memsim import LiveBytes, fake_cuda, simulate_dit, simulate_text_
 from hyimage.cli import main
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.offload import MemoryManager
-from hyimage.offload.planner import (
-    GIB,
-    QWEN25VL_7B,
-    QWEN25VL_32B,
-    TEMPLATE_TOKENS,
-    TEXT_ENCODER_LAYERS,
-    TEXT_TOKENS,
-    PlanRequest,
-    dit_activation_bytes,
-    dit_tokens,
-    make_plan,
-    margin_gib,
-)
+from hyimage.offload.activations import TEMPLATE_TOKENS, TEXT_TOKENS, dit_activation_bytes, dit_tokens
+from hyimage.offload.needs import QWEN25VL_7B, QWEN25VL_32B, TEXT_ENCODER_LAYERS
+from hyimage.offload.planner import make_plan, margin_gib
+from hyimage.offload.request import PlanRequest, dit_config
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
-from hyimage.offload.weights import dit_config, language_model
+from hyimage.offload.weights import GIB, language_model
 
 BUDGETS = (24, 16, 12, 8)
 DISTILLED_FP8 = PlanRequest(fp8=True, refiner=True)
@@ -193,7 +184,7 @@ def test_simulated_vae_decode_stays_within_the_plan() -> None:
 
 
 def test_from_pretrained_defaults_to_auto_with_its_budgets() -> None:
-    from hyimage.loading.pipeline_loader import make_memory, plan_for
+    from hyimage.diffusion.pipelines.loader import make_memory, plan_for
 
     memory = make_memory(None, None, 12, 32)
     assert (memory.mode, memory.gpu_budget_gb, memory.host_budget_gb) == ("auto", 12, 32)

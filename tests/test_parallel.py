@@ -13,7 +13,7 @@ import torch.distributed as dist
 from hyimage import ParallelConfig
 from hyimage.cli import main
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
-from hyimage.parallel import ParallelError
+from hyimage.errors import ParallelError
 from hyimage.parallel.ulysses import even_split
 from tests.fixtures.tiny_tree import TINY_BASE, TINY_DISTILLED, TINY_REFINER
 

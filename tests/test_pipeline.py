@@ -18,14 +18,10 @@ import torch
 from PIL import Image
 
 from hyimage.diffusion.guidance import GuidanceConfig
-from hyimage.diffusion.pipelines.hunyuanimage_pipeline import (
-    ASPECT_RATIOS,
-    HunyuanImageOutput,
-    HunyuanImagePipeline,
-    resolve_size,
-)
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, HunyuanImagePipeline, resolve_size
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 from hyimage.offload import MemoryManager
+from hyimage.variants import ASPECT_RATIOS
 from tests.test_dit_parity import TINY_CONFIGS, diffusers_twin, tiny_model
 from tests.utils import TOLERANCE, max_rel_error
 

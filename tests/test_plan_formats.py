@@ -20,24 +20,12 @@ from hyimage.cli import main
 from hyimage.lora.mixin import LoraMixin
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.offload import MemoryManager
-from hyimage.offload.planner import (
-    GIB,
-    PlanRequest,
-    dit_activation_bytes,
-    dit_tokens,
-    format_activation_bytes,
-    make_plan,
-)
+from hyimage.offload.activations import dit_activation_bytes, dit_tokens, format_activation_bytes
+from hyimage.offload.dit_weights import GGUF_DEQUANT_BYTES, GGUF_KEPT, dit_on_meta
+from hyimage.offload.planner import make_plan
+from hyimage.offload.request import PlanRequest, base_dit_weights, dit_config, lora_layout
 from hyimage.offload.streaming import BlockStreamer
-from hyimage.offload.weights import (
-    GGUF_DEQUANT_BYTES,
-    GGUF_KEPT,
-    base_dit_weights,
-    dit_config,
-    dit_on_meta,
-    lora_layout,
-    module_part,
-)
+from hyimage.offload.weights import GIB, module_part
 from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear
 from tests.test_gguf import CONFIG, H, write_gguf
 
@@ -116,7 +104,7 @@ def test_simulated_gguf_and_lora_activations_stay_within_the_plan() -> None:
     """Full-size blocks (1 double, 1 single) at 2K on fake CUDA tensors: Q4_K, and bf16 with a rank-64 LoRA on
     every block linear (weights exact, activations within the plan and above 80% of it)."""
     from hyimage.lora.keys import linear_layers
-    from hyimage.offload.weights import LoraLayout, dit_weights
+    from hyimage.offload.dit_weights import LoraLayout, dit_weights
 
     request = PlanRequest(variant=DISTILLED)
     config = replace(dit_config(request), mm_double_blocks_depth=1, mm_single_blocks_depth=1)
@@ -239,7 +227,7 @@ def test_plan_command_gguf_type_file_and_lora(tiny, tmp_path: Path, capsys: pyte
 
 
 def test_from_pretrained_plans_its_dit_file(tiny, tmp_path: Path) -> None:
-    from hyimage.loading.pipeline_loader import make_memory, plan_for
+    from hyimage.diffusion.pipelines.loader import make_memory, plan_for
 
     path = tmp_path / "tiny-Q4_K.gguf"
     write_gguf(tiny, path, [T.Q4_K])

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from hyimage.serving.validation import GenerationRequest
+from hyimage.serving.worker import Job, Worker
 from tests.fixtures.serve import (  # noqa: F401, F811 (fixtures used by name)
     API_KEY,
     VARIANT,
@@ -23,9 +25,6 @@ from tests.fixtures.serve import (  # noqa: F401, F811 (fixtures used by name)
     server_process,
     tiny_pipe,
 )
-
-from hyimage.serving.validation import GenerationRequest
-from hyimage.serving.worker import Job, Worker
 
 httpx = pytest.importorskip("httpx")
 

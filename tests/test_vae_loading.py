@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from hyimage.loading.safetensors_io import CheckpointError
+from hyimage.errors import CheckpointError
 from hyimage.loading.vae_diffusers_keys import refiner_vae_key_map, vae_2d_key_map
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D
 from tests.fixtures.vae_fixtures import (

@@ -27,22 +27,13 @@ from typing import Any
 from loguru import logger
 
 from hyimage import __version__
-from hyimage.diffusion.pipelines.finite import NonFiniteError
-from hyimage.diffusion.request import RequestError, check_device, check_real, check_request
-from hyimage.loading.download import (
-    OFFICIAL_REPO,
-    DownloadConfig,
-    DownloadError,
-    HubUnreachableError,
-    complete,
-    describe_unknown,
-    human_size,
-    plan,
-)
+from hyimage.diffusion.request import check_device, check_real, check_request
+from hyimage.errors import DownloadError, HubUnreachableError, NonFiniteError, RequestError
+from hyimage.loading.download import OFFICIAL_REPO, DownloadConfig, complete, describe_unknown, human_size, plan
 from hyimage.loading.layout import model_root
 from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
-from hyimage.offload.weights import GGUF_TYPES
+from hyimage.offload.dit_weights import GGUF_TYPES
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import shared_random_seed
 
@@ -364,8 +355,8 @@ def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from hyimage.offload.planner import PlanRequest, make_plan
-    from hyimage.offload.weights import lora_layout
+    from hyimage.offload.planner import make_plan
+    from hyimage.offload.request import PlanRequest, lora_layout
 
     variant = {"base": "hunyuanimage-v2.1", "distilled": "hunyuanimage-v2.1-distilled"}.get(args.variant, args.variant)
     if args.dit_file is not None and args.gguf is not None:
@@ -454,7 +445,7 @@ def pick_seed(seed: int, shared: bool = False) -> int:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import ASPECT_RATIOS
+    from hyimage.variants import ASPECT_RATIOS
 
     variant = VARIANT_ALIASES[args.variant or "base"]
     loras = lora_arguments(args.lora)

@@ -67,7 +67,7 @@ def run_batch(args: argparse.Namespace) -> int:
     """Check every line and the launch, then draw what is not done yet."""
     import torch.distributed as dist
 
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import BASE_DEFAULTS, DISTILLED_DEFAULTS
+    from hyimage.variants import BASE_DEFAULTS, DISTILLED_DEFAULTS
 
     variant = VARIANT_ALIASES[args.variant]
     lines = read_prompts(args.prompts)

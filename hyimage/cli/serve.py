@@ -62,13 +62,9 @@ def run_serve(args: argparse.Namespace) -> int:
             f"hyimage serve needs FastAPI and uvicorn ({missing.name} is not installed); "
             "install them with: pip install 'hyimage[serve]'"
         ) from None
-    from hyimage.diffusion.pipelines.hunyuanimage_pipeline import (
-        ASPECT_RATIOS,
-        BASE_DEFAULTS,
-        DISTILLED_DEFAULTS,
-    )
     from hyimage.serving.validation import ServeLimits
     from hyimage.serving.worker import Worker
+    from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS
 
     for name in ("max_queue", "max_batch", "max_n"):
         if getattr(args, name) < 1:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from hyimage.errors import RequestError, RequestTypeError
+
 MAX_SIDE = 4096
 MAX_STEPS = 1000
 MAX_IMAGES_PER_CALL = 64
@@ -34,18 +36,6 @@ DTYPES = {
     "float32": torch.float32,
     "float": torch.float32,
 }
-
-
-class RequestError(ValueError):
-    """An argument a user passed is wrong; `argument` names it (as the user wrote it)."""
-
-    def __init__(self, argument: str, message: str) -> None:
-        super().__init__(message)
-        self.argument = argument
-
-
-class RequestTypeError(RequestError, TypeError):
-    """An argument has the wrong type."""
 
 
 class _Namer:

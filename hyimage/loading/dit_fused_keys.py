@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from hyimage.loading.safetensors_io import CheckpointError, GetTensor
+from hyimage.errors import CheckpointError
+from hyimage.loading.safetensors_io import GetTensor
 
 # fused module -> its parts in the model, in row order
 _FUSED_PARTS = {

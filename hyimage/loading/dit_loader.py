@@ -15,15 +15,18 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from loguru import logger
+from torch import nn
 
+from hyimage.errors import CheckpointError
 from hyimage.loading.dit_diffusers_keys import diffusers_to_official, is_diffusers_layout
 from hyimage.loading.dit_fused_keys import FUSED, dit_layout, fused_to_split, split_keys, split_module_names
 from hyimage.loading.dit_layouts import comfy_translate, find_prefix, is_comfy_internal, model_keys
+from hyimage.loading.gguf_loader import load_gguf_dit
 from hyimage.loading.safetensors_io import (
-    CheckpointError,
     GetTensor,
     PathLike,
     SafetensorsReader,
@@ -34,14 +37,13 @@ from hyimage.loading.safetensors_io import (
     load_safetensors_into,
     read_tensor_infos,
 )
-from hyimage.models.dit.configs import DiTConfig
-from hyimage.models.dit.model import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import SCALE_SUFFIX, convert_to_fp8_linear, fp8_linear_modules, quantizing
 
 
 def load_dit(
+    model_cls: type,
     path: PathLike,
-    config: str | dict | DiTConfig,
+    config: Any,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
@@ -49,8 +51,8 @@ def load_dit(
     quantize_fp8: bool = False,
     verify: bool = False,
     progress_bar: bool = True,
-) -> HYImageDiffusionTransformer:
-    """Build the DiT `config` on meta and stream the weights of `path` into it.
+) -> nn.Module:
+    """Build `model_cls` (the DiT class) of `config` on meta and stream the weights of `path` into it.
 
     `path` may use the released fused layout, the split layout of the model, diffusers' or ComfyUI's layout, or
     be a GGUF file. FP8: an official `*_fp8.safetensors` with its `*_fp8_scale.safetensors` as `fp8_scale`, a
@@ -61,9 +63,7 @@ def load_dit(
     """
     path = Path(path)
     if is_gguf(path):
-        from hyimage.loading.gguf_loader import load_gguf_dit
-
-        return load_gguf_dit(path, config, dtype=dtype, device=device)
+        return load_gguf_dit(model_cls, path, config, dtype=dtype, device=device)
     infos = read_tensor_infos(path)
     comfy_file, layout, stored_fp8 = _file_kind(path, infos)
     if fp8_scale is not None and not Path(fp8_scale).is_file():
@@ -80,7 +80,7 @@ def load_dit(
 
     if comfy_file and stored_fp8 and fp8_scale is not None:
         raise CheckpointError(f"{path} is a ComfyUI FP8 file, which carries its own scales: drop fp8_scale={fp8_scale}")
-    model, translate, names = _on_meta(path, config, infos, comfy_file, layout, stored_fp8, quantize_fp8)
+    model, translate, names = _on_meta(model_cls, path, config, infos, comfy_file, layout, stored_fp8, quantize_fp8)
     sources = [TensorSource(path, translate)]
     keep_dtype = {name + SCALE_SUFFIX for name in names}
     transform = None
@@ -135,19 +135,20 @@ def _file_kind(path: Path, infos: dict[str, TensorInfo]) -> tuple[bool, str, boo
 
 
 def _on_meta(
+    model_cls: type,
     path: Path,
-    config: str | dict | DiTConfig,
+    config: Any,
     infos: dict[str, TensorInfo],
     comfy_file: bool,
     layout: str,
     stored_fp8: bool,
     quantize_fp8: bool = False,
     dtype: torch.dtype | None = None,
-) -> tuple[HYImageDiffusionTransformer, Translate, list[str]]:
+) -> tuple[nn.Module, Translate, list[str]]:
     """The DiT on meta with FP8 linears where the file's weights will be FP8 (a ComfyUI file: its float8 layers;
     else the official FP8 layers when the file stores float8 or is quantized while loading), the translation of
     the file's keys, and those FP8 layers' names."""
-    model = HYImageDiffusionTransformer.from_config(config, dtype=dtype, device="meta")
+    model = model_cls.from_config(config, dtype=dtype, device="meta")
     hidden = model.config.hidden_size
     if comfy_file:
         prefix, comfy = find_prefix(infos), is_comfy_internal(infos)
@@ -164,14 +165,15 @@ def _on_meta(
 
 
 def safetensors_dit_on_meta(
-    path: PathLike, config: str | dict | DiTConfig, dtype: torch.dtype = torch.bfloat16
-) -> HYImageDiffusionTransformer:
-    """The DiT `load_dit(path, config, dtype=dtype)` builds, on meta: FP8 linear layers where the file stores float8
+    model_cls: type,
+    path: PathLike, config: Any, dtype: torch.dtype = torch.bfloat16
+) -> nn.Module:
+    """The DiT `load_dit(model_cls, path, config, dtype=dtype)` builds, on meta: FP8 linear layers where the file stores float8
     weights (the memory planner counts a DiT file's GPU bytes from it; reads the header only)."""
     path = Path(path)
     infos = read_tensor_infos(path)
     comfy_file, layout, stored_fp8 = _file_kind(path, infos)
-    model, _, _ = _on_meta(path, config, infos, comfy_file, layout, stored_fp8, dtype=dtype)
+    model, _, _ = _on_meta(model_cls, path, config, infos, comfy_file, layout, stored_fp8, dtype=dtype)
     return model.eval()
 
 
@@ -197,7 +199,7 @@ def _check_comfy_quant(path: Path, infos: dict[str, TensorInfo]) -> None:
         )
 
 
-def _fp8_modules_in_file(model: HYImageDiffusionTransformer, path: Path, translate: Translate) -> list[str]:
+def _fp8_modules_in_file(model: nn.Module, path: Path, translate: Translate) -> list[str]:
     """The model's linear layers whose weight the ComfyUI file stores as float8 (read from the header only)."""
     reader = SafetensorsReader(path)
     names = []

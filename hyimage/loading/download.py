@@ -50,6 +50,7 @@ from huggingface_hub.utils import tqdm as hf_tqdm
 from loguru import logger
 from tqdm.auto import tqdm
 
+from hyimage.errors import DownloadError, HubUnreachableError, OfflineError, UnsafeListingError
 from hyimage.loading.layout import DIT_FILE_STEMS, REPROMPT_DIRS, model_root
 
 OFFICIAL_REPO = "tencent/HunyuanImage-2.1"
@@ -65,22 +66,6 @@ RECORD_FILE = Path(".cache") / "hyimage" / "downloads.json"
 COMMIT_RE = re.compile(r"[0-9a-f]{40}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 REPO_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-class DownloadError(RuntimeError):
-    """A file could not be fetched or did not arrive intact."""
-
-
-class HubUnreachableError(DownloadError):
-    """The Hub (or the mirror in HF_ENDPOINT) did not answer."""
-
-
-class OfflineError(DownloadError):
-    """Something is missing and HF_HUB_OFFLINE forbids asking the Hub."""
-
-
-class UnsafeListingError(DownloadError):
-    """A listing that is not what the Hub returns, or a name whose destination would leave the model root."""
 
 
 @dataclass(frozen=True)

@@ -17,16 +17,16 @@ tensor is dequantised once to `dtype` (default bfloat16).
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from loguru import logger
 from torch import nn
 
+from hyimage.errors import CheckpointError
 from hyimage.loading.dit_fused_keys import dit_layout
 from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_keys, row_pieces
-from hyimage.loading.safetensors_io import CheckpointError, PathLike, assert_materialized
-from hyimage.models.dit.configs import DiTConfig
-from hyimage.models.dit.model import HYImageDiffusionTransformer
+from hyimage.loading.safetensors_io import PathLike, assert_materialized
 from hyimage.quantization.gguf import GGML_TYPES, PLAIN_TYPES, GGUFLinear, dequantize, row_bytes, type_name
 
 SHOWN = 5
@@ -90,7 +90,7 @@ def _set(model: nn.Module, key: str, tensor: torch.Tensor) -> None:
 
 
 def _plan(
-    model: HYImageDiffusionTransformer, path: Path, tensors: list[GGUFTensor]
+    model: nn.Module, path: Path, tensors: list[GGUFTensor]
 ) -> tuple[dict[str, list[tuple[str, int, int]]], set[str]]:
     """file tensor -> [(model key, first row, end row)], and the linear layers that stay quantised."""
     names = [t.name for t in tensors]
@@ -172,14 +172,15 @@ def _check(model: nn.Module, path: Path, tensors: list[GGUFTensor], plan: dict, 
 
 
 def _skeleton(
-    path: Path, config: str | dict | DiTConfig, dtype: torch.dtype
-) -> tuple[HYImageDiffusionTransformer, list[GGUFTensor], dict[str, list[tuple[str, int, int]]], set[str]]:
+    model_cls: type,
+    path: Path, config: Any, dtype: torch.dtype
+) -> tuple[nn.Module, list[GGUFTensor], dict[str, list[tuple[str, int, int]]], set[str]]:
     """The DiT on meta as `path` fills it (quantised linears as GGUFLinear, other tensors `dtype`), checked."""
     tensors = read_gguf_tensors(path)
     unknown = sorted({type_name(t.type_id) for t in tensors if t.type_id not in GGML_TYPES})
     if unknown:
         raise CheckpointError(f"{path} holds tensors of GGUF type {', '.join(unknown)}, which hyimage does not read")
-    model = HYImageDiffusionTransformer.from_config(config, dtype=dtype, device="meta")
+    model = model_cls.from_config(config, dtype=dtype, device="meta")
     plan, quantized = _plan(model, path, tensors)
     by_module = {}
     for tensor in tensors:
@@ -193,25 +194,27 @@ def _skeleton(
 
 
 def gguf_dit_on_meta(
-    path: PathLike, config: str | dict | DiTConfig, dtype: torch.dtype = torch.bfloat16
-) -> HYImageDiffusionTransformer:
-    """The DiT `load_gguf_dit(path, config, dtype=dtype)` builds, on meta: its tensors' shapes and dtypes, no data
+    model_cls: type,
+    path: PathLike, config: Any, dtype: torch.dtype = torch.bfloat16
+) -> nn.Module:
+    """The DiT `load_gguf_dit(model_cls, path, config, dtype=dtype)` builds, on meta: its tensors' shapes and dtypes, no data
     (the memory planner counts the GPU bytes of a GGUF DiT from it; reads the file's header only)."""
-    return _skeleton(Path(path), config, dtype)[0].eval()
+    return _skeleton(model_cls, Path(path), config, dtype)[0].eval()
 
 
 def load_gguf_dit(
+    model_cls: type,
     path: PathLike,
-    config: str | dict | DiTConfig,
+    config: Any,
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
-) -> HYImageDiffusionTransformer:
+) -> nn.Module:
     """Build the DiT `config` on meta and fill it from the GGUF file `path`, quantised linears kept quantised."""
     path = Path(path)
     dtype = torch.bfloat16 if dtype is None else dtype
     device = torch.device(device)
-    model, tensors, plan, quantized = _skeleton(path, config, dtype)
+    model, tensors, plan, quantized = _skeleton(model_cls, path, config, dtype)
 
     counts: dict[str, int] = {}
     with open(path, "rb", buffering=0) as file:

@@ -24,7 +24,7 @@ from loguru import logger
 from torch import nn
 from tqdm.auto import tqdm
 
-from hyimage.loading.errors import CheckpointError
+from hyimage.errors import CheckpointError
 from hyimage.loading.verify import check_finite
 
 PathLike = str | os.PathLike

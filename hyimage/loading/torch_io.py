@@ -18,13 +18,10 @@ from typing import Any
 
 import torch
 
-from hyimage.loading.safetensors_io import CheckpointError, PathLike, regular_file_size
+from hyimage.errors import CheckpointError, UnsafeCheckpointError
+from hyimage.loading.safetensors_io import PathLike, regular_file_size
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A torch file whose pickle would run code (call something other than tensor rebuilders) when loaded."""
 
 
 def _unsafe_reason(error: BaseException) -> str:

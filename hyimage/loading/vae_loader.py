@@ -22,14 +22,8 @@ import torch
 from loguru import logger
 from torch import nn
 
-from hyimage.loading.safetensors_io import (
-    CheckpointError,
-    GetTensor,
-    TensorSource,
-    Translate,
-    load_safetensors_into,
-    regular_file_size,
-)
+from hyimage.errors import CheckpointError
+from hyimage.loading.safetensors_io import GetTensor, TensorSource, Translate, load_safetensors_into, regular_file_size
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
 from hyimage.loading.vae_diffusers_keys import (
     DIFFUSERS_CLASS_NAMES,
@@ -38,8 +32,6 @@ from hyimage.loading.vae_diffusers_keys import (
     vae_2d_key_map,
 )
 from hyimage.loading.verify import check_state_finite
-from hyimage.models.vae.base import num_resample_levels
-from hyimage.models.vae.vae_2d import HunyuanVAE2D
 
 CONFIG_FILE = "config.json"
 RELEASE_FILES = ("pytorch_model.ckpt", "pytorch_model.pt")
@@ -137,8 +129,8 @@ def _fit_to_model(
 
 def _diffusers_key_map(model: nn.Module) -> dict[str, str]:
     keys = model.state_dict().keys()
-    if isinstance(model, HunyuanVAE2D):
-        levels = num_resample_levels(model.config.ffactor_spatial)
+    if type(model).__name__ == "HunyuanVAE2D":  # by name: loaders import no model class
+        levels = model.config.ffactor_spatial.bit_length() - 1  # a power of two, checked by the model's config
         return vae_2d_key_map(keys, model.config.layers_per_block, levels)
     return refiner_vae_key_map(keys)
 

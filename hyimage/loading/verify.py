@@ -11,13 +11,9 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from hyimage.loading.errors import CheckpointError
+from hyimage.errors import NonFiniteWeightError
 
 CHUNK_ELEMENTS = 1 << 24
-
-
-class NonFiniteWeightError(CheckpointError):
-    """A checkpoint holds NaN or infinite weights."""
 
 
 def _count_non_finite(tensor: torch.Tensor) -> tuple[int, int]:

@@ -17,13 +17,12 @@ import ctypes
 import gc
 import weakref
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from loguru import logger
 
-if TYPE_CHECKING:
-    from hyimage.offload.planner import HostStep
+from hyimage.offload.host_plan import HostStep
 
 
 class PartRegistry(Protocol):

@@ -18,26 +18,32 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import torch
 from loguru import logger
 from torch import nn
 
+from hyimage.models.vae.exact_tiling import ExactTiling
+from hyimage.offload.dit_weights import lora_layouts
 from hyimage.offload.host import HostKeeper
+from hyimage.offload.host_plan import HOST_BASE_CPU_GIB, HOST_BASE_GIB, HostStep, plan_host
+from hyimage.offload.planner import Plan, gpu_budget_gib, host_bytes, make_plan
+from hyimage.offload.request import PlanRequest
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
-
-if TYPE_CHECKING:
-    from hyimage.models.vae.exact_tiling import ExactTiling
-    from hyimage.offload.planner import HostStep, Plan, PlanRequest
+from hyimage.stages import CORE_STAGES, DIT, REFINER_DIT, REFINER_VAE, VAE_DECODE
 
 MEMORY_MODES = ("auto", "none", "model", "block")
-CORE_STAGES = ("text_encoder", "glyph_encoder", "dit", "vae_decode")
-"""Stages every call runs (reprompt and refiner run only when asked)."""
 
 
 class Movable(Protocol):
     def to(self, device: torch.device) -> object: ...
+
+
+def stage_of(module: object, stage: str | None = None) -> str | None:
+    """The memory-plan stage `module` runs in: `stage` when given, else the one the part declares
+    (`memory_stage`, see `hyimage.stages`); None for a part the plan does not know."""
+    return stage if stage is not None else getattr(module, "memory_stage", None)
 
 
 class MemoryManager:
@@ -55,7 +61,7 @@ class MemoryManager:
         gpu_budget_gb: float | None = None,
         offload_device: str | torch.device = "cpu",
         host_budget_gb: float | None = None,
-        request: "PlanRequest | None" = None,
+        request: PlanRequest | None = None,
     ) -> None:
         if mode not in MEMORY_MODES:
             raise ValueError(f"memory mode {mode!r} is unknown; choose one of {', '.join(MEMORY_MODES)}")
@@ -72,8 +78,8 @@ class MemoryManager:
         """Per stage part of the checkpoints loaded, its host bytes once loaded and while loading, for a device (the
         loader sets it); None: the released sizes."""
         self.host = HostKeeper(self.host_plan, self.forget_within)
-        self._plan: "Plan | None" = None
-        self._host_plan: "dict[str, HostStep] | None" = None
+        self._plan: Plan | None = None
+        self._host_plan: dict[str, HostStep] | None = None
         self._streamers: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
 
     def to(self, device: str | torch.device) -> "MemoryManager":
@@ -84,9 +90,7 @@ class MemoryManager:
         self._host_plan = None
         return self
 
-    def _request(self) -> "PlanRequest":
-        from hyimage.offload.planner import PlanRequest
-
+    def _request(self) -> PlanRequest:
         request = self.request if self.request is not None else PlanRequest()
         if self.part_sizes is not None and request.host_part_bytes is None:
             sizes = self.part_sizes(self.device)
@@ -94,21 +98,17 @@ class MemoryManager:
         return request
 
     @property
-    def plan(self) -> "Plan":
+    def plan(self) -> Plan:
         """The memory plan of mode "auto" for the current device and budgets (made once per device)."""
-        from hyimage.offload.planner import gpu_budget_gib, make_plan
-
         if self._plan is None:
             self._plan = make_plan(self._request(), gpu_budget_gib(self.device, self.gpu_budget_gb), self.host_budget_gb)
             logger.info(f"{self._plan}")
         return self._plan
 
-    def host_plan(self) -> "dict[str, HostStep] | None":
+    def host_plan(self) -> dict[str, HostStep] | None:
         """Per stage, what host memory holds within `host_budget_gb` (None without one, or in mode "none" on CUDA,
         where parts are read straight onto the GPU: nothing is released). On CUDA in mode "auto", the plan's (its GPU
         placements set the host bytes); elsewhere every part counts whole."""
-        from hyimage.offload.planner import HOST_BASE_CPU_GIB, HOST_BASE_GIB, host_bytes, plan_host
-
         if self.host_budget_gb is None or (self.mode == "none" and self.device.type == "cuda"):
             return None
         if self._host_plan is None:
@@ -119,66 +119,59 @@ class MemoryManager:
                 self._host_plan = plan_host(host_bytes(self._request(), None), self.host_budget_gb, base)
         return self._host_plan
 
-    def placement(self, module: object) -> tuple[str, float | None]:
+    def placement(self, module: object, stage: str | None = None) -> tuple[str, float | None]:
         """The mode ("none", "model" or "block") and weight budget (GB) that `module` runs with."""
         if self.mode != "auto":
             return self.mode, self.gpu_budget_gb
         if self.device.type != "cuda":
             return "none", None
-        from hyimage.offload.planner import stage_of
-
-        stage = self.plan.stage(stage_of(module) or "")
-        if stage is None:
+        planned = self.plan.stage(stage_of(module, stage) or "")
+        if planned is None:
             return "model", None
         # every call runs the core stages: refuse at the first of them rather than after the denoising loop
         core = [s for s in self.plan.stages if s.stage in CORE_STAGES and s.placement == "refused"]
-        if stage.placement == "refused" or core:
-            stage = stage if stage.placement == "refused" else core[0]
+        if planned.placement == "refused" or core:
+            stage = planned if planned.placement == "refused" else core[0]
             raise MemoryError(
                 f"the memory plan refuses the {stage.stage} stage: {stage.reason}. See `hyimage plan --gpu-gb "
                 f"{self.plan.gpu_gib:g}` for every stage; give a larger gpu_budget_gb, a smaller image or use_fp8=True"
             )
-        return stage.mode, stage.weight_budget_gib
+        return planned.mode, planned.weight_budget_gib
 
-    def exact_tiling(self, module: object) -> "ExactTiling | None":
+    def exact_tiling(self, module: object, stage: str | None = None) -> ExactTiling | None:
         """The exact tiled VAE settings of mode "auto" for `module` when the plan places its stage "exact"."""
-        from hyimage.offload.planner import stage_of
-
-        name = stage_of(module)
-        if self.mode != "auto" or name not in ("vae_decode", "refiner_vae"):
+        name = stage_of(module, stage)
+        if self.mode != "auto" or name not in (VAE_DECODE, REFINER_VAE):
             return None
         if self.device.type != "cuda" and self.gpu_budget_gb is None:
             return None
-        stage = self.plan.stage(name)
-        if stage is None or stage.placement != "exact":
+        planned = self.plan.stage(name)
+        if planned is None or planned.placement != "exact":
             return None
-        from hyimage.models.vae.exact_tiling import ExactTiling
-
-        return ExactTiling(stage.tile_size, None if stage.activations_on == "gpu" else "cpu")
+        return ExactTiling(planned.tile_size, None if planned.activations_on == "gpu" else "cpu")
 
     @contextmanager
-    def running(self, module: Movable) -> Iterator[Movable]:
+    def running(self, module: Movable, stage: str | None = None) -> Iterator[Movable]:
         """Context in which `module` is ready to run on `self.device` (a VAE placed "exact" in exact tiling)."""
-        settings = self.exact_tiling(module)
+        stage = stage_of(module, stage)
+        settings = self.exact_tiling(module, stage)
         if settings is None:
-            with self._placed(module) as placed:
+            with self._placed(module, stage) as placed:
                 yield placed
             return
         if settings.activations_device is not None:  # its pinned activations may need parts released first
-            from hyimage.offload.planner import stage_of
-
-            self.host.before_build(stage_of(module))
+            self.host.before_build(stage)
         previous = module.exact_tiling
         module.exact_tiling = settings
         try:
-            with self._placed(module) as placed:
+            with self._placed(module, stage) as placed:
                 yield placed
         finally:
             module.exact_tiling = previous
 
     @contextmanager
-    def _placed(self, module: Movable) -> Iterator[Movable]:
-        mode, _ = self.placement(module)
+    def _placed(self, module: Movable, stage: str | None) -> Iterator[Movable]:
+        mode, _ = self.placement(module, stage)
         if mode == "none":
             module.to(self.device)
             yield module
@@ -190,7 +183,7 @@ class MemoryManager:
             finally:
                 module.to(self.offload_device)
             return
-        placer = self.streamer(module) if mode == "block" else None
+        placer = self.streamer(module, stage) if mode == "block" else None
         if placer is None:
             placer = DeviceCopy(module, self.device, self.offload_device)
         placer.attach()
@@ -204,16 +197,14 @@ class MemoryManager:
         if isinstance(module, nn.Module):
             self._streamers.pop(module, None)
 
-    def adapters_changed(self, module: Movable) -> None:
+    def adapters_changed(self, module: Movable, stage: str | None = None) -> None:
         """`module`'s LoRAs changed: forget its streamer and, for a DiT in mode "auto", plan again with them."""
         self.forget(module)
-        from hyimage.offload.planner import PlanRequest, stage_of
-        from hyimage.offload.weights import lora_layouts
-
-        if self.mode != "auto" or not isinstance(module, nn.Module) or stage_of(module) not in ("dit", "refiner_dit"):
+        stage = stage_of(module, stage)
+        if self.mode != "auto" or not isinstance(module, nn.Module) or stage not in (DIT, REFINER_DIT):
             return
         request = self.request if self.request is not None else PlanRequest()
-        field = "loras" if stage_of(module) == "dit" else "refiner_loras"
+        field = "loras" if stage == DIT else "refiner_loras"
         loras = lora_layouts(module)
         if loras != getattr(request, field):
             self.request = replace(request, **{field: loras})
@@ -228,12 +219,12 @@ class MemoryManager:
             for module in [m for m in self._streamers if id(m) in inside]:
                 self._streamers.pop(module, None)
 
-    def streamer(self, module: Movable) -> BlockStreamer | None:
+    def streamer(self, module: Movable, stage: str | None = None) -> BlockStreamer | None:
         """The block streamer of `module`, or None when it has no block lists to stream."""
         if not isinstance(module, nn.Module):
             return None
         if module not in self._streamers:
-            _, budget_gb = self.placement(module)
+            _, budget_gb = self.placement(module, stage)
             budget = None if budget_gb is None else int(budget_gb * 1024**3)
             streamer = BlockStreamer(module, self.device, budget, self.offload_device)
             if not streamer.plan.resident and not streamer.plan.streamed:

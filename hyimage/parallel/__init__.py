@@ -3,7 +3,8 @@ parallelism, Ulysses sequence parallelism, and data parallelism for `hyimage bat
 
 import argparse
 
-from hyimage.parallel.state import ParallelConfig, ParallelError, ParallelState
+from hyimage.errors import ParallelError
+from hyimage.parallel.state import ParallelConfig, ParallelState
 
 __all__ = ["ParallelConfig", "ParallelError", "ParallelState", "add_parallel_argument"]
 

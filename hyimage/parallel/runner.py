@@ -14,7 +14,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hyimage.diffusion.pipelines.parts import run_dit
 from hyimage.parallel.state import ParallelConfig, ParallelState
 from hyimage.parallel.ulysses import SequenceParallel
 
@@ -46,8 +45,11 @@ def prepare_parallel(
 
 
 @contextmanager
-def parallel_forward(state: ParallelState | None, dit: torch.nn.Module, batch_halves: bool) -> Iterator[Callable]:
-    """Yield the function to call instead of `run_dit` (same arguments, same result on every rank).
+def parallel_forward(
+    state: ParallelState | None, dit: torch.nn.Module, batch_halves: bool, run_dit: Callable[..., torch.Tensor]
+) -> Iterator[Callable]:
+    """Yield the function to call instead of `run_dit`, the pipeline's one DiT forward (same arguments, same result
+    on every rank).
 
     `batch_halves`: the batch is [unconditional; conditional] (classifier-free guidance), so the cfg group can
     split it; otherwise the cfg ranks compute the same thing.
@@ -57,13 +59,14 @@ def parallel_forward(state: ParallelState | None, dit: torch.nn.Module, batch_ha
         return
     with SequenceParallel(dit, state.sp_group) if state.sp_group is not None else nullcontext():
         if state.cfg_group is not None and batch_halves:
-            yield partial(_cfg_forward, state)
+            yield partial(_cfg_forward, state, run_dit)
         else:
             yield run_dit
 
 
 def _cfg_forward(
-    state: ParallelState, dit: torch.nn.Module, compute_dtype: Any, *args: Any, **kwargs: Any
+    state: ParallelState, run_dit: Callable[..., torch.Tensor], dit: torch.nn.Module, compute_dtype: Any, *args: Any,
+    **kwargs: Any,
 ) -> torch.Tensor:
     """This cfg rank's share of the batch through the DiT; the shares of all cfg ranks, gathered in order."""
     n = args[0].shape[0]

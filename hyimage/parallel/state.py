@@ -15,11 +15,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hyimage.errors import ParallelError
+
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class ParallelError(ValueError):
-    """A parallel configuration that this model, launch or PyTorch build cannot run (raised before loading)."""
 
 
 @dataclass(frozen=True)

@@ -29,11 +29,12 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
 )
 
-from hyimage.loading.safetensors_io import CheckpointError
+from hyimage.errors import CheckpointError
 from hyimage.loading.torch_io import transformers_errors
 from hyimage.loading.verify import check_state_finite
 from hyimage.offload.manager import MemoryManager
 from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, extract_answer_7b, extract_answer_32b, user_message_32b
+from hyimage.stages import REPROMPT
 
 MAX_NEW_TOKENS = 2048
 
@@ -74,6 +75,8 @@ class Reprompter(nn.Module):
     `model` is the transformers causal LM; its decoder layers (`model.model.language_model.layers`
     for the 32B, `model.model.layers` for the 7B) are the block list the offload streamer finds.
     """
+
+    memory_stage = REPROMPT
 
     def __init__(
         self,
@@ -162,7 +165,7 @@ class Reprompter(nn.Module):
 
     def rewrite_batch(self, prompts: list[str]) -> list[str]:
         """`rewrite` for each prompt, one after the other, with the model placed on the device once."""
-        with self.memory.running(self.model):
+        with self.memory.running(self.model, REPROMPT):
             return [self._rewrite_one(prompt) for prompt in prompts]
 
     @torch.inference_mode()

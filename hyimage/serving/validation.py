@@ -10,8 +10,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from hyimage.diffusion.pipelines.hunyuanimage_pipeline import SamplingDefaults
-from hyimage.diffusion.request import RequestError, check_request
+from hyimage.diffusion.request import check_request
+from hyimage.errors import RequestError
+from hyimage.variants import SamplingDefaults
 
 MAX_SIDE = 4096
 MAX_STEPS = 1000

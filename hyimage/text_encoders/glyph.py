@@ -26,9 +26,11 @@ from loguru import logger
 from torch import nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
-from hyimage.loading.safetensors_io import CheckpointError, SafetensorsReader, read_weight_map
+from hyimage.errors import CheckpointError
+from hyimage.loading.safetensors_io import SafetensorsReader, read_weight_map
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict, transformers_errors
 from hyimage.loading.verify import check_state_finite
+from hyimage.stages import GLYPH_ENCODER
 from hyimage.text_encoders.glyph_prompt import glyph_prompt
 
 GLYPH_MAX_LENGTH = 128
@@ -80,6 +82,8 @@ def load_glyph_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 class GlyphByT5Encoder(nn.Module):
     """ByT5 encoder of the glyph prompt; `text_tower` holds the keys of `byt5_model.pt` without `module.`."""
+
+    memory_stage = GLYPH_ENCODER
 
     def __init__(self, text_tower: T5EncoderModel, tokenizer: ByT5Tokenizer, max_length: int = GLYPH_MAX_LENGTH):
         super().__init__()

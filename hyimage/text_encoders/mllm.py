@@ -31,16 +31,17 @@ import torch
 from loguru import logger
 from torch import nn
 
-from ..loading.safetensors_io import (
-    CheckpointError,
+from hyimage.errors import CheckpointError
+from hyimage.loading.safetensors_io import (
     GetTensor,
     TensorSource,
     load_safetensors_into,
     read_tensor_infos,
     read_weight_map,
 )
-from ..loading.torch_io import transformers_errors
-from .templates import PromptTemplate, get_template
+from hyimage.loading.torch_io import transformers_errors
+from hyimage.stages import TEXT_ENCODER
+from hyimage.text_encoders.templates import PromptTemplate, get_template
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -131,6 +132,8 @@ def _rebuild_rotary_embeddings(model: nn.Module, config: "PretrainedConfig", dev
 
 class MLLMTextEncoder(nn.Module):
     """Prompt embeddings from Qwen2.5-VL's language model, as the official `TextEncoder` computes them."""
+
+    memory_stage = TEXT_ENCODER
 
     def __init__(
         self,

@@ -7,13 +7,7 @@ loop itself needs no check and no host synchronisation per step.
 
 import torch
 
-
-class NonFiniteError(RuntimeError):
-    """A stage produced NaN or Inf values; `stage` names it."""
-
-    def __init__(self, stage: str, message: str) -> None:
-        super().__init__(message)
-        self.stage = stage
+from hyimage.errors import NonFiniteError
 
 
 def check_finite(tensor: torch.Tensor | None, stage: str, likely_cause: str) -> None:

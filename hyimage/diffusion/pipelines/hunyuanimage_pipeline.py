@@ -17,6 +17,9 @@ from tqdm import tqdm
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig
 from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
+from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
+from hyimage.diffusion.pipelines.loader import pipeline_from_pretrained
+from hyimage.diffusion.pipelines.outputs import HunyuanImageOutput, call_output
 from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
@@ -29,13 +32,7 @@ from hyimage.diffusion.pipelines.parts import (
     to_arguments,
     to_uint8,
 )
-from hyimage.diffusion.request import (
-    RequestError,
-    check_device,
-    check_request,
-    plain_seed,
-    refuse_unknown_keywords,
-)
+from hyimage.diffusion.request import check_device, check_request, plain_seed, refuse_unknown_keywords
 from hyimage.diffusion.sampling import (
     StepCallback,
     euler_step,
@@ -48,22 +45,14 @@ from hyimage.diffusion.sampling import (
     timesteps_from_sigmas,
     unscale_latents,
 )
+from hyimage.errors import RequestError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
 from hyimage.parallel.runner import parallel_forward, parallel_state
+from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS, SamplingDefaults
 
 # The official 2K presets (width, height). The official README names 3:2 and 2:3 without sizes;
 # these are the exact-ratio multiples of 32 with the same pixel count as the others (~4.1 MP).
-ASPECT_RATIOS: dict[str, tuple[int, int]] = {
-    "1:1": (2048, 2048),
-    "16:9": (2560, 1536),
-    "9:16": (1536, 2560),
-    "4:3": (2304, 1792),
-    "3:4": (1792, 2304),
-    "3:2": (2496, 1664),
-    "2:3": (1664, 2496),
-}
-
 GLYPH_LENGTH = 128
 GLYPH_DIM = 1472
 HOST_STAGES = {
@@ -74,56 +63,6 @@ HOST_STAGES = {
     "vae": "vae_decode",
 }
 """The memory plan's stage of each part (see `hyimage.offload.host`)."""
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """Steps, guidance scale and shift of a model variant (the official README table)."""
-
-    num_inference_steps: int
-    guidance_scale: float
-    shift: float
-
-
-BASE_DEFAULTS = SamplingDefaults(num_inference_steps=50, guidance_scale=3.5, shift=5)
-DISTILLED_DEFAULTS = SamplingDefaults(num_inference_steps=8, guidance_scale=3.25, shift=4)
-
-
-@dataclass
-class HunyuanImageOutput:
-    """Images of one call and what produced each: the prompt as used (after reprompting) and its seed.
-
-    Indexable as diffusers' outputs are: `out[0]` and `out["images"]` are `out.images`."""
-
-    images: list[Image.Image] | Any
-    prompts: list[str | None]
-    seeds: list[int | None]
-
-    def to_tuple(self) -> tuple:
-        return (self.images, self.prompts, self.seeds)
-
-    def __getitem__(self, key: int | slice | str) -> Any:
-        return getattr(self, key) if isinstance(key, str) else self.to_tuple()[key]
-
-    def __len__(self) -> int:
-        return 3
-
-
-def call_output(
-    images: Any,
-    prompts: list[str | None],
-    seeds: list[int | None],
-    output_type: str,
-    return_dict: bool | None,
-    batch: int,
-) -> Any:
-    """The official return (a PIL image for one image, a tensor for latents) unless `return_dict` is set."""
-    output = HunyuanImageOutput(images=images, prompts=prompts, seeds=seeds)
-    if return_dict is None:
-        if output_type == "latent":
-            return images
-        return images[0] if output_type == "pil" and batch == 1 else output
-    return output if return_dict else output.to_tuple()
 
 
 @dataclass
@@ -200,10 +139,8 @@ class HunyuanImagePipeline(LoraMixin):
         cls, model_name_or_path: str | Any = None, use_fp8: bool = False, **kwargs: Any
     ) -> "HunyuanImagePipeline":
         """Build the pipeline from a variant name ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts) or a local
-        `ckpts/` folder; keywords as `hyimage.loading.pipeline_loader.load_pipeline` (official ones included)."""
-        from hyimage.loading.pipeline_loader import pipeline_from_pretrained
-
-        return pipeline_from_pretrained(cls, model_name_or_path, use_fp8, kwargs)
+        `ckpts/` folder; keywords as `hyimage.diffusion.pipelines.loader.load_pipeline` (official ones included)."""
+        return pipeline_from_pretrained(cls, HunyuanImageRefinerPipeline, model_name_or_path, use_fp8, kwargs)
 
     # Parts, built on first use.
     @property
@@ -593,7 +530,7 @@ class HunyuanImagePipeline(LoraMixin):
         c.text, c.text_mask = trim_padding(c.text, c.text_mask)
         if c.glyph is not None:
             c.glyph, c.glyph_mask = trim_padding(c.glyph, c.glyph_mask)
-        with running(self.memory, dit), parallel_forward(self.parallel, dit, guider is not None) as forward:
+        with running(self.memory, dit), parallel_forward(self.parallel, dit, guider is not None, run_dit) as forward:
             for i, t in enumerate(tqdm(timesteps, desc="Denoising", disable=not self.progress_bar)):
                 model_input = torch.cat([latents] * copies)
                 n = model_input.shape[0]

@@ -16,7 +16,8 @@ from tqdm import tqdm
 
 from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
-from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, call_output
+from hyimage.diffusion.pipelines.loader import refiner_from_pretrained
+from hyimage.diffusion.pipelines.outputs import HunyuanImageOutput, call_output
 from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
@@ -28,14 +29,7 @@ from hyimage.diffusion.pipelines.parts import (
     step_hook,
     to_arguments,
 )
-from hyimage.diffusion.request import (
-    RequestError,
-    RequestTypeError,
-    check_device,
-    check_request,
-    plain_seed,
-    refuse_unknown_keywords,
-)
+from hyimage.diffusion.request import check_device, check_request, plain_seed, refuse_unknown_keywords
 from hyimage.diffusion.sampling import (
     StepCallback,
     euler_step,
@@ -47,6 +41,7 @@ from hyimage.diffusion.sampling import (
     timesteps_from_sigmas,
     unscale_latents,
 )
+from hyimage.errors import RequestError, RequestTypeError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
 from hyimage.parallel.runner import parallel_forward, parallel_state
@@ -127,8 +122,6 @@ class HunyuanImageRefinerPipeline(LoraMixin):
     def from_pretrained(cls, model_name_or_path: str | Any = None, **kwargs: Any) -> "HunyuanImageRefinerPipeline":
         """Build the refiner from the official checkpoint layout ($HUNYUANIMAGE_V2_1_MODEL_ROOT, default ./ckpts) or a
         local `ckpts/` folder given first."""
-        from hyimage.loading.pipeline_loader import refiner_from_pretrained
-
         return refiner_from_pretrained(cls, model_name_or_path, kwargs)
 
     @property
@@ -318,7 +311,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         timesteps = timesteps_from_sigmas(sigmas)
         text, text_mask = trim_padding(text.to(device), text_mask.to(device))
         condition = condition.to(device)
-        with running(self.memory, dit), parallel_forward(self.parallel, dit, batch_halves=False) as forward:
+        with running(self.memory, dit), parallel_forward(self.parallel, dit, False, run_dit) as forward:
             for i, t in enumerate(tqdm(timesteps, desc="Refining", disable=not self.progress_bar)):
                 model_input = torch.cat([latents, condition], dim=1)
                 n = model_input.shape[0]

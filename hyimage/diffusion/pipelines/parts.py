@@ -10,8 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from hyimage.diffusion.request import RequestTypeError, check_dtype
+from hyimage.diffusion.request import check_dtype
 from hyimage.diffusion.sampling import StepCallback, after_step
+from hyimage.errors import RequestTypeError
 from hyimage.offload import MemoryManager
 from hyimage.quantization.fp8 import FP8Linear
 

@@ -1,9 +1,10 @@
-"""Architecture of the diffusion transformer, and the three released variants by name."""
+"""Architecture of the diffusion transformer: its constructor arguments, checked, frozen once resolved."""
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from hyimage.models.config_checks import check_bool, check_choice, check_int, check_int_list, check_number
+from hyimage.variants import DIT_ARGUMENTS
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 MAX_DEPTH = 256  # blocks per stack (the released models: 20 double, 40 single)
@@ -12,7 +13,7 @@ MAX_HEADS = 1024
 MAX_CHANNELS = 4096  # latent channels in and out (released: 64 / 128)
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiTConfig:
     """The official `HYImageDiffusionTransformer` constructor arguments, with the official defaults."""
 
@@ -39,10 +40,10 @@ class DiTConfig:
 
     def __post_init__(self) -> None:
         self._check_types_and_ranges()
-        self.patch_size = tuple(self.patch_size)
-        self.rope_dim_list = tuple(self.rope_dim_list)
+        object.__setattr__(self, "patch_size", tuple(self.patch_size))
+        object.__setattr__(self, "rope_dim_list", tuple(self.rope_dim_list))
         if self.out_channels is None:
-            self.out_channels = self.in_channels
+            object.__setattr__(self, "out_channels", self.in_channels)
         if self.hidden_size % self.heads_num:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by heads_num {self.heads_num}")
         if sum(self.rope_dim_list) != self.head_dim:
@@ -85,51 +86,21 @@ class DiTConfig:
         return out
 
 
-_RELEASED = DiTConfig(
-    patch_size=(1, 1),
-    in_channels=64,
-    out_channels=64,
-    hidden_size=3584,
-    heads_num=28,
-    mlp_width_ratio=4,
-    mm_double_blocks_depth=20,
-    mm_single_blocks_depth=40,
-    rope_dim_list=(64, 64),
-    text_states_dim=3584,
-    glyph_byT5_v2=True,
-)
-
-DIT_CONFIGS: dict[str, DiTConfig] = {
-    "hunyuanimage-v2.1": _RELEASED,
-    "hunyuanimage-v2.1-distilled": replace(_RELEASED, guidance_embed=True, use_meanflow=True),
-    "hunyuanimage-refiner": DiTConfig(
-        patch_size=(1, 1, 1),
-        in_channels=128,
-        out_channels=64,
-        hidden_size=3328,
-        heads_num=26,
-        mlp_width_ratio=4,
-        mm_double_blocks_depth=20,
-        mm_single_blocks_depth=40,
-        rope_dim_list=(16, 56, 56),
-        text_states_dim=3584,
-        guidance_embed=True,
-        use_meanflow=True,
-    ),
-}
+DIT_CONFIGS: dict[str, DiTConfig] = {name: DiTConfig(**arguments) for name, arguments in DIT_ARGUMENTS.items()}
+"""The released DiTs by variant name."""
 
 
 def resolve_dit_config(config: str | dict | DiTConfig, source: str | None = None) -> DiTConfig:
-    """A variant name, a dict of constructor arguments, or a DiTConfig, as a (new) DiTConfig.
+    """A variant name, a dict of constructor arguments, or a DiTConfig, as a DiTConfig (frozen: shared safely).
 
     `source` (e.g. the JSON file the dict was read from) is named in the error of an invalid dict.
     """
     if isinstance(config, DiTConfig):
-        return replace(config)
+        return config
     if isinstance(config, str):
         if config not in DIT_CONFIGS:
             raise ValueError(f"unknown DiT config {config!r}; choose one of {sorted(DIT_CONFIGS)} or pass a dict")
-        return replace(DIT_CONFIGS[config])
+        return DIT_CONFIGS[config]
     if isinstance(config, dict):
         known = {f.name for f in fields(DiTConfig)}
         unknown = sorted(set(config) - known)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from hyimage.loading.dit_loader import load_dit
 from hyimage.models.attention import AttentionMask
 from hyimage.models.dit.blocks import (
     MMDoubleStreamBlock,
@@ -25,6 +26,7 @@ from hyimage.models.dit.layers import (
     TimestepEmbedder,
     rope_frequencies,
 )
+from hyimage.stages import DIT, REFINER_DIT
 
 BYT5_DIM = 1472
 # The official forward's default guidance, torch.tensor([6016.0], dtype=torch.bfloat16): exact in bf16.
@@ -33,6 +35,11 @@ DEFAULT_GUIDANCE = 6016.0
 
 class HYImageDiffusionTransformer(nn.Module):
     """Takes the official constructor arguments (see `DiTConfig`); its state dict has the official keys."""
+
+    @property
+    def memory_stage(self) -> str:
+        """The memory plan's stage: the refiner's DiT has 3-D patches."""
+        return REFINER_DIT if len(self.config.patch_size) == 3 else DIT
 
     def __init__(
         self,
@@ -138,9 +145,7 @@ class HYImageDiffusionTransformer(nn.Module):
     ) -> "HYImageDiffusionTransformer":
         """Load a released `dit/*.safetensors` (official, diffusers or ComfyUI layout; bf16, FP8 + scale file or
         ComfyUI FP8) or a GGUF file (`.gguf`, weights kept quantised)."""
-        from hyimage.loading.dit_loader import load_dit
-
-        return load_dit(path, config, dtype=dtype, device=device, fp8_scale=fp8_scale, **kwargs)
+        return load_dit(cls, path, config, dtype=dtype, device=device, fp8_scale=fp8_scale, **kwargs)
 
     def forward(
         self,

@@ -4,24 +4,18 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from loguru import logger
 from torch import nn
-from torch.nn import functional as F
 
+from hyimage.loading.vae_loader import load_vae
 from hyimage.models.config_checks import check_bool, check_int, check_int_list, check_number
-
-if TYPE_CHECKING:
-    from hyimage.models.vae.exact_tiling import ExactTiling
+from hyimage.models.vae import exact_tiling
+from hyimage.models.vae.exact_tiling import ExactTiling
 
 ConfigT = TypeVar("ConfigT")
-
-
-def swish(x: torch.Tensor) -> torch.Tensor:
-    """x * sigmoid(x), in place when autograd is off (callers pass fresh tensors): one activation less at 2K."""
-    return F.silu(x, inplace=not torch.is_grad_enabled())
 
 
 def tile_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -87,30 +81,6 @@ def tiled_decode(
     return (out / weight_sum).to(out_dtype)
 
 
-def num_resample_levels(ffactor: int) -> int:
-    """How many x2 resamplings give a compression factor of `ffactor` (a power of two)."""
-    levels = ffactor.bit_length() - 1
-    if ffactor < 1 or 1 << levels != ffactor:
-        raise ValueError(f"compression factors must be powers of two, got {ffactor}")
-    return levels
-
-
-class Level(nn.Module):
-    """One resolution level: resnet blocks (`block`), then optionally `downsample` or `upsample`."""
-
-    def __init__(self, blocks: list[nn.Module]):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for block in self.block:
-            x = block(x)
-        for name in ("downsample", "upsample"):
-            if hasattr(self, name):
-                x = getattr(self, name)(x)
-        return x
-
-
 def config_from_arguments(config_class: type[ConfigT], arguments: dict[str, Any], owner: str) -> ConfigT:
     """Build a VAE config dataclass from its constructor's `locals()`, warning about unknown keys in `extra`.
 
@@ -157,7 +127,7 @@ class VAEBase(nn.Module):
         self.decoder = decoder
         self.use_slicing = False
         self.use_tiling = False
-        self.exact_tiling: "ExactTiling | None" = None
+        self.exact_tiling: ExactTiling | None = None
         """Settings of the exact tiled decode and encode (`enable_exact_tiling`); None runs them whole."""
         self.tile_latent_size = max(1, self.config.sample_size // self.config.ffactor_spatial)
         self.tile_latent_overlap = self.tile_latent_size // 4
@@ -220,8 +190,6 @@ class VAEBase(nn.Module):
         `activations_device`: where whole intermediate activations live; None keeps them on the execution
         device, "cpu" in (pinned, on CUDA) host memory with only tiles on the device.
         """
-        from hyimage.models.vae.exact_tiling import ExactTiling
-
         self.exact_tiling = ExactTiling(tile_size, activations_device)
         self.use_tiling = False
 
@@ -236,8 +204,6 @@ class VAEBase(nn.Module):
 
     def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
         if self.exact_tiling is not None:
-            from hyimage.models.vae import exact_tiling
-
             return exact_tiling.encode(self.encoder, x, self.exact_tiling)
         return self.encoder(x)
 
@@ -253,8 +219,6 @@ class VAEBase(nn.Module):
 
     def _decode_one(self, z: torch.Tensor) -> torch.Tensor:
         if self.exact_tiling is not None:
-            from hyimage.models.vae import exact_tiling
-
             return exact_tiling.decode(self.decoder, z, self.exact_tiling)
         size = self.tile_latent_size
         if self.use_tiling and (z.shape[-1] > size or z.shape[-2] > size):
@@ -274,6 +238,4 @@ class VAEBase(nn.Module):
 
         `verify`: refuse NaN/Inf weights, naming the tensor and the file.
         """
-        from hyimage.loading.vae_loader import load_vae
-
         return load_vae(cls, directory, dtype=dtype, device=device, verify=verify)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hyimage.models.vae.base import swish
+from hyimage.models.vae.layers import swish
 
 TileFn = Callable[[torch.Tensor], torch.Tensor]
 

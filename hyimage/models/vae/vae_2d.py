@@ -12,15 +12,10 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from hyimage.models.vae.base import (
-    Level,
-    VAEBase,
-    check_vae_config,
-    config_from_arguments,
-    num_resample_levels,
-    swish,
-)
+from hyimage.models.vae.base import VAEBase, check_vae_config, config_from_arguments
 from hyimage.models.vae.distributions import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
+from hyimage.models.vae.layers import Level, num_resample_levels, swish
+from hyimage.stages import VAE_DECODE
 
 
 @dataclass
@@ -223,6 +218,8 @@ class HunyuanVAE2D(VAEBase):
     The pipelines, not the VAE, apply `config.scaling_factor` and `config.shift_factor` (when set): the DiT sees
     `(z - shift_factor) * scaling_factor` and `decode` gets `latents / scaling_factor + shift_factor`.
     """
+
+    memory_stage = VAE_DECODE
 
     def __init__(
         self,

@@ -13,15 +13,10 @@ from einops import rearrange
 from torch import nn
 from torch.nn import functional as F
 
-from hyimage.models.vae.base import (
-    Level,
-    VAEBase,
-    check_vae_config,
-    config_from_arguments,
-    num_resample_levels,
-    swish,
-)
+from hyimage.models.vae.base import VAEBase, check_vae_config, config_from_arguments
 from hyimage.models.vae.distributions import AutoencoderKLOutput, DecoderOutput, DiagonalGaussianDistribution
+from hyimage.models.vae.layers import Level, num_resample_levels, swish
+from hyimage.stages import REFINER_VAE
 
 
 @dataclass
@@ -66,7 +61,7 @@ class CausalConv3d(nn.Module):
         return self.conv(F.pad(x, self.padding, mode="replicate"))
 
 
-class RMSNorm(nn.Module):
+class CausalRMSNorm(nn.Module):
     """x / ||x||_channels * sqrt(channels) * gamma (computed in float32 for half-precision inputs)."""
 
     def __init__(self, channels: int):
@@ -79,12 +74,12 @@ class RMSNorm(nn.Module):
         return normalized * self.scale * self.gamma
 
 
-class AttnBlock(nn.Module):
+class CausalAttnBlock(nn.Module):
     """Single-head self-attention over all pixels of all frames; a frame sees itself and earlier frames."""
 
     def __init__(self, channels: int):
         super().__init__()
-        self.norm = RMSNorm(channels)
+        self.norm = CausalRMSNorm(channels)
         self.q = nn.Conv3d(channels, channels, kernel_size=1)
         self.k = nn.Conv3d(channels, channels, kernel_size=1)
         self.v = nn.Conv3d(channels, channels, kernel_size=1)
@@ -103,12 +98,12 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-class ResnetBlock(nn.Module):
+class CausalResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
-        self.norm1 = RMSNorm(in_channels)
+        self.norm1 = CausalRMSNorm(in_channels)
         self.conv1 = CausalConv3d(in_channels, out_channels)
-        self.norm2 = RMSNorm(out_channels)
+        self.norm2 = CausalRMSNorm(out_channels)
         self.conv2 = CausalConv3d(out_channels, out_channels)
         if in_channels != out_channels:
             self.nin_shortcut = nn.Conv3d(in_channels, out_channels, kernel_size=1)
@@ -194,18 +189,18 @@ class UpsampleDCAE(nn.Module):
         return h + torch.cat([shortcut_first, shortcut_rest], dim=2)
 
 
-class MidBlock(nn.Module):
+class CausalMidBlock(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels)
+        self.block_1 = CausalResnetBlock(channels, channels)
+        self.attn_1 = CausalAttnBlock(channels)
+        self.block_2 = CausalResnetBlock(channels, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
-class Encoder(nn.Module):
+class CausalEncoder(nn.Module):
     """Images to latent moments (mean and log-variance on channels), with a channel-averaging shortcut at the end."""
 
     def __init__(self, config: AutoencoderKLConv3DConfig):
@@ -225,7 +220,7 @@ class Encoder(nn.Module):
         block_in = channels[0]
         for i, block_out in enumerate(channels):
             level = Level(
-                [ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block)]
+                [CausalResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block)]
             )
             block_in = block_out
             if i < spatial:
@@ -233,8 +228,8 @@ class Encoder(nn.Module):
                 level.downsample = DownsampleDCAE(block_in, block_out, temporal=i >= spatial_only)
                 block_in = block_out
             self.down.append(level)
-        self.mid = MidBlock(block_in)
-        self.norm_out = RMSNorm(block_in)
+        self.mid = CausalMidBlock(block_in)
+        self.norm_out = CausalRMSNorm(block_in)
         self.conv_out = CausalConv3d(block_in, 2 * latent)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +245,7 @@ class Encoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h))) + shortcut
 
 
-class Decoder(nn.Module):
+class CausalDecoder(nn.Module):
     """Latents to images, with a channel-repeating shortcut at the start."""
 
     def __init__(self, config: AutoencoderKLConv3DConfig):
@@ -265,11 +260,11 @@ class Decoder(nn.Module):
 
         block_in = channels[0]
         self.conv_in = CausalConv3d(latent, block_in)
-        self.mid = MidBlock(block_in)
+        self.mid = CausalMidBlock(block_in)
         self.up = nn.ModuleList()
         for i, block_out in enumerate(channels):
             level = Level(
-                [ResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block + 1)]
+                [CausalResnetBlock(block_in if j == 0 else block_out, block_out) for j in range(config.layers_per_block + 1)]
             )
             block_in = block_out
             if i < max(spatial, temporal):
@@ -277,7 +272,7 @@ class Decoder(nn.Module):
                 level.upsample = UpsampleDCAE(block_in, block_out, temporal=i < temporal)
                 block_in = block_out
             self.up.append(level)
-        self.norm_out = RMSNorm(block_in)
+        self.norm_out = CausalRMSNorm(block_in)
         self.conv_out = CausalConv3d(block_in, config.out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -300,6 +295,8 @@ class AutoencoderKLConv3D(VAEBase):
     `(z - shift_factor) * scaling_factor` and `decode` gets `latents / scaling_factor + shift_factor`.
     """
 
+    memory_stage = REFINER_VAE
+
     def __init__(
         self,
         in_channels: int,
@@ -318,7 +315,7 @@ class AutoencoderKLConv3D(VAEBase):
         **extra: Any,
     ):
         config = config_from_arguments(AutoencoderKLConv3DConfig, locals(), "AutoencoderKLConv3D")
-        super().__init__(config, Encoder(config), Decoder(config))
+        super().__init__(config, CausalEncoder(config), CausalDecoder(config))
 
     def encode(self, x: torch.Tensor, return_dict: bool = True) -> AutoencoderKLOutput | tuple:
         """Images/videos (B, C, T, H, W) -> posterior over latents (B, 2*latent split into mean/logvar)."""

@@ -64,7 +64,7 @@ def part_host_bytes(
 def dit_bytes(config: Any, fp8: bool, dtype: torch.dtype) -> int:
     """The DiT's weights: FP8 linears at one byte, the rest bf16 (FP8) or `dtype`."""
     from hyimage.models.dit.configs import resolve_dit_config
-    from hyimage.offload.weights import dit_part
+    from hyimage.offload.dit_weights import dit_part
 
     total = dit_part(resolve_dit_config(config), fp8).total  # bf16 besides the FP8 weights
     return total if fp8 else total * dtype.itemsize // 2

@@ -1,0 +1,159 @@
+"""Activation peaks of each stage, as formulas in tokens x width (transformers) and pixels x channels (VAEs).
+
+Their coefficients are read from the code and, for the DiTs and the VAE decodes, checked with the full-size
+simulator (benchmarks/memsim.py, which runs this package's code on fake CUDA tensors): the planner's figure must
+bound the simulated peak. The encoders' activations (well under 1 GiB) are formulas only.
+"""
+
+from typing import Any
+
+from hyimage.offload.dit_weights import LORA_ITEMSIZE, DiTWeights
+from hyimage.offload.request import PlanRequest
+
+DIT_ACTIVATION_UNITS = 24
+"""Peak activations of a DiT forward in units of batch x tokens x hidden x 2 bytes. A single-stream block holds
+its input, the modulated input (float32 under autocast: 2), q, k, v, the MLP input (4) and its activation (4),
+their concatenation (5) and the output: about 20. The simulator measures 22.1 (distilled, bf16, 2048x2048),
+22.1 (base, bf16, CFG batch 2, 2560x1536) and 23.2 (refiner, FP8, 2048x2048, with FP8's dequantized weights);
+24 keeps a margin. FP8 adds the two bf16 temporaries of the largest dequantized weight (see
+`dit_activation_bytes`): the distilled FP8 DiT at 2K simulates 0.98 GiB against 1.08 GiB planned."""
+
+
+VAE_ACTIVATION_UNITS = {"vae_decode": 3.6, "refiner_vae": 3.6}
+"""Peak VAE activations in units of one full-resolution activation (pixels x first-level channels x dtype
+size): a resnet block at full resolution holds its input, the GroupNorm output, the SiLU output and the
+convolution output. The simulator measures 3.5 for the 2D decode at 2048x2048 (7.0 GiB in float32; peak 8.5
+with the weights) and 3.5 per frame for the refiner's 3D decode (fp16, one latent frame = two image frames:
+7.0 GiB; peak 9.4); 3.6 keeps 3% over both (the simulator runs the same convolutions and norms, so its
+count is exact up to workspaces). The refiner's 3D encode of a 2K image simulates 7.0 GiB too (peak 9.4).
+Convolution workspaces are not planned beyond the margin: on the CPU one was about one full-resolution
+activation, but cuDNN picks algorithms whose workspace fits the memory left free (measure it with benchmarks/bench_memory_modes_gpu.py where a GPU is lent)."""
+
+
+VAE_CHANNELS = {"vae_decode": (128, 256, 512, 512, 1024, 1024), "refiner_vae": (128, 256, 512, 1024, 1024)}
+"""The released configurations' block_out_channels (encoder order; the decoder runs them reversed)."""
+
+
+VAE_FIRST_CHANNELS = {stage: channels[0] for stage, channels in VAE_CHANNELS.items()}
+
+
+VAE_FACTOR = {"vae_decode": 32, "refiner_vae": 16}
+
+
+VAE_TEMPORAL_LEVELS = {"vae_decode": 0, "refiner_vae": 2}
+"""Decoder levels whose upsampling is also temporal: a single frame's conv makes 8x, not 4x, the channels."""
+
+
+EXACT_TILES = ((True, 512), (True, 256), (False, 512), (False, 256), (False, 128))
+"""Exact tiled VAE settings in the order tried, fastest first: (activations on the GPU, tile side in pixels)."""
+
+
+EXACT_TILE_UNITS = {"vae_decode": 3.5, "refiner_vae": 4.5}
+"""What one tile of the exact tiled VAE keeps live, in units of the widest fp16 tensor a tile op makes (a
+resnet conv's input at float32 for its norm, or a resampling conv's output), halo included. Read off the
+simulator at 2048x2048 (benchmarks/memsim.py, tiles of 512 and 256 pixels, activations on the GPU and on the
+host): the 2D decode keeps 3.4 of them (its GroupNorm copies and SiLU), the 3D decode 4.3 (RMSNorm's float32
+copies, the replication padding and the first frame's discarded half); the figure must bound every case.
+Planned / simulated activations at 2K (GiB), tiles on the GPU / host: 2D decode 512 gpu 2.53 / 2.25, 256 gpu
+2.11 / 2.06, 512 host 1.78 / 1.75, 256 host 0.90 / 0.81, 128 host 0.23 / 0.22; refiner decode 512 gpu 3.03 / 2.50,
+256 gpu 2.70 / 2.06, 512 host 2.32 / 2.25, 256 host 2.32 / 1.63, 128 host 1.20 / 0.78 (its encode is lower in
+every case: 2.25, 2.06, 1.25, 0.63, 0.25)."""
+
+
+GLYPH_TOKENS = 128
+
+
+TEXT_TOKENS = 1000
+
+
+REFINER_TEXT_TOKENS = 256
+
+
+TEMPLATE_TOKENS = 36
+
+
+REPROMPT_CONTEXT = 4096
+"""Prompt plus the 2048 new tokens the reprompt model may write: its KV cache length."""
+
+
+# Activations.
+def dit_tokens(request: PlanRequest, refiner: bool = False) -> tuple[int, int]:
+    """(image tokens, text + glyph tokens) of one DiT forward."""
+    factor = 16 if refiner else 32
+    image = (request.width // factor) * (request.height // factor)
+    text = REFINER_TEXT_TOKENS if refiner else TEXT_TOKENS + GLYPH_TOKENS
+    return image, text
+
+
+def dit_activation_bytes(config: Any, batch: int, image_tokens: int, text_tokens: int, fp8: bool) -> int:
+    """Peak activations of one DiT forward (see DIT_ACTIVATION_UNITS), plus FP8 dequantization temporaries."""
+    units = DIT_ACTIVATION_UNITS * batch * (image_tokens + text_tokens) * config.hidden_size * 2
+    if fp8:
+        mlp = int(config.hidden_size * config.mlp_width_ratio)
+        units += 2 * (config.hidden_size + mlp) * config.hidden_size * 2  # weight.to(bf16) and its scaled copy
+    return units
+
+
+def format_activation_bytes(weights: DiTWeights, config: Any, batch: int, tokens: int) -> int:
+    """What the DiT's weight format and LoRAs add to one forward's activations (bytes).
+
+    GGUF: the largest quantised layer's dequantisation temporaries (GGUF_DEQUANT_BYTES); the simulator measures
+    0.71 GiB more than bf16 for the distilled Q4_K DiT at 2K (0.45 for Q8_0), against 0.93 (0.66) planned. LoRA: the
+    side branch (`hyimage.lora.layers`) holds x @ A^T (tokens x rank) and, while the sum is made, the up-projection
+    and its scaled copy of the layer's output. At the forward's peak (a single-stream block's hidden-wide output
+    layer) that is two units of DIT_ACTIVATION_UNITS: the simulator measures exactly 2.0 more units with a rank-64
+    LoRA on every block linear (distilled 2048x2048 and 1024x1024, base with CFG 2560x1536); planned: 2 + rank /
+    hidden."""
+    lora = batch * tokens * (2 * config.hidden_size + weights.lora_rank) * LORA_ITEMSIZE if weights.lora_rank else 0
+    return weights.dequant_bytes + lora
+
+
+def vae_activation_bytes(stage: str, request: PlanRequest, itemsize: int) -> int:
+    pixels = request.width * request.height
+    frames = 2 if stage == "refiner_vae" else 1  # the refiner VAE decodes a frame pair
+    return int(VAE_ACTIVATION_UNITS[stage] * pixels * VAE_FIRST_CHANNELS[stage] * itemsize * frames)
+
+
+def _exact_vae_layers(stage: str, request: PlanRequest) -> list[tuple[int, int, int, int]]:
+    """The decoder's layers at image resolution: (height, width, widest channels a tile makes, elements of the
+    whole activations it reads and writes)."""
+    channels = tuple(reversed(VAE_CHANNELS[stage]))
+    layers = []
+    for i, c in enumerate(channels):
+        shift = len(channels) - 1 - i
+        h, w = request.height >> shift, request.width >> shift
+        layers.append((h, w, 2 * c, h * w * 2 * c))  # a resnet conv
+        if i < len(channels) - 1:  # the upsampling
+            factor = 8 if i < VAE_TEMPORAL_LEVELS[stage] else 4
+            layers.append((h, w, factor * channels[i + 1], h * w * (c + 4 * channels[i + 1])))
+    return layers
+
+
+def exact_vae_activation_bytes(stage: str, request: PlanRequest, tile: int, on_gpu: bool) -> int:
+    """Peak GPU activations of the exact tiled VAE (decode, and the refiner's encode, which this bounds): per
+    layer, the whole activations it reads and writes (when they live on the GPU; fp16 under autocast) plus one
+    tile's working set (see EXACT_TILE_UNITS); the largest layer's sum."""
+    peak = 0
+    for h, w, widest, whole in _exact_vae_layers(stage, request):
+        tile_bytes = EXACT_TILE_UNITS[stage] * (min(tile, h) + 4) * (min(tile, w) + 4) * widest * 2
+        peak = max(peak, int(tile_bytes) + (whole * 2 if on_gpu else 0))
+    return peak
+
+
+def exact_vae_host_bytes(stage: str, request: PlanRequest) -> int:
+    """Pinned host memory of the exact tiled VAE with its activations on the host: the largest layer's whole
+    input and output, fp16."""
+    return max(whole for _, _, _, whole in _exact_vae_layers(stage, request)) * 2
+
+
+def text_activation_bytes(c: dict, tokens: int) -> int:
+    """One prompt through a decoder layer: hidden states, q/k/v, the MLP's gate, up and product, in bf16, twice
+    over (a batch of two prompts; the simulator measures 0.13 GiB for one padded 2K prompt, 0.30 planned)."""
+    return 2 * tokens * (6 * c["hidden"] + 3 * c["intermediate"]) * 2
+
+
+def reprompt_activation_bytes(c: dict) -> int:
+    """The KV cache for REPROMPT_CONTEXT tokens, bf16, plus one step's float32 logits and a decoder layer."""
+    head_dim = c["hidden"] // c["heads"]
+    cache = 2 * c["layers"] * c["kv_heads"] * head_dim * REPROMPT_CONTEXT * 2
+    return cache + c["vocab"] * 4 * 2 + text_activation_bytes(c, 1)
