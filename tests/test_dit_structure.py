@@ -1,5 +1,6 @@
 """The three released DiT variants, built on `meta` at full size, against the official manifests and diffusers."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -116,7 +117,9 @@ def test_resolve_dit_config_errors() -> None:
         resolve_dit_config({"hiden_size": 64})
     with pytest.raises(ValueError, match="rope_dim_list"):
         DiTConfig(hidden_size=64, heads_num=2, rope_dim_list=(16, 8))
-    assert resolve_dit_config(DIT_CONFIGS["hunyuanimage-refiner"]) is not DIT_CONFIGS["hunyuanimage-refiner"]
+    # a resolved configuration is shared, so it cannot be changed in place (it used to be copied for that reason)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        resolve_dit_config(DIT_CONFIGS["hunyuanimage-refiner"]).hidden_size = 64
 
 
 def diffusers_kwargs(config: DiTConfig) -> dict:

@@ -27,6 +27,7 @@ from hyimage.diffusion.pipelines.parts import (
     cat_padded,
     decode_to_images,
     format_images,
+    run_dit,
     running,
     step_hook,
     to_arguments,

@@ -25,6 +25,7 @@ from hyimage.diffusion.pipelines.parts import (
     decode_to_images,
     format_images,
     module_dtype,
+    run_dit,
     running,
     step_hook,
     to_arguments,

@@ -43,7 +43,7 @@ from hyimage.diffusion.pipelines.part_sizes import part_host_bytes
 from hyimage.errors import MissingCheckpointError
 from hyimage.loading.download import DownloadConfig, check_present, download
 from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
-from hyimage.models.dit.configs import DIT_CONFIGS
+from hyimage.models.dit.configs import DIT_CONFIGS, resolve_dit_config
 from hyimage.offload import MemoryManager
 from hyimage.offload.request import PlanRequest
 from hyimage.parallel.runner import prepare_parallel
@@ -315,7 +315,7 @@ def plan_for(
     the DiT file loaded instead of the variant's: a GGUF file is planned from its header)."""
     if memory.mode == "auto" and memory.request is None:
         memory.request = PlanRequest(variant=variant, fp8=fp8, refiner=refiner, reprompt=reprompt,
-                                     dit_config=None if config is None or config == DIT_CONFIGS.get(variant) else config,
+                                     dit_config=None if config is None or resolve_dit_config(config) == DIT_CONFIGS[variant] else config,
                                      dit_file=None if dit_file is None else str(dit_file))
 
 
