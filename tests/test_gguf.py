@@ -269,7 +269,7 @@ def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
 
 
 def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
-    from hyimage.loading.layout import CheckpointLayout
+    from hyimage.checkpoints.layout import CheckpointLayout
     from hyimage.loading.pipeline_loader import _dit_factory
     from hyimage.offload import MemoryManager
 

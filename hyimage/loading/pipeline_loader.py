@@ -28,9 +28,11 @@ from typing import Any, TypeVar
 import torch
 from loguru import logger
 
+from hyimage.checkpoints.download import check_present, download
+from hyimage.checkpoints.hub import is_repo_id
+from hyimage.checkpoints.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
+from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.diffusion.request import RequestError, check_device, check_dtype, check_keywords
-from hyimage.loading.download import DownloadConfig, check_present, download, is_repo_id
-from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
 from hyimage.loading.part_sizes import part_host_bytes
 from hyimage.loading.safetensors_io import regular_file_size
 from hyimage.offload import MemoryManager
