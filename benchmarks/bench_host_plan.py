@@ -132,7 +132,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="where to write the tree (default: a temp dir)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from hyimage.loading.layout import CheckpointLayout
+    from hyimage.checkpoints.layout import CheckpointLayout
     from tests.fixtures.qwen_tokenizer import write_qwen_tokenizer
     from tests.fixtures.tiny_qwen import write_tiny_qwen25vl
     from tests.fixtures.tiny_tree import write_tiny_tree

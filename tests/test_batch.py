@@ -18,8 +18,8 @@ from PIL import Image
 
 import hyimage.batch
 from hyimage.batch import PARTIAL_SUFFIX, RESULTS, read_prompts
+from hyimage.checkpoints.layout import MODEL_ROOT_ENV
 from hyimage.cli import main
-from hyimage.loading.layout import MODEL_ROOT_ENV
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import write_tiny_tree
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from hyimage.checkpoints.layout import CheckpointLayout
 from hyimage.errors import CheckpointError
 from hyimage.loading.dit_diffusers_keys import official_to_diffusers
 from hyimage.loading.dit_fused_keys import dit_layout, fused_to_split, split_module_names
-from hyimage.loading.layout import CheckpointLayout
 from hyimage.loading.safetensors_io import SafetensorsReader, read_tensor_infos
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules

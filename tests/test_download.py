@@ -22,9 +22,11 @@ import huggingface_hub.constants
 import pytest
 from loguru import logger
 
+from hyimage.checkpoints.download import check_present, download, plan_download
+from hyimage.checkpoints.needs import DownloadConfig
+from hyimage.checkpoints.record import RECORD_FILE
 from hyimage.cli import main
 from hyimage.errors import DownloadError, HubUnreachableError, OfflineError, UnsafeListingError
-from hyimage.loading.download import RECORD_FILE, DownloadConfig, check_present, download, plan
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -250,7 +252,7 @@ def test_base_configuration_fetches_exactly_its_files(hub: FakeHub, tmp_path: Pa
 
 def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path) -> None:
     config = DownloadConfig(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=False, reprompt="7b")
-    files = plan(config, tmp_path, endpoint=hub.endpoint).files
+    files = plan_download(config, tmp_path, endpoint=hub.endpoint).files
     names = {f.destination.relative_to(tmp_path).as_posix() for f in files}
     official = {n for n in names if n.startswith(("dit/", "vae/", "reprompt/"))}
     assert official == {
@@ -262,7 +264,7 @@ def test_distilled_fp8_with_reprompt_configurations(hub: FakeHub, tmp_path: Path
         "reprompt/model.safetensors",
     }
     big = DownloadConfig(reprompt="32b", text_encoder=False, glyph=False, refiner=False)
-    files = plan(big, tmp_path, endpoint=hub.endpoint).files
+    files = plan_download(big, tmp_path, endpoint=hub.endpoint).files
     names = {f.destination.relative_to(tmp_path).as_posix() for f in files}
     assert names == {
         "dit/hunyuanimage2.1.safetensors",

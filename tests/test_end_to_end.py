@@ -20,10 +20,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from hyimage.checkpoints.layout import MODEL_ROOT_ENV, CheckpointLayout
 from hyimage.cli import main
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
 from hyimage.errors import MissingCheckpointError
-from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import write_tiny_tree
 

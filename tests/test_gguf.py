@@ -269,8 +269,8 @@ def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
 
 
 def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
+    from hyimage.checkpoints.layout import CheckpointLayout
     from hyimage.diffusion.pipelines.factories import _dit_factory
-    from hyimage.loading.layout import CheckpointLayout
     from hyimage.offload import MemoryManager
 
     path = tmp_path / "hunyuanimage2.1-distilled-Q4_K.gguf"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hyimage import HunyuanImagePipeline
-from hyimage.loading.layout import CheckpointLayout
+from hyimage.checkpoints.layout import CheckpointLayout
 from hyimage.loading.safetensors_io import read_tensor_infos
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import TINY_BASE, TINY_DISTILLED, write_dit, write_tiny_tree

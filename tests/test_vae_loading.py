@@ -185,7 +185,7 @@ def test_checkpoint_of_another_shape_lists_the_keys(tmp_path):
 def test_released_vae_loads_and_reconstructs(model_cls, manifest_name):
     from pathlib import Path
 
-    from hyimage.loading.layout import CheckpointLayout
+    from hyimage.checkpoints.layout import CheckpointLayout
     from tests.utils import load_manifest
 
     layout = CheckpointLayout(Path(os.environ["HYIMAGE_CKPTS"]))

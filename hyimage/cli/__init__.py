@@ -27,10 +27,11 @@ from typing import Any
 from loguru import logger
 
 from hyimage import __version__
+from hyimage.checkpoints.download import complete, describe_unknown, human_size, plan_download
+from hyimage.checkpoints.layout import model_root
+from hyimage.checkpoints.needs import OFFICIAL_REPO, DownloadConfig
 from hyimage.diffusion.request import check_device, check_real, check_request
 from hyimage.errors import DownloadError, HubUnreachableError, NonFiniteError, RequestError
-from hyimage.loading.download import OFFICIAL_REPO, DownloadConfig, complete, describe_unknown, human_size, plan
-from hyimage.loading.layout import model_root
 from hyimage.metadata import png_text
 from hyimage.offload import MEMORY_MODES
 from hyimage.offload.dit_weights import GGUF_TYPES
@@ -406,11 +407,11 @@ def fetch(
     """Show what `config` lacks and its size, then fetch it; asks the Hub only for what is not recorded in `root`."""
     root = model_root(root)
     try:
-        found = plan(config, root, verify=verify)
+        found = plan_download(config, root, verify=verify)
     except HubUnreachableError as error:
         if not dry_run:
             raise
-        found = plan(config, root, online=False, verify=verify)
+        found = plan_download(config, root, online=False, verify=verify)
         found.offline_reason = f"the Hub is unreachable ({error.__cause__ or error})"
     if found.complete:
         print(f"everything for {config.describe()} is in {root}, checked")

@@ -19,6 +19,7 @@ from hyimage.batch import (
     sigterm_as_exit,
     write_png_atomic,
 )
+from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.cli import (
     VARIANT_ALIASES,
     add_loading_arguments,
@@ -30,7 +31,6 @@ from hyimage.cli import (
     lora_arguments,
     pipeline_from_args,
 )
-from hyimage.loading.download import DownloadConfig
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import ParallelConfig, ParallelState, launched_by_torchrun
 

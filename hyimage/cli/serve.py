@@ -6,6 +6,7 @@ import socket
 
 from loguru import logger
 
+from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.cli import (
     VARIANT_ALIASES,
     add_loading_arguments,
@@ -16,7 +17,6 @@ from hyimage.cli import (
     lora_arguments,
     pipeline_from_args,
 )
-from hyimage.loading.download import DownloadConfig
 
 API_KEY_ENV = "HYIMAGE_API_KEY"
 

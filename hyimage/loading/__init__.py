@@ -1,1 +1,1 @@
-"""Loading: checkpoint layout, readers that stream tensors into meta-built models, key maps, downloads."""
+"""Loading: readers that stream tensors into meta-built models, key maps, and the loaders built on them."""

@@ -15,9 +15,9 @@ import torch
 from loguru import logger
 
 import hyimage.models as models
+from hyimage.checkpoints.layout import CheckpointLayout
+from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.errors import MissingCheckpointError
-from hyimage.loading.download import DownloadConfig
-from hyimage.loading.layout import CheckpointLayout
 from hyimage.loading.safetensors_io import regular_file_size
 from hyimage.loading.vae_loader import CONFIG_FILE, build_on_meta, read_vae_config
 from hyimage.models.dit.configs import DiTConfig, resolve_dit_config

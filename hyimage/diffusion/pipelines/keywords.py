@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hyimage.checkpoints.hub import is_repo_id
 from hyimage.diffusion.request import check_device, check_dtype, check_keywords
 from hyimage.errors import RequestError
-from hyimage.loading.download import is_repo_id
 from hyimage.variants import TEXT_TO_IMAGE
 
 VARIANTS = TEXT_TO_IMAGE

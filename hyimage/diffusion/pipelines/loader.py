@@ -24,6 +24,9 @@ from typing import Any
 
 import torch
 
+from hyimage.checkpoints.download import check_present, download
+from hyimage.checkpoints.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
+from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.diffusion.pipelines.factories import (
     _check_glyph,
     _dit_config,
@@ -41,8 +44,6 @@ from hyimage.diffusion.pipelines.factories import (
 from hyimage.diffusion.pipelines.keywords import is_hub_repo_id, normalize_keywords, resolve_source
 from hyimage.diffusion.pipelines.part_sizes import part_host_bytes
 from hyimage.errors import MissingCheckpointError
-from hyimage.loading.download import DownloadConfig, check_present, download
-from hyimage.loading.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
 from hyimage.models.dit.configs import DIT_CONFIGS, resolve_dit_config
 from hyimage.offload import MemoryManager
 from hyimage.offload.request import PlanRequest

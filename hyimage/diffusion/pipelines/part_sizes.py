@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from hyimage.loading.layout import CheckpointLayout
+from hyimage.checkpoints.layout import CheckpointLayout
 from hyimage.text_encoders.mllm import HIDDEN_STATE_SKIP_LAYER
 
 QUANTIZE_ON_LOAD_PEAK = 0.69

@@ -4,15 +4,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from hyimage.variants import DIT_FILE_STEMS, REPROMPT_DIRS
+
 MODEL_ROOT_ENV = "HUNYUANIMAGE_V2_1_MODEL_ROOT"
 
-DIT_FILE_STEMS = {
-    "hunyuanimage-v2.1": "hunyuanimage2.1",
-    "hunyuanimage-v2.1-distilled": "hunyuanimage2.1-distilled",
-    "hunyuanimage-refiner": "hunyuanimage-refiner",
-}
-
-REPROMPT_DIRS = {"7b": "reprompt", "32b": "reprompt_32b"}
 
 
 def model_root(root: str | os.PathLike | None = None) -> Path:
