@@ -8,10 +8,9 @@ from safetensors.torch import save_file
 from hyimage.loading.dit_loader import load_dit
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
-from tests.fixtures.dit_layouts import fused_layout
-from tests.fixtures.dit_layouts import split_by_hand
-from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
-from tests.utils import max_rel_error
+from tests.fixtures.dit_layouts import fused_layout, split_by_hand
+from tests.fixtures.dit_loading import TINY, run, tiny_dit, tiny_inputs
+from tests.fixtures.numerics import max_rel_error
 
 E4M3 = torch.float8_e4m3fn
 # ComfyUI's in-memory names for some official ones (supported_models.HunyuanVideo.process_unet_state_dict)

@@ -39,7 +39,7 @@ from hyimage.offload.weights import (
     module_part,
 )
 from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear
-from tests.test_gguf import CONFIG, H, write_gguf
+from tests.fixtures.gguf_files import CONFIG, H, write_gguf
 
 DISTILLED = "hunyuanimage-v2.1-distilled"
 
