@@ -7,7 +7,7 @@ import torch
 
 from hyimage.models import attention as attention_module
 from hyimage.models.attention import AttentionMask, attention
-from tests.utils import TOLERANCE, max_rel_error
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 
 
 def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: int) -> torch.Tensor:

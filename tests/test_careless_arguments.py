@@ -23,8 +23,8 @@ from hyimage.cli import main, save_png
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, HunyuanImagePipeline
 from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
 from hyimage.errors import NonFiniteError, RequestError, RequestTypeError
-from tests.test_dit_parity import TINY_CONFIGS, tiny_model
-from tests.test_pipeline import FakeGlyphEncoder, FakeTextEncoder, tiny_vae
+from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
+from tests.fixtures.tiny_pipeline import FakeGlyphEncoder, FakeTextEncoder, tiny_vae
 
 PART_NAMES = ("dit", "vae", "text_encoder", "glyph_encoder", "reprompt_model", "refiner_pipeline")
 NO_CUDA = not torch.cuda.is_available()
@@ -359,8 +359,8 @@ ABSURD = textwrap.dedent("""
     import torch
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
     from hyimage.errors import RequestError
-    from tests.test_dit_parity import TINY_CONFIGS, tiny_model
-    from tests.test_pipeline import FakeGlyphEncoder, FakeTextEncoder, tiny_vae
+    from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
+    from tests.fixtures.tiny_pipeline import FakeGlyphEncoder, FakeTextEncoder, tiny_vae
 
     pipe = HunyuanImagePipeline(dit=tiny_model(TINY_CONFIGS["hunyuanimage-v2.1-distilled"]), vae=tiny_vae(),
                                 text_encoder=FakeTextEncoder(), glyph_encoder=FakeGlyphEncoder(), progress_bar=False)

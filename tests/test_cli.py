@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hyimage.cli import build_parser, main, output_paths
-from tests.test_download import FakeHub, point_hub_at
+from tests.fixtures.fake_hub import FakeHub, point_hub_at
 
 
 @pytest.fixture

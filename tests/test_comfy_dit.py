@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
 from tests.fixtures.dit_layouts import fused_layout, split_by_hand
-from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
-from tests.utils import max_rel_error
+from tests.fixtures.dit_loading import TINY, run, tiny_dit, tiny_inputs
+from tests.fixtures.numerics import max_rel_error
 
 load_dit = HYImageDiffusionTransformer.from_single_file
 

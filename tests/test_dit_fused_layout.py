@@ -12,7 +12,7 @@ from hyimage.loading.safetensors_io import SafetensorsReader
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules, quantize_per_tensor
 from tests.fixtures.dit_layouts import fused_layout, fused_module_name
-from tests.test_dit_loading import TINY, assert_same_weights, run, save, tiny_inputs
+from tests.fixtures.dit_loading import TINY, assert_same_weights, run, save, tiny_inputs
 
 load_dit = HYImageDiffusionTransformer.from_single_file
 

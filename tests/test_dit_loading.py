@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from hyimage.checkpoints.layout import CheckpointLayout
 from hyimage.errors import CheckpointError
@@ -16,63 +15,10 @@ from hyimage.loading.dit_fused_keys import dit_layout, fused_to_split, split_mod
 from hyimage.loading.safetensors_io import SafetensorsReader, read_tensor_infos
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
-from tests.utils import TOLERANCE, max_rel_error
 
 load_dit = HYImageDiffusionTransformer.from_single_file
-
-TINY = dict(
-    patch_size=[1, 1],
-    in_channels=4,
-    out_channels=4,
-    hidden_size=32,
-    heads_num=2,
-    mlp_width_ratio=2,
-    mm_double_blocks_depth=2,
-    mm_single_blocks_depth=2,
-    rope_dim_list=[8, 8],
-    text_states_dim=24,
-    glyph_byT5_v2=True,
-    guidance_embed=True,
-    use_meanflow=True,
-)
-
-
-def tiny_dit(dtype: torch.dtype = torch.float32, seed: int = 0) -> HYImageDiffusionTransformer:
-    """The tiny config with every tensor random (no zero-initialised layer hides a loading mistake)."""
-    generator = torch.Generator().manual_seed(seed)
-    model = HYImageDiffusionTransformer(**TINY)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
-    return model.to(dtype).eval()
-
-
-def tiny_inputs(batch: int = 2) -> dict:
-    generator = torch.Generator().manual_seed(1)
-    text_mask = torch.ones(batch, 6, dtype=torch.long)
-    text_mask[0, 4:] = 0
-    glyph_mask = torch.zeros(batch, 3, dtype=torch.long)
-    glyph_mask[1, :2] = 1
-    return dict(
-        hidden_states=torch.randn(batch, 4, 4, 6, generator=generator),
-        timestep=torch.tensor([500.0, 250.0])[:batch],
-        text_states=torch.randn(batch, 6, 24, generator=generator),
-        encoder_attention_mask=text_mask,
-        byt5_text_states=torch.randn(batch, 3, 1472, generator=generator),
-        byt5_text_mask=glyph_mask,
-        guidance=torch.tensor([3500.0, 4000.0])[:batch],
-        timesteps_r=torch.tensor([400.0, 100.0])[:batch],
-    )
-
-
-def run(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs)
-
-
-def save(state_dict: dict, path: Path) -> Path:
-    save_file({key: tensor.contiguous() for key, tensor in state_dict.items()}, str(path))
-    return path
+from tests.fixtures.dit_loading import TINY, assert_same_weights, run, save, tiny_dit, tiny_inputs
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 
 
 @pytest.fixture(scope="module")
@@ -83,13 +29,6 @@ def reference() -> HYImageDiffusionTransformer:
 @pytest.fixture(scope="module")
 def official_file(reference, tmp_path_factory) -> Path:
     return save(reference.state_dict(), tmp_path_factory.mktemp("dit") / "tiny.safetensors")
-
-
-def assert_same_weights(loaded: torch.nn.Module, reference: torch.nn.Module) -> None:
-    ours, ref = loaded.state_dict(), reference.state_dict()
-    assert list(ours) == list(ref)
-    for key in ref:
-        assert ours[key].dtype == ref[key].dtype and torch.equal(ours[key], ref[key]), key
 
 
 def test_official_layout_loads_strictly_and_matches(reference, official_file):

@@ -12,68 +12,10 @@ from dataclasses import replace
 import pytest
 import torch
 
-from hyimage.loading.dit_diffusers_keys import official_to_diffusers
 from hyimage.models import HYImageDiffusionTransformer
-from hyimage.models.dit.configs import DIT_CONFIGS, DiTConfig
-from tests.test_dit_structure import diffusers_kwargs
-from tests.utils import TOLERANCE, max_rel_error
-
-TINY = dict(hidden_size=64, heads_num=2, mm_double_blocks_depth=2, mm_single_blocks_depth=1, text_states_dim=40)
-TINY_CONFIGS = {
-    "hunyuanimage-v2.1": replace(
-        DIT_CONFIGS["hunyuanimage-v2.1"], in_channels=8, out_channels=8, rope_dim_list=(16, 16), **TINY
-    ),
-    "hunyuanimage-v2.1-distilled": replace(
-        DIT_CONFIGS["hunyuanimage-v2.1-distilled"], in_channels=8, out_channels=8, rope_dim_list=(16, 16), **TINY
-    ),
-    "hunyuanimage-refiner": replace(
-        DIT_CONFIGS["hunyuanimage-refiner"], in_channels=12, out_channels=6, rope_dim_list=(8, 12, 12), **TINY
-    ),
-}
-
-
-def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
-    """Random weights everywhere (the released init zeroes the modulation and final layer)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            is_norm_scale = "norm" in name and name.endswith("weight") and param.ndim == 1
-            param.copy_(1 + 0.1 * noise if is_norm_scale else 0.05 * noise)
-
-
-def tiny_model(config: DiTConfig) -> HYImageDiffusionTransformer:
-    model = HYImageDiffusionTransformer(**config.to_dict()).eval()
-    randomize_(model)
-    return model
-
-
-def diffusers_twin(model: HYImageDiffusionTransformer) -> torch.nn.Module:
-    from diffusers import HunyuanImageTransformer2DModel
-
-    twin = HunyuanImageTransformer2DModel(**diffusers_kwargs(model.config)).eval()
-    twin.load_state_dict(official_to_diffusers(model.state_dict()), strict=True)
-    return twin
-
-
-def make_inputs(config: DiTConfig, text_lengths=(7, 11), glyph_lengths=(3, 0), text_len=11, glyph_len=5) -> dict:
-    """Batch 2, different text lengths, the second sample without glyph tokens, non-square latents."""
-    batch = len(text_lengths)
-    spatial = (2, 6, 10) if len(config.patch_size) == 3 else (12, 8)
-    inputs = dict(
-        hidden_states=torch.randn(batch, config.in_channels, *spatial),
-        timestep=torch.tensor([500.0, 937.5])[:batch],
-        text_states=torch.randn(batch, text_len, config.text_states_dim),
-        encoder_attention_mask=(torch.arange(text_len) < torch.tensor(text_lengths)[:, None]).long(),
-    )
-    if config.glyph_byT5_v2:
-        inputs["byt5_text_states"] = torch.randn(batch, glyph_len, 1472)
-        inputs["byt5_text_mask"] = (torch.arange(glyph_len) < torch.tensor(glyph_lengths)[:, None]).long()
-    if config.guidance_embed:
-        inputs["guidance"] = torch.tensor([3250.0, 4500.0])[:batch]
-    if config.use_meanflow:
-        inputs["timesteps_r"] = torch.tensor([250.0, 800.0])[:batch]
-    return inputs
+from tests.fixtures.diffusers_dit import diffusers_twin
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
+from tests.fixtures.tiny_dit import TINY_CONFIGS, make_inputs, tiny_model
 
 
 def run_diffusers(twin: torch.nn.Module, inputs: dict) -> torch.Tensor:

@@ -1,21 +1,13 @@
 """`hyimage download` against a local stand-in for the Hub (an HTTP server on 127.0.0.1), offline and with a cache.
 
-The stand-in answers the calls the real Hub answers: the repository listing with file metadata
-(`/api/models/<repo>/revision/<rev>?blobs=true`, read by huggingface_hub's HfApi), and per file a HEAD
-(commit, ETag, size) and a GET with HTTP ranges (`/<repo>/resolve/<rev>/<path>`), which
-huggingface_hub's `hf_hub_download` sends. It answers at most `budget` requests. A closed port stands
-for a machine without network.
+The stand-in is tests/fixtures/fake_hub.py.
 """
 
 import hashlib
-import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -27,158 +19,7 @@ from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.checkpoints.record import RECORD_FILE
 from hyimage.cli import main
 from hyimage.errors import DownloadError, HubUnreachableError, OfflineError, UnsafeListingError
-
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-
-
-def official_repo() -> dict[str, bytes]:
-    files = {}
-    for stem in ("hunyuanimage2.1", "hunyuanimage2.1-distilled", "hunyuanimage-refiner"):
-        files[f"dit/{stem}.safetensors"] = stem.encode() * 3000
-        files[f"dit/{stem}_fp8.safetensors"] = stem.encode() * 1500
-        files[f"dit/{stem}_fp8_scale.safetensors"] = stem.encode() * 10
-    files.update({
-        "vae/vae_2_1/config.json": b'{"latent_channels": 64}',
-        "vae/vae_2_1/pytorch_model.ckpt": b"v" * 5000,
-        "vae/vae_refiner/config.json": b'{"latent_channels": 32}',
-        "vae/vae_refiner/pytorch_model.pt": b"r" * 5000,
-        "reprompt/config.json": b"{}",
-        "reprompt/model.safetensors": b"p" * 4000,
-        "README.md": b"# card",
-        ".gitattributes": b"*.safetensors filter=lfs",
-    })
-    return files
-
-
-REPOS = {
-    "tencent/HunyuanImage-2.1": official_repo(),
-    "Qwen/Qwen2.5-VL-7B-Instruct": {
-        "config.json": b"{}",
-        "model-00001-of-00002.safetensors": b"q" * 6000,
-        "model-00002-of-00002.safetensors": b"w" * 6000,
-        "model.safetensors.index.json": b"{}",
-        "merges.txt": b"a b",
-        "README.md": b"# qwen",
-    },
-    "google/byt5-small": {
-        "config.json": b"{}",
-        "special_tokens_map.json": b"{}",
-        "tokenizer_config.json": b"{}",
-        "pytorch_model.bin": b"b" * 3000,
-        "flax_model.msgpack": b"f" * 3000,
-    },
-    "hunyuanvideo-community/HunyuanImage-2.1-Diffusers": {
-        "text_encoder_2/config.json": b"{}",
-        "text_encoder_2/model.safetensors": b"g" * 4000,
-        "tokenizer_2/tokenizer_config.json": b"{}",
-        "tokenizer_2/added_tokens.json": b"{}",
-        "transformer/diffusion_pytorch_model.safetensors": b"t" * 4000,
-        "model_index.json": b"{}",
-    },
-    "PromptEnhancer/PromptEnhancer-32B": {
-        "config.json": b"{}",
-        "model-00001-of-00001.safetensors": b"e" * 5000,
-    },
-}
-
-
-def is_lfs(path: str) -> bool:
-    return not path.endswith((".json", ".txt", ".md", ".gitattributes"))
-
-
-class FakeHub:
-    """Serves `repos` (default REPOS); can cut one file's transfer short or serve wrong bytes for one file."""
-
-    def __init__(self, repos: dict[str, dict[str, bytes]] | None = None) -> None:
-        self.repos = REPOS if repos is None else repos
-        self.requests: list[tuple[str, str | None]] = []  # (file, Range header or "HEAD")
-        self.api_requests: list[str] = []  # repositories listed
-        self.cut: dict[str, int] = {}
-        self.corrupt: set[str] = set()
-        self.listing_body: dict[str, bytes] = {}  # a raw answer instead of a repository's listing
-        self.budget = 300
-        hub = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                hub.handle(self)
-
-            def do_HEAD(self) -> None:
-                hub.handle(self, head=True)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
-        self.thread.start()
-
-    def listing(self, repo: str) -> bytes:
-        siblings = []
-        for path, data in self.repos[repo].items():
-            entry = {"rfilename": path, "size": len(data)}
-            if is_lfs(path):
-                entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 130}
-                entry["blobId"] = "0" * 40
-            else:
-                entry["blobId"] = hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
-            siblings.append(entry)
-        return json.dumps({"id": repo, "sha": COMMIT, "private": False, "siblings": siblings}).encode()
-
-    def etag(self, repo: str, path: str) -> str:
-        data = self.repos[repo][path]
-        if is_lfs(path):
-            return hashlib.sha256(data).hexdigest()
-        return hashlib.sha1(f"blob {len(data)}\0".encode() + data).hexdigest()
-
-    def handle(self, request: BaseHTTPRequestHandler, head: bool = False) -> None:
-        self.budget -= 1
-        if self.budget < 0:
-            request.send_error(410, "request budget of the test spent")
-            return
-        path = request.path.split("?")[0]
-        if match := re.fullmatch(r"/api/models/(.+?)(?:/revision/[^/]+)?", path):
-            self.api_requests.append(match[1])
-            body = self.listing_body.get(match[1]) or self.listing(match[1])
-            request.send_response(200)
-            request.send_header("Content-Type", "application/json")
-            request.send_header("Content-Length", str(len(body)))
-            request.end_headers()
-            request.wfile.write(body)
-            return
-        match = re.fullmatch(r"/(.+?/.+?)/resolve/([^/]+)/(.+)", path)
-        if match is None or match[2] != COMMIT:
-            request.send_error(404)
-            return
-        repo, name = match[1], match[3]
-        if name not in self.repos[repo]:
-            request.send_error(404)
-            return
-        data = self.repos[repo][name]
-        if name in self.corrupt:
-            data = bytes(len(data))
-        range_header = request.headers.get("Range")
-        self.requests.append((name, "HEAD" if head else range_header))
-        start = int(re.fullmatch(r"bytes=(\d+)-", range_header)[1]) if range_header else 0
-        request.send_response(206 if start else 200)
-        request.send_header("Content-Length", str(len(data) - start))
-        request.send_header("X-Repo-Commit", COMMIT)
-        request.send_header("ETag", f'"{self.etag(repo, name)}"')
-        request.end_headers()
-        if head:
-            return
-        if name in self.cut:
-            request.wfile.write(data[start : self.cut.pop(name)])
-            request.wfile.flush()
-            request.close_connection = True
-            request.connection.shutdown(socket.SHUT_RDWR)
-            return
-        request.wfile.write(data[start:])
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+from tests.fixtures.fake_hub import COMMIT, REPOS, FakeHub, closed_endpoint, is_lfs, point_hub_at
 
 
 @pytest.fixture
@@ -186,20 +27,6 @@ def hub():
     server = FakeHub()
     yield server
     server.close()
-
-
-def point_hub_at(monkeypatch: pytest.MonkeyPatch, endpoint: str) -> None:
-    """What HF_ENDPOINT=endpoint does at import: the API endpoint and the file URL template."""
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
-    template = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE", template)
-
-
-def closed_endpoint() -> str:
-    """An endpoint nothing listens on (the port was bound, then released)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hyimage.loading.pipeline_loader import MissingCheckpointError
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -24,6 +25,7 @@ from hyimage.checkpoints.layout import MODEL_ROOT_ENV, CheckpointLayout
 from hyimage.cli import main
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
 from hyimage.errors import MissingCheckpointError
+from tests.fixtures.fake_hub import FakeHub, closed_endpoint, point_hub_at
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import write_tiny_tree
 
@@ -172,8 +174,6 @@ def hub_repos(tree: Path, tmp_path: Path) -> dict[str, dict[str, bytes]]:
 def test_generate_download_fetches_then_draws(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The README's first command: `hyimage generate --download` on an empty folder, against a local Hub; then
     the same command with the Hub unreachable, which needs no network once the download is complete."""
-    from tests.test_download import FakeHub, point_hub_at
-
     hub = FakeHub(hub_repos(tree, tmp_path))
     point_hub_at(monkeypatch, hub.endpoint)
     root = tmp_path / "ckpts"
@@ -190,8 +190,6 @@ def test_generate_download_fetches_then_draws(tree: Path, tmp_path: Path, monkey
     assert Image.open(tmp_path / "first.png").size == (64, 64)
     assert (root / "text_encoder/Glyph-SDXL-v2/text_encoder_2/config.json").is_file()
     assert not (root / "dit/hunyuanimage2.1.safetensors").exists()  # the base model was not needed
-
-    from tests.test_download import closed_endpoint
 
     point_hub_at(monkeypatch, closed_endpoint())  # no network: the same command runs from what is on disk
     code = main(["generate", "offline", "--download", "--variant", "distilled", "--no-refiner", "--width", "64",

@@ -14,8 +14,9 @@ from hyimage.quantization.fp8 import (
     fp8_linear_modules,
     quantize_per_tensor,
 )
-from tests.test_dit_loading import TINY, run, save, tiny_dit, tiny_inputs
-from tests.utils import TOLERANCE, load_manifest, max_rel_error
+from tests.fixtures.dit_loading import TINY, run, save, tiny_dit, tiny_inputs
+from tests.fixtures.manifests import load_manifest
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 
 load_dit = HYImageDiffusionTransformer.from_single_file
 

@@ -11,8 +11,8 @@ from hyimage.quantization.fp8 import (
     fp8_linear_modules,
     set_fp8_compute,
 )
-from tests.test_dit_loading import run, tiny_dit, tiny_inputs
-from tests.utils import max_rel_error
+from tests.fixtures.dit_loading import run, tiny_dit, tiny_inputs
+from tests.fixtures.numerics import max_rel_error
 
 
 def by_hand(x: torch.Tensor, layer: FP8Linear) -> torch.Tensor:

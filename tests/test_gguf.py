@@ -1,10 +1,8 @@
 """GGUF DiTs: dequantisers against the `gguf` package and the spec formulas, files written with `gguf`, a pipeline."""
 
 import struct
-from dataclasses import replace
 from pathlib import Path
 
-import gguf
 import numpy as np
 import pytest
 import torch
@@ -14,47 +12,13 @@ from gguf import GGMLQuantizationType as T
 from hyimage.errors import CheckpointError
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.gguf import GGUFLinear, dequantize
-from tests.fixtures.dit_layouts import fused_layout, split_by_hand
-from tests.test_dit_parity import TINY_CONFIGS, make_inputs, randomize_
-from tests.utils import max_rel_error
 
 load_dit = HYImageDiffusionTransformer.from_single_file
+from tests.fixtures.gguf_files import CONFIG, F16_FIELDS, K_TYPES, H, random_blocks, write_gguf
+from tests.fixtures.numerics import max_rel_error
+from tests.fixtures.tiny_dit import make_inputs, randomize_
 
-# hidden 256: K-quant rows hold multiples of 256 values, as in the real model (3584 = 14 x 256)
-CONFIG = replace(
-    TINY_CONFIGS["hunyuanimage-v2.1-distilled"],
-    hidden_size=256,
-    rope_dim_list=(64, 64),
-    mm_double_blocks_depth=1,
-    mm_single_blocks_depth=2,
-)
-H = CONFIG.hidden_size
 WRITABLE = [T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1]
-K_TYPES = [T.Q2_K, T.Q3_K, T.Q4_K, T.Q5_K, T.Q6_K]
-# byte offsets of the float16 fields (d, dmin) in each block (ggml-common.h)
-F16_FIELDS = {
-    T.Q8_0: [0],
-    T.Q4_0: [0],
-    T.Q4_1: [0, 2],
-    T.Q5_0: [0],
-    T.Q5_1: [0, 2],
-    T.Q2_K: [80, 82],
-    T.Q3_K: [108],
-    T.Q4_K: [0, 2],
-    T.Q5_K: [0, 2],
-    T.Q6_K: [208],
-}
-
-
-def random_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
-    """Random ggml blocks (uint8 rows) with finite, small float16 scales."""
-    block, size = GGML_QUANT_SIZES[qtype]
-    raw = rng.integers(0, 256, size=(rows * columns // block, size), dtype=np.uint8)
-    for start in F16_FIELDS[qtype]:
-        raw[:, start : start + 2] = (
-            rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
-        )
-    return raw.reshape(rows, -1)
 
 
 @pytest.mark.parametrize("qtype", list(F16_FIELDS), ids=lambda t: t.name)
@@ -159,34 +123,6 @@ def check(block: bytes, qtype: T, expected: list[float]) -> None:
     assert np.allclose(reference, expected, atol=1e-6), qtype.name
 
 
-def write_gguf(
-    model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = "", fused: bool = True
-) -> dict[str, torch.Tensor]:
-    """Write the model in the fused layout; the block linears' weights take `qtypes` in turn, the rest F32 (as
-    city96's convert tool keeps 1-D and small tensors). Returns the weights as stored (dequantised by gguf)."""
-    rng = np.random.default_rng(0)
-    writer = gguf.GGUFWriter(str(path), "hyvid")
-    stored = {}
-    turn = 0
-    state = fused_layout(model.state_dict()) if fused else model.state_dict()
-    for key, tensor in state.items():
-        data = tensor.float().numpy()
-        kind = T.F32
-        if "blocks" in key and key.endswith(".weight") and data.ndim == 2 and "individual" not in key:
-            kind, turn = qtypes[turn % len(qtypes)], turn + 1
-        if kind in K_TYPES:
-            raw = random_blocks(kind, *data.shape, rng)
-        else:
-            raw = quants.quantize(data, kind)
-        writer.add_tensor(prefix + key, raw, raw_dtype=kind)
-        stored[key] = torch.from_numpy(np.ascontiguousarray(quants.dequantize(raw, kind))).float().reshape(data.shape)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return split_by_hand(stored, H) if fused else stored
-
-
 @pytest.fixture(scope="module")
 def model() -> HYImageDiffusionTransformer:
     model = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
@@ -214,7 +150,7 @@ def test_gguf_file_loads_as_its_dequantised_weights(model, tmp_path: Path) -> No
 @pytest.mark.slow
 def test_gguf_dit_runs_the_pipeline_and_takes_a_lora(model, tmp_path: Path) -> None:
     from hyimage.offload import MemoryManager
-    from tests.test_pipeline import fixed_inputs, make_pipe, tiny_vae
+    from tests.fixtures.tiny_pipeline import fixed_inputs, make_pipe, tiny_vae
 
     path = tmp_path / "dit-Q8_0.gguf"
     stored = write_gguf(model, path, [T.Q8_0, T.Q4_K], prefix="model.diffusion_model.")

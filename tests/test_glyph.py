@@ -18,7 +18,7 @@ from tests.fixtures.glyph_fixtures import (
     write_glyph_release,
     write_tiny_byt5,
 )
-from tests.utils import TOLERANCE, max_rel_error
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 
 # Expected values were produced by running the official HunyuanImagePipeline._encode_glyph
 # (HunyuanImage-2.1, with MultilingualPromptFormat) on each prompt and capturing the string it

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig, apg, cfg, rescale_noise_cfg
-from tests.utils import TOLERANCE, max_rel_error
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 
 
 def predictions(steps: int, batch: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -14,8 +14,8 @@ from hyimage.lora.layers import BANK
 from hyimage.offload import MemoryManager
 from hyimage.offload.streaming import BlockStreamer
 from hyimage.quantization.fp8 import FP8Linear, convert_to_fp8_linear, fp8_linear_modules
-from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
-from tests.utils import max_rel_error
+from tests.fixtures.dit_loading import TINY, run, tiny_dit, tiny_inputs
+from tests.fixtures.numerics import max_rel_error
 
 H, MLP = TINY["hidden_size"], TINY["hidden_size"] * TINY["mlp_width_ratio"]
 EXACT = 1e-5

@@ -12,9 +12,7 @@ import torch
 from hyimage.loading import safetensors_io
 from hyimage.text_encoders.mllm import MLLMTextEncoder
 from hyimage.text_encoders.templates import PROMPT_TEMPLATES, get_template
-from tests.fixtures.qwen_tokenizer import qwen_tokenizer_dir  # noqa: F401
-from tests.fixtures.tiny_qwen import tiny_qwen25vl_dir  # noqa: F401
-from tests.utils import TOLERANCE, max_rel_error
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 
 transformers = pytest.importorskip("transformers")
 

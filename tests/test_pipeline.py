@@ -18,61 +18,26 @@ import torch
 from PIL import Image
 
 from hyimage.diffusion.guidance import GuidanceConfig
-from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, HunyuanImagePipeline, resolve_size
+from hyimage.variants import ASPECT_RATIOS
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import (
+    ASPECT_RATIOS,
+    HunyuanImageOutput,
+    resolve_size,
+)
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 from hyimage.offload import MemoryManager
-from hyimage.variants import ASPECT_RATIOS
-from tests.test_dit_parity import TINY_CONFIGS, diffusers_twin, tiny_model
-from tests.utils import TOLERANCE, max_rel_error
-
-BASE, DISTILLED = "hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled"
-TEXT_DIM = TINY_CONFIGS[BASE].text_states_dim
-LATENT_CHANNELS = TINY_CONFIGS[BASE].in_channels
-
-
-def tiny_vae(latent_channels: int = LATENT_CHANNELS) -> HunyuanVAE2D:
-    torch.manual_seed(0)
-    return HunyuanVAE2D(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=[32] * 6,
-        layers_per_block=1,
-        ffactor_spatial=32,
-        sample_size=64,
-        sample_tsize=1,
-        scaling_factor=0.75,
-        shift_factor=0.1,
-    ).eval()
-
-
-class FakeTextEncoder:
-    """Stands in for MLLMTextEncoder: each prompt's embedding depends on that prompt only; padded to 11 tokens."""
-
-    def __init__(self) -> None:
-        self.calls: list[list[str]] = []
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        self.calls.append(list(prompts))
-        embeds, masks = [], []
-        for p in prompts:
-            g = torch.Generator().manual_seed(sum(map(ord, p)) + len(p))
-            embeds.append(torch.randn(11, TEXT_DIM, generator=g))
-            masks.append((torch.arange(11) < 3 + len(p) % 8).long())
-        return torch.stack(embeds), torch.stack(masks)
-
-
-class FakeGlyphEncoder:
-    """Stands in for GlyphByT5Encoder: valid tokens only for prompts with double-quoted text, zeros otherwise."""
-
-    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        embeds, masks = torch.zeros(len(prompts), 128, 1472), torch.zeros(len(prompts), 128, dtype=torch.int64)
-        for i, p in enumerate(prompts):
-            if '"' in p:
-                g = torch.Generator().manual_seed(len(p))
-                embeds[i, :5] = torch.randn(5, 1472, generator=g)
-                masks[i, :5] = 1
-        return embeds, masks
+from tests.fixtures.diffusers_dit import diffusers_twin
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
+from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
+from tests.fixtures.tiny_pipeline import (
+    BASE,
+    DISTILLED,
+    LATENT_CHANNELS,
+    TEXT_DIM,
+    FakeTextEncoder,
+    fixed_inputs,
+    make_pipe,
+    tiny_vae,
 
 
 @pytest.fixture(scope="module")
@@ -88,31 +53,6 @@ def distilled_dit() -> torch.nn.Module:
 @pytest.fixture(scope="module")
 def vae() -> HunyuanVAE2D:
     return tiny_vae()
-
-
-def make_pipe(dit, vae, **kwargs) -> HunyuanImagePipeline:
-    kwargs.setdefault("text_encoder", FakeTextEncoder())
-    kwargs.setdefault("glyph_encoder", FakeGlyphEncoder())
-    return HunyuanImagePipeline(dit=dit, vae=vae, progress_bar=False, **kwargs)
-
-
-def fixed_inputs() -> dict:
-    """Two samples: 0 general (no glyph token), 1 text rendering (4 glyph tokens); masks start valid."""
-    g = torch.Generator().manual_seed(7)
-    lengths, neg_lengths = torch.tensor([[7], [11]]), torch.tensor([[5], [5]])
-    glyph_mask = torch.zeros(2, 6, dtype=torch.int64)
-    glyph_mask[1, :4] = 1
-    return dict(
-        prompt_embeds=torch.randn(2, 11, TEXT_DIM, generator=g),
-        prompt_embeds_mask=(torch.arange(11) < lengths).long(),
-        negative_prompt_embeds=torch.randn(2, 11, TEXT_DIM, generator=g),
-        negative_prompt_embeds_mask=(torch.arange(11) < neg_lengths).long(),
-        glyph_embeds=torch.randn(2, 6, 1472, generator=g) * glyph_mask[..., None],
-        glyph_embeds_mask=glyph_mask,
-        negative_glyph_embeds=torch.zeros(2, 6, 1472),
-        negative_glyph_embeds_mask=torch.zeros(2, 6, dtype=torch.int64),
-        latents=torch.randn(2, LATENT_CHANNELS, 3, 2, generator=g),
-    )
 
 
 def diffusers_pipeline(dit, shift: float, guider=None, ocr_guider=None):

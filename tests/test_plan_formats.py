@@ -27,7 +27,7 @@ from hyimage.offload.request import PlanRequest, base_dit_weights, dit_config, l
 from hyimage.offload.streaming import BlockStreamer
 from hyimage.offload.weights import GIB, module_part
 from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear
-from tests.test_gguf import CONFIG, H, write_gguf
+from tests.fixtures.gguf_files import CONFIG, H, write_gguf
 
 DISTILLED = "hunyuanimage-v2.1-distilled"
 

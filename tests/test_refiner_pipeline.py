@@ -15,9 +15,10 @@ from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import (
     frames_to_channel_pairs,
 )
 from hyimage.models.vae.vae_3d import AutoencoderKLConv3D
-from tests.test_dit_parity import TINY_CONFIGS, diffusers_twin, tiny_model
-from tests.test_pipeline import FakeTextEncoder, make_pipe, tiny_vae
-from tests.utils import TOLERANCE, max_rel_error
+from tests.fixtures.diffusers_dit import diffusers_twin
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
+from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
+from tests.fixtures.tiny_pipeline import FakeTextEncoder, make_pipe, tiny_vae
 
 REFINER = "hunyuanimage-refiner"
 

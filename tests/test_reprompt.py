@@ -21,7 +21,7 @@ from transformers import (
 from hyimage.offload.manager import MemoryManager
 from hyimage.reprompt import Reprompter, normalize_quotes
 from hyimage.reprompt.prompts import SYSTEM_PROMPT_7B, SYSTEM_PROMPT_32B
-from tests.fixtures.qwen_tokenizer import copy_qwen_tokenizer, qwen_tokenizer_dir  # noqa: F401 (fixture)
+from tests.fixtures.qwen_tokenizer import copy_qwen_tokenizer
 
 IM_END = 151645
 VOCAB = 151680

@@ -9,8 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from hyimage.diffusion.padding import trim_padding, trimmed_length
 from hyimage.diffusion.pipelines import hunyuanimage_pipeline
-from tests.test_dit_parity import TINY_CONFIGS, tiny_model
-from tests.test_pipeline import BASE, LATENT_CHANNELS, TEXT_DIM, make_pipe, tiny_vae
+from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
+from tests.fixtures.tiny_pipeline import BASE, LATENT_CHANNELS, TEXT_DIM, make_pipe, tiny_vae
 
 
 def lengths_mask(lengths: list[int], length: int) -> torch.Tensor:
@@ -124,7 +124,7 @@ def test_compiled_blocks_equal_eager_without_graph_breaks() -> None:
 
     from torch._dynamo.utils import counters
 
-    from tests.test_dit_parity import make_inputs
+    from tests.fixtures.tiny_dit import make_inputs
 
     torch._dynamo.reset()
     counters.clear()

@@ -9,6 +9,7 @@ import torch
 from hyimage.errors import CheckpointError
 from hyimage.loading.vae_diffusers_keys import refiner_vae_key_map, vae_2d_key_map
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 from tests.fixtures.vae_fixtures import (
     random_vae_state_dict,
     tiny_refiner_vae_config,
@@ -16,7 +17,6 @@ from tests.fixtures.vae_fixtures import (
     write_refiner_vae_dir,
     write_vae_2d_dir,
 )
-from tests.utils import TOLERANCE, max_rel_error
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +186,7 @@ def test_released_vae_loads_and_reconstructs(model_cls, manifest_name):
     from pathlib import Path
 
     from hyimage.checkpoints.layout import CheckpointLayout
-    from tests.utils import load_manifest
+    from tests.fixtures.manifests import load_manifest
 
     layout = CheckpointLayout(Path(os.environ["HYIMAGE_CKPTS"]))
     folder = layout.vae if model_cls is HunyuanVAE2D else layout.refiner_vae

@@ -10,8 +10,8 @@ import torch
 from hyimage.loading.vae_diffusers_keys import refiner_vae_key_map, vae_2d_key_map
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D
 from hyimage.models.vae.base import tiled_decode
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 from tests.fixtures.vae_fixtures import random_vae_state_dict, tiny_refiner_vae_config, tiny_vae_2d_config
-from tests.utils import TOLERANCE, max_rel_error
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D
-from tests.utils import load_manifest
+from tests.fixtures.manifests import load_manifest
 
 CASES = [(HunyuanVAE2D, "vae_2_1"), (AutoencoderKLConv3D, "vae_refiner")]
 
