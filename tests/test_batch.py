@@ -78,7 +78,7 @@ def test_bad_line_is_refused_naming_the_line_before_anything_loads(
 
 def test_names_and_seeds_per_line(tmp_path: Path) -> None:
     from hyimage.batch import resolve_jobs
-    from hyimage.cli import build_parser
+    from hyimage.cli.console import build_parser
     from hyimage.variants import DISTILLED_DEFAULTS
 
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)

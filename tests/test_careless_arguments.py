@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hyimage.cli import main, save_png
+from hyimage.cli import main
+from hyimage.cli.output import save_png
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, HunyuanImagePipeline
 from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
 from hyimage.errors import NonFiniteError, RequestError, RequestTypeError
@@ -308,7 +309,7 @@ def test_cli_verbose_anywhere_adds_the_traceback(no_loading, capsys) -> None:
 
 
 def test_disk_full_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    from hyimage.cli import describe
+    from hyimage.cli.console import describe
 
     def full(self, fp, *args, **kwargs):
         Path(fp).write_bytes(b"half a png")
@@ -484,7 +485,7 @@ def test_metadata_chunks() -> None:
 def test_library_log_is_off_until_enabled() -> None:
     from loguru import logger
 
-    from hyimage.cli import pick_seed
+    from hyimage.cli.options import pick_seed
 
     seen: list[str] = []
     handler = logger.add(seen.append, level="DEBUG")

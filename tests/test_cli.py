@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from hyimage.cli import build_parser, main, output_paths
+from hyimage.cli import main
+from hyimage.cli.console import build_parser
+from hyimage.cli.output import output_paths
 from tests.fixtures.fake_hub import FakeHub, point_hub_at
 
 
@@ -91,7 +93,7 @@ def test_dit_file_and_budgets_are_checked_before_loading(command: list[str], tmp
 
 
 def test_dit_file_reaches_from_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hyimage.cli import pipeline_from_args
+    from hyimage.cli.options import pipeline_from_args
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
 
     dit = tmp_path / "hunyuanimage2.1-distilled-Q4_K.gguf"

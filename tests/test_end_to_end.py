@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hyimage.loading.pipeline_loader import MissingCheckpointError
 from PIL import Image
 from safetensors.torch import load_file, save_file
 

@@ -14,7 +14,7 @@ from hyimage.diffusion.pipelines.parts import decode_to_images
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D
 from hyimage.models.vae.exact_tiling import ExactTiling
 from hyimage.offload import MemoryManager
-from hyimage.offload.planner import PlanRequest, make_plan
+from hyimage.offload.planner import make_plan
 from hyimage.offload.request import PlanRequest
 from tests.fixtures.numerics import TOLERANCE, max_rel_error
 from tests.fixtures.vae_fixtures import random_vae_state_dict, tiny_refiner_vae_config, tiny_vae_2d_config

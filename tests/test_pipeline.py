@@ -18,14 +18,10 @@ import torch
 from PIL import Image
 
 from hyimage.diffusion.guidance import GuidanceConfig
-from hyimage.variants import ASPECT_RATIOS
-from hyimage.diffusion.pipelines.hunyuanimage_pipeline import (
-    ASPECT_RATIOS,
-    HunyuanImageOutput,
-    resolve_size,
-)
+from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImageOutput, resolve_size
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 from hyimage.offload import MemoryManager
+from hyimage.variants import ASPECT_RATIOS
 from tests.fixtures.diffusers_dit import diffusers_twin
 from tests.fixtures.numerics import TOLERANCE, max_rel_error
 from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
@@ -38,6 +34,7 @@ from tests.fixtures.tiny_pipeline import (
     fixed_inputs,
     make_pipe,
     tiny_vae,
+)
 
 
 @pytest.fixture(scope="module")

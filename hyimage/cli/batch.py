@@ -5,6 +5,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
 from loguru import logger
 
 from hyimage.batch import (
@@ -20,19 +21,19 @@ from hyimage.batch import (
     write_png_atomic,
 )
 from hyimage.checkpoints.needs import DownloadConfig
-from hyimage.cli import (
-    VARIANT_ALIASES,
+from hyimage.cli.download import fetch
+from hyimage.cli.options import (
     add_loading_arguments,
     add_lora_argument,
     check_loading_arguments,
     default_device,
-    fetch,
     load_loras,
     lora_arguments,
     pipeline_from_args,
 )
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import ParallelConfig, ParallelState, launched_by_torchrun
+from hyimage.variants import BASE_DEFAULTS, DISTILLED_DEFAULTS, VARIANT_ALIASES
 
 
 def add_batch_parser(commands: Any) -> None:
@@ -65,10 +66,6 @@ def add_batch_parser(commands: Any) -> None:
 
 def run_batch(args: argparse.Namespace) -> int:
     """Check every line and the launch, then draw what is not done yet."""
-    import torch.distributed as dist
-
-    from hyimage.variants import BASE_DEFAULTS, DISTILLED_DEFAULTS
-
     variant = VARIANT_ALIASES[args.variant]
     lines = read_prompts(args.prompts)
     defaults = DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS

@@ -7,16 +7,18 @@ import socket
 from loguru import logger
 
 from hyimage.checkpoints.needs import DownloadConfig
-from hyimage.cli import (
-    VARIANT_ALIASES,
+from hyimage.cli.download import fetch
+from hyimage.cli.options import (
     add_loading_arguments,
     add_lora_argument,
     check_loading_arguments,
-    fetch,
     load_loras,
     lora_arguments,
     pipeline_from_args,
 )
+from hyimage.serving.validation import ServeLimits
+from hyimage.serving.worker import Worker
+from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS, VARIANT_ALIASES
 
 API_KEY_ENV = "HYIMAGE_API_KEY"
 
@@ -53,7 +55,7 @@ def add_serve_parser(
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the pipeline (parts on first use), start the worker, serve until interrupted."""
-    try:
+    try:  # deferred: FastAPI and uvicorn are the optional extra hyimage[serve]; only this subcommand needs them
         import uvicorn
 
         from hyimage.serving.app import create_app
@@ -62,10 +64,6 @@ def run_serve(args: argparse.Namespace) -> int:
             f"hyimage serve needs FastAPI and uvicorn ({missing.name} is not installed); "
             "install them with: pip install 'hyimage[serve]'"
         ) from None
-    from hyimage.serving.validation import ServeLimits
-    from hyimage.serving.worker import Worker
-    from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS
-
     for name in ("max_queue", "max_batch", "max_n"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
