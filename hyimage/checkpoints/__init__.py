@@ -1,14 +1,12 @@
 """Checkpoints: the official `ckpts/` layout, what a configuration needs, the download record, the Hub, download.
 
 - `layout`: where each part of a release lives below the model root (`CheckpointLayout`, `model_root`).
-- `hub`: repository listings and file transfers through huggingface_hub, offline mode, the endpoint, the
-  download errors.
+- `hub`: repository listings and file transfers through huggingface_hub, offline mode, the endpoint.
 - `needs`: which repositories and files one configuration needs (`DownloadConfig`, `sources`).
 - `record`: `<root>/.cache/hyimage/downloads.json`, the listings read and the files checked.
 - `download`: what is missing (`plan_download`), fetching and hashing it (`download`, `complete`), and the
   check before loading (`check_present`).
 
 Imports run one way (`download` -> `record` -> `needs` -> `hub`, `layout`). Of hyimage outside this package,
-only the modules below it may be imported (`hyimage.errors`, `hyimage.variants` once they exist); today none is.
-This file imports nothing, so `hyimage.checkpoints.layout` does not pull in huggingface_hub.
+only the bottom modules (`hyimage.errors`, `hyimage.variants`) are imported.
 """

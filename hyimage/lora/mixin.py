@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from loguru import logger
 
+from hyimage.loading.safetensors_io import SafetensorsReader
 from hyimage.lora.keys import parse_lora
 from hyimage.lora.layers import adapter_names, add_adapter, fuse, remove_adapters, set_scales, unfuse
 
@@ -32,8 +33,6 @@ def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
     if path.suffix == ".safetensors":
-        from hyimage.loading.safetensors_io import SafetensorsReader
-
         with SafetensorsReader(path) as reader:
             return {key: reader.get(key) for key in reader.keys()}
     state = torch.load(path, map_location="cpu", weights_only=True)

@@ -1,4 +1,8 @@
-"""The networks: the diffusion transformer and the two VAEs."""
+"""The networks: the diffusion transformer and the two VAEs (no file, device or plan logic).
+
+May import `loading` (the models' `from_single_file` / `from_pretrained` are thin calls into it, passing the class),
+quantization and the bottom modules (errors, variants, stages); nothing above. Classes load on first access, so
+`import hyimage.models` stays cheap."""
 
 from importlib import import_module
 from typing import Any

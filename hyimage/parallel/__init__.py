@@ -1,5 +1,8 @@
 """Inference on several processes with torch.distributed (launched by torchrun): classifier-free-guidance
-parallelism, Ulysses sequence parallelism, and data parallelism for `hyimage batch`."""
+parallelism, Ulysses sequence parallelism, and data parallelism for `hyimage batch`.
+
+Given the DiT forward to run (`parallel_forward(..., run_dit)`), it imports no pipeline: only models and the
+bottom modules."""
 
 import argparse
 

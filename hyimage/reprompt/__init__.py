@@ -1,4 +1,5 @@
-"""Prompt rewriting with the PromptEnhancer models (7B and 32B)."""
+"""Prompt rewriting with the PromptEnhancer models (7B and 32B). May import offload (its model streams),
+loading and the bottom modules."""
 
 from hyimage.reprompt.prompts import normalize_quotes
 from hyimage.reprompt.reprompter import Reprompter

@@ -4,7 +4,9 @@
 - `worker`: one thread owns the pipeline; a bounded queue; compatible requests batched; cancellation; progress.
 - `app`: the FastAPI application (routes, API key, OpenAI error shape, server-sent events).
 - `page.html`: the page at `/`.
-- `command`: the `serve` subcommand's arguments and runner.
+
+The `serve` subcommand (hyimage/cli/serve.py) builds the pipeline and starts uvicorn; serving imports the
+pipelines' output helpers and the bottom modules, never the CLI.
 
 Page: our own single HTML file (plain JavaScript, no build step, no CDN) served by the same FastAPI app,
 not Gradio. Gradio would add a second web framework, ~100 MB of dependencies and its own queue beside ours,

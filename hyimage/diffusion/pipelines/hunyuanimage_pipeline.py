@@ -6,16 +6,15 @@ guidance); unlike it, a call takes batches of prompts and images, and the guidan
 
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from loguru import logger
 from PIL import Image
-from tqdm import tqdm
 
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig
-from hyimage.diffusion.padding import trim_padding
+from hyimage.diffusion.pipelines.conditioning import cfg_batch, encode_conditioning, repeat_conditioning
+from hyimage.diffusion.pipelines.denoise import denoise
 from hyimage.diffusion.pipelines.finite import check_finite
 from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
 from hyimage.diffusion.pipelines.loader import pipeline_from_pretrained
@@ -24,76 +23,37 @@ from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
-    cat_padded,
     decode_to_images,
     format_images,
-    run_dit,
     running,
     step_hook,
     to_arguments,
     to_uint8,
 )
+from hyimage.diffusion.pipelines.sizes import resolve_size, size_from_latents
 from hyimage.diffusion.request import check_device, check_request, plain_seed, refuse_unknown_keywords
 from hyimage.diffusion.sampling import (
     StepCallback,
-    euler_step,
-    guidance_embedding_input,
     initial_noise,
     latent_shape,
     make_generators,
-    meanflow_timesteps_r,
-    shifted_sigmas,
-    timesteps_from_sigmas,
     unscale_latents,
 )
 from hyimage.errors import RequestError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
-from hyimage.parallel.runner import parallel_forward, parallel_state
+from hyimage.parallel.runner import parallel_state
+from hyimage.stages import DIT, GLYPH_ENCODER, REPROMPT, TEXT_ENCODER, VAE_DECODE
 from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS, SamplingDefaults
 
-# The official 2K presets (width, height). The official README names 3:2 and 2:3 without sizes;
-# these are the exact-ratio multiples of 32 with the same pixel count as the others (~4.1 MP).
-GLYPH_LENGTH = 128
-GLYPH_DIM = 1472
 HOST_STAGES = {
-    "reprompt_model": "reprompt",
-    "text_encoder": "text_encoder",
-    "glyph_encoder": "glyph_encoder",
-    "dit": "dit",
-    "vae": "vae_decode",
+    "reprompt_model": REPROMPT,
+    "text_encoder": TEXT_ENCODER,
+    "glyph_encoder": GLYPH_ENCODER,
+    "dit": DIT,
+    "vae": VAE_DECODE,
 }
 """The memory plan's stage of each part (see `hyimage.offload.host`)."""
-
-
-@dataclass
-class _Conditioning:
-    """Everything the DiT reads besides latents and time, batched as the loop feeds it."""
-
-    text: torch.Tensor
-    text_mask: torch.Tensor
-    glyph: torch.Tensor | None
-    glyph_mask: torch.Tensor | None
-    ocr_mask: torch.Tensor
-
-
-def resolve_size(width: int | None, height: int | None, aspect_ratio: str | None, factor: int) -> tuple[int, int]:
-    """Width and height from explicit sizes or an aspect-ratio preset, checked against the VAE factor."""
-    if aspect_ratio is not None:
-        if width is not None or height is not None:
-            raise ValueError("pass either `aspect_ratio` or `width`/`height`, not both")
-        if aspect_ratio not in ASPECT_RATIOS:
-            raise ValueError(f"aspect_ratio {aspect_ratio!r} is unknown; choose one of {', '.join(ASPECT_RATIOS)}")
-        width, height = ASPECT_RATIOS[aspect_ratio]
-    width = 2048 if width is None else width
-    height = 2048 if height is None else height
-    for name, value in (("width", width), ("height", height)):
-        if value < factor or value % factor:
-            raise ValueError(
-                f"`{name}`={value} must be a positive multiple of {factor} (the VAE's downsampling factor); "
-                f"e.g. {max(factor, round(value / factor) * factor)}"
-            )
-    return width, height
 
 
 class HunyuanImagePipeline(LoraMixin):
@@ -269,7 +229,7 @@ class HunyuanImagePipeline(LoraMixin):
 
         batch = n_prompts * num_images_per_prompt
         if latents is not None:
-            width, height = self._size_from_latents(latents, batch, width, height, aspect_ratio, factor, dit_cfg)
+            width, height = size_from_latents(latents, batch, width, height, aspect_ratio, factor, dit_cfg)
         else:
             width, height = resolve_size(width, height, aspect_ratio, factor)
 
@@ -290,11 +250,12 @@ class HunyuanImagePipeline(LoraMixin):
             prompts = self._reprompt(prompts)
         image_prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
 
-        cond = self._encode(
-            prompts, prompt_embeds, prompt_embeds_mask, glyph_embeds, glyph_embeds_mask, bool(dit_cfg.glyph_byT5_v2)
+        cond = encode_conditioning(
+            self, prompts, prompt_embeds, prompt_embeds_mask, glyph_embeds, glyph_embeds_mask, bool(dit_cfg.glyph_byT5_v2)
         )
         if do_cfg:
-            uncond = self._encode(
+            uncond = encode_conditioning(
+                self,
                 negative_prompts,
                 negative_prompt_embeds,
                 negative_prompt_embeds_mask,
@@ -303,7 +264,7 @@ class HunyuanImagePipeline(LoraMixin):
                 bool(dit_cfg.glyph_byT5_v2),
             )
         refiner_text = self._encode_for_refiner(image_prompts) if use_refiner and output_type != "latent" else None
-        cond = self._repeat(cond, num_images_per_prompt)
+        cond = repeat_conditioning(cond, num_images_per_prompt)
 
         if self.parallel is not None and seed is None and generator is None:
             seed = self.parallel.shared_seeds(batch)  # the ranks of one image draw the same noise
@@ -317,14 +278,14 @@ class HunyuanImagePipeline(LoraMixin):
             seeds = [None] * batch
 
         if do_cfg:
-            uncond = self._repeat(uncond, num_images_per_prompt)
-            conditioning = self._cfg_batch(uncond, cond)
+            uncond = repeat_conditioning(uncond, num_images_per_prompt)
+            conditioning = cfg_batch(uncond, cond)
             guider = Guidance(self.guidance, guidance_scale, cond.ocr_mask)
         else:
             conditioning, guider = cond, None
 
         hook = step_hook(self, callback, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        latents = self._denoise(latents, conditioning, steps, shift, guidance_scale, guider, compute_dtype, hook)
+        latents = denoise(self, latents, conditioning, steps, shift, guidance_scale, guider, compute_dtype, hook)
         check_finite(
             latents,
             "denoising",
@@ -387,31 +348,6 @@ class HunyuanImagePipeline(LoraMixin):
             return [None] * prompt_embeds.shape[0]
         return [prompt] if isinstance(prompt, str) else list(prompt)
 
-    @staticmethod
-    def _size_from_latents(
-        latents: torch.Tensor,
-        batch: int,
-        width: int | None,
-        height: int | None,
-        aspect_ratio: str | None,
-        factor: int,
-        dit_cfg: Any,
-    ) -> tuple[int, int]:
-        expected_ndim = 2 + len(dit_cfg.patch_size)
-        if latents.ndim != expected_ndim or latents.shape[0] != batch or latents.shape[1] != dit_cfg.in_channels:
-            raise ValueError(
-                f"`latents` must be ({batch}, {dit_cfg.in_channels}, {'1, ' if expected_ndim == 5 else ''}h, w) for "
-                f"{batch} images; got {tuple(latents.shape)}"
-            )
-        size = (latents.shape[-1] * factor, latents.shape[-2] * factor)
-        if aspect_ratio is not None or width is not None or height is not None:
-            asked = resolve_size(width, height, aspect_ratio, factor)
-            if asked != size:
-                raise ValueError(
-                    f"`latents` are for {size[0]}x{size[1]} images but {asked[0]}x{asked[1]} was asked for"
-                )
-        return size
-
     def _reprompt(self, prompts: list[str]) -> list[str]:
         model = self.reprompt_model
         with running(self.memory, model):
@@ -419,48 +355,6 @@ class HunyuanImagePipeline(LoraMixin):
         for before, after in zip(prompts, rewritten):
             logger.info(f"reprompt: {before!r} -> {after!r}")
         return rewritten
-
-    def _encode(
-        self,
-        prompts: list[str | None],
-        embeds: torch.Tensor | None,
-        mask: torch.Tensor | None,
-        glyph: torch.Tensor | None,
-        glyph_mask: torch.Tensor | None,
-        use_glyph: bool,
-    ) -> _Conditioning:
-        """Text (and glyph) embeddings for a list of prompts, encoding only what was not given."""
-        device = self.device
-        if embeds is None:
-            encoder = self.text_encoder
-            with running(self.memory, encoder):
-                embeds, mask = encoder.encode(prompts)
-            check_finite(
-                embeds, "the text encoder", "NaN/Inf weights in the text encoder checkpoint (text_encoder/llm)"
-            )
-        else:
-            check_finite(embeds, "the text embeddings given", "the `prompt_embeds` passed in hold NaN or Inf")
-        if use_glyph and glyph is None:
-            glyph, glyph_mask = self._encode_glyph(prompts)
-            check_finite(
-                glyph, "the glyph encoder", "NaN/Inf weights in the glyph checkpoint (text_encoder/Glyph-SDXL-v2)"
-            )
-        elif use_glyph:
-            check_finite(glyph, "the glyph embeddings given", "the `glyph_embeds` passed in hold NaN or Inf")
-        if not use_glyph:
-            glyph = glyph_mask = None
-        ocr_mask = (
-            glyph_mask.bool().any(dim=1).cpu()
-            if glyph_mask is not None
-            else torch.zeros(len(prompts), dtype=torch.bool)
-        )
-        return _Conditioning(
-            text=embeds.to(device),
-            text_mask=mask.to(device),
-            glyph=None if glyph is None else glyph.to(device),
-            glyph_mask=None if glyph_mask is None else glyph_mask.to(device),
-            ocr_mask=ocr_mask,
-        )
 
     def _refiner(self) -> Any:
         """The refiner pipeline, running where this one runs and in its dtype."""
@@ -475,89 +369,6 @@ class HunyuanImagePipeline(LoraMixin):
         """The refiner's prompt embeddings (its own template, the same language model), computed in the text stage
         so that the text encoder is not needed again after it (the host memory plan may release it)."""
         return self._refiner().encode_prompt(prompts)
-
-    def _encode_glyph(self, prompts: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """ByT5 glyph embeddings; an empty prompt (the default negative) needs no encoder: zeros, no valid token."""
-        if all(not p for p in prompts):
-            n = len(prompts)
-            return torch.zeros(n, GLYPH_LENGTH, GLYPH_DIM), torch.zeros(n, GLYPH_LENGTH, dtype=torch.int64)
-        if not self.parts.given("glyph_encoder"):
-            raise ValueError(
-                "this DiT reads glyph (ByT5) embeddings but no `glyph_encoder` was given; pass one, or pass "
-                "`glyph_embeds`/`glyph_embeds_mask` (and the negative ones)"
-            )
-        encoder = self.glyph_encoder
-        with running(self.memory, encoder):
-            return encoder.encode(["" if p is None else p for p in prompts])
-
-    @staticmethod
-    def _repeat(c: _Conditioning, times: int) -> _Conditioning:
-        if times == 1:
-            return c
-
-        def rep(x: torch.Tensor | None) -> torch.Tensor | None:
-            return None if x is None else x.repeat_interleave(times, dim=0)
-
-        return _Conditioning(rep(c.text), rep(c.text_mask), rep(c.glyph), rep(c.glyph_mask), rep(c.ocr_mask))
-
-    @staticmethod
-    def _cfg_batch(uncond: _Conditioning, cond: _Conditioning) -> _Conditioning:
-        """One batch [unconditional; conditional] so CFG takes a single DiT forward per step."""
-        text, text_mask = cat_padded((uncond.text, uncond.text_mask), (cond.text, cond.text_mask))
-        glyph = glyph_mask = None
-        if cond.glyph is not None:
-            glyph, glyph_mask = cat_padded((uncond.glyph, uncond.glyph_mask), (cond.glyph, cond.glyph_mask))
-        return _Conditioning(text, text_mask, glyph, glyph_mask, cond.ocr_mask)
-
-    # Denoising.
-    def _denoise(
-        self,
-        latents: torch.Tensor,
-        c: _Conditioning,
-        steps: int,
-        shift: float,
-        guidance_scale: float,
-        guider: Guidance | None,
-        compute_dtype: torch.dtype | None,
-        hook: Callable[..., torch.Tensor],
-    ) -> torch.Tensor:
-        device, dit = self.device, self.dit
-        sigmas = shifted_sigmas(steps, shift)
-        host_timesteps = timesteps_from_sigmas(sigmas).tolist()  # for the callback: no device read per step
-        sigmas = sigmas.to(device)
-        timesteps = timesteps_from_sigmas(sigmas)
-        timesteps_r = meanflow_timesteps_r(timesteps) if dit.config.use_meanflow else None
-        copies = 2 if guider is not None else 1
-        c.text, c.text_mask = trim_padding(c.text, c.text_mask)
-        if c.glyph is not None:
-            c.glyph, c.glyph_mask = trim_padding(c.glyph, c.glyph_mask)
-        with running(self.memory, dit), parallel_forward(self.parallel, dit, guider is not None, run_dit) as forward:
-            for i, t in enumerate(tqdm(timesteps, desc="Denoising", disable=not self.progress_bar)):
-                model_input = torch.cat([latents] * copies)
-                n = model_input.shape[0]
-                guidance = (
-                    guidance_embedding_input(guidance_scale, n, device, model_input.dtype)
-                    if dit.config.guidance_embed
-                    else None
-                )
-                pred = forward(
-                    dit,
-                    compute_dtype,
-                    model_input,
-                    t.repeat(n),
-                    c.text,
-                    c.text_mask,
-                    byt5_text_states=c.glyph,
-                    byt5_text_mask=c.glyph_mask,
-                    guidance=guidance,
-                    timesteps_r=None if timesteps_r is None else timesteps_r[i].repeat(n),
-                )
-                if guider is not None:
-                    pred_uncond, pred_cond = pred.chunk(2)
-                    pred = guider(pred_cond, pred_uncond, i)
-                latents = euler_step(latents, pred, sigmas[i], sigmas[i + 1])
-                latents = hook(i, t, latents, host_timesteps[i])
-        return latents
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents to images (B, 3, H, W) in [0, 1], undoing the VAE's scaling and shift as the official does."""

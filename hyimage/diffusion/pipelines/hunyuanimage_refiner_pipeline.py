@@ -46,9 +46,10 @@ from hyimage.errors import RequestError, RequestTypeError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
 from hyimage.parallel.runner import parallel_forward, parallel_state
+from hyimage.stages import REFINER_DIT, REFINER_VAE, TEXT_ENCODER
 
 CONDITION_AUG_STRENGTH = 0.25
-HOST_STAGES = {"dit": "refiner_dit", "vae": "refiner_vae", "text_encoder": "text_encoder"}
+HOST_STAGES = {"dit": REFINER_DIT, "vae": REFINER_VAE, "text_encoder": TEXT_ENCODER}
 """The memory plan's stage of each part (see `hyimage.offload.host`); the text encoder is the base pipeline's."""
 
 

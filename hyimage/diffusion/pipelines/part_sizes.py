@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
+import hyimage.models as models
 from hyimage.checkpoints.layout import CheckpointLayout
+from hyimage.loading.vae_loader import CONFIG_FILE, build_on_meta, read_vae_config
+from hyimage.models.dit.configs import resolve_dit_config
+from hyimage.offload.dit_weights import dit_part
+from hyimage.offload.weights import language_model
 from hyimage.text_encoders.mllm import HIDDEN_STATE_SKIP_LAYER
 
 QUANTIZE_ON_LOAD_PEAK = 0.69
@@ -63,8 +68,6 @@ def part_host_bytes(
 
 def dit_bytes(config: Any, fp8: bool, dtype: torch.dtype) -> int:
     """The DiT's weights: FP8 linears at one byte, the rest bf16 (FP8) or `dtype`."""
-    from hyimage.models.dit.configs import resolve_dit_config
-    from hyimage.offload.dit_weights import dit_part
 
     total = dit_part(resolve_dit_config(config), fp8).total  # bf16 besides the FP8 weights
     return total if fp8 else total * dtype.itemsize // 2
@@ -72,7 +75,6 @@ def dit_bytes(config: Any, fp8: bool, dtype: torch.dtype) -> int:
 
 def text_encoder_bytes(config_file: Path, itemsize: int) -> int:
     """The language model layers the text encoder builds, and its token embeddings."""
-    from hyimage.offload.weights import language_model
 
     raw = json.loads(config_file.read_text())
     c = {**raw, **raw.get("text_config", {})}
@@ -84,8 +86,6 @@ def text_encoder_bytes(config_file: Path, itemsize: int) -> int:
 
 def vae_bytes(name: str, directory: Path, dtype: torch.dtype | None) -> int:
     """The VAE's parameters built on meta from its config.json, in `dtype` (None: float32, as released)."""
-    import hyimage.models as models
-    from hyimage.loading.vae_loader import CONFIG_FILE, build_on_meta, read_vae_config
 
     model_cls = getattr(models, name)
     path = directory / CONFIG_FILE
