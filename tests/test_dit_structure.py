@@ -10,6 +10,7 @@ from hyimage.loading.dit_fused_keys import dit_layout, fused_to_split, split_key
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.models.dit.configs import DIT_CONFIGS, DiTConfig, resolve_dit_config
 from tests.fixtures.dit_layouts import fused_layout
+from tests.fixtures.dit_twins import diffusers_kwargs
 from tests.utils import load_manifest
 
 VARIANTS = {
@@ -119,22 +120,3 @@ def test_resolve_dit_config_errors() -> None:
     assert resolve_dit_config(DIT_CONFIGS["hunyuanimage-refiner"]) is not DIT_CONFIGS["hunyuanimage-refiner"]
 
 
-def diffusers_kwargs(config: DiTConfig) -> dict:
-    """The same architecture as diffusers' HunyuanImageTransformer2DModel arguments."""
-    return dict(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_attention_heads=config.heads_num,
-        attention_head_dim=config.head_dim,
-        num_layers=config.mm_double_blocks_depth,
-        num_single_layers=config.mm_single_blocks_depth,
-        num_refiner_layers=2,
-        mlp_ratio=config.mlp_width_ratio,
-        patch_size=config.patch_size,
-        guidance_embeds=config.guidance_embed,
-        text_embed_dim=config.text_states_dim,
-        text_embed_2_dim=1472 if config.glyph_byT5_v2 else None,
-        rope_theta=float(config.rope_theta),
-        rope_axes_dim=config.rope_dim_list,
-        use_meanflow=config.use_meanflow,
-    )

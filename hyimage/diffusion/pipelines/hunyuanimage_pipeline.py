@@ -14,6 +14,7 @@ from loguru import logger
 from PIL import Image
 from tqdm import tqdm
 
+from hyimage.cache import CacheMixin
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig
 from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
@@ -156,7 +157,7 @@ def resolve_size(width: int | None, height: int | None, aspect_ratio: str | None
     return width, height
 
 
-class HunyuanImagePipeline(LoraMixin):
+class HunyuanImagePipeline(LoraMixin, CacheMixin):
     """Text-to-image with HunyuanImage-2.1 from already-built parts.
 
     Each part may be the object or a zero-argument factory (function, partial, class) that builds it on
@@ -594,6 +595,7 @@ class HunyuanImagePipeline(LoraMixin):
         if c.glyph is not None:
             c.glyph, c.glyph_mask = trim_padding(c.glyph, c.glyph_mask)
         with running(self.memory, dit), parallel_forward(self.parallel, dit, guider is not None) as forward:
+            forward = self.cached_forward(forward)  # hyimage.cache: skips or predicts steps when enabled
             for i, t in enumerate(tqdm(timesteps, desc="Denoising", disable=not self.progress_bar)):
                 model_input = torch.cat([latents] * copies)
                 n = model_input.shape[0]
