@@ -313,3 +313,16 @@ def test_cache_bytes_covers_what_the_caches_hold() -> None:
         planned = cache_bytes(kind, options, 2, image_tokens, text_tokens, hidden, 4, token_features=64)
         assert held_bytes <= planned <= 4 * held_bytes
     assert cache_bytes(None, {}, 2, image_tokens, text_tokens, hidden, 4) == 0
+
+
+@pytest.mark.parametrize("command", [["generate", "a fox"], ["batch", "prompts.jsonl", "--out", "out"], ["serve"]])
+def test_cli_cache_option(command: list[str], capsys: pytest.CaptureFixture) -> None:
+    """`--cache KIND[:k=v,...]` on generate, batch and serve; a wrong option is refused by name at parsing."""
+    from hyimage.cli import build_parser
+
+    args = build_parser().parse_args([*command, "--cache", "taylorseer:interval=4,order=2"])
+    assert args.cache == ("taylorseer", {"interval": 4, "order": 2, "warmup": 3})
+    assert build_parser().parse_args(command).cache is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*command, "--cache", "fbcache:treshold=0.1"])
+    assert "fbcache has no option 'treshold'" in capsys.readouterr().err
