@@ -18,6 +18,10 @@ class RequestTypeError(RequestError, TypeError):
     """An argument has the wrong type."""
 
 
+class CacheOptionError(RequestError):
+    """A step cache's kind or option is wrong; `argument` is "cache" or the option's name."""
+
+
 class CheckpointError(ValueError):
     """A checkpoint file is missing, incomplete, or does not fit the model."""
 

@@ -24,10 +24,18 @@ def a1111_parameters(settings: dict[str, Any]) -> str:
         "Model": settings.get("model"),
         "Shift": settings.get("shift"),
         "Refiner steps": settings.get("refiner_steps"),
+        "Cache": cache_field(settings.get("cache")),
         "Version": f"hyimage {__version__}",
     }
     lines.append(", ".join(f"{key}: {value}" for key, value in fields.items() if value is not None))
     return "\n".join(lines)
+
+
+def cache_field(stats: dict[str, Any] | None) -> str | None:
+    """A step cache's run (`pipe.cache_stats`) as `fbcache:threshold=0.08 (31/50 full steps)`."""
+    if not stats:
+        return None
+    return f"{stats['cache']} ({stats['full_steps']}/{stats['steps']} full steps)"
 
 
 def png_text(settings: dict[str, Any]) -> dict[str, str]:

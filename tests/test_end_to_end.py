@@ -149,6 +149,19 @@ def test_cli_generate_writes_sized_images_with_settings(in_tree: Path) -> None:
     assert settings["model"] == "hunyuanimage-refiner" and settings["refined_from"] == "out-0.png"
 
 
+def test_cli_generate_records_the_step_cache(in_tree: Path) -> None:
+    """--cache reaches the pipeline; the PNG metadata records the cache and its full steps."""
+    args = ["generate", "a red fox", "--variant", "distilled", "--no-refiner", "--width", "64", "--height", "32",
+            "--steps", "4", "--seed", "5", "--device", "cpu", "-o", "cached.png",
+            "--cache", "taylorseer:interval=4,order=1,warmup=1"]
+    assert main(args) == 0
+    image = Image.open(in_tree / "cached.png")
+    cache = json.loads(image.text["hyimage"])["cache"]
+    assert cache["cache"] == "taylorseer:interval=4,order=1,warmup=1"
+    assert (cache["steps"], cache["full_steps"], cache["decisions"]) == (4, 2, ["F", "c", "F", "c"])
+    assert "Cache: taylorseer:interval=4,order=1,warmup=1 (2/4 full steps)" in image.text["parameters"]
+
+
 def hub_repos(tree: Path, tmp_path: Path) -> dict[str, dict[str, bytes]]:
     """The tiny tree as the Hub holds it: the Glyph encoder only in the diffusers format (the Hub route)."""
     from hyimage.text_encoders.glyph import GlyphByT5Encoder

@@ -127,7 +127,8 @@ def run_batch(args: argparse.Namespace) -> int:
             )
             if writer:
                 record = dict(asdict(job), variant=variant, fp8=args.fp8, refiner=args.refiner,
-                              reprompt=args.reprompt, lora=args.lora, prompt_used=result.prompts[0])
+                              reprompt=args.reprompt, lora=args.lora, prompt_used=result.prompts[0],
+                              cache=pipe.cache_stats)
                 write_png_atomic(result.images[0], args.out / job.file, record)
                 append_result(args.out, record)
             progress.refresh()

@@ -102,6 +102,7 @@ def run_generate(args: argparse.Namespace) -> int:
         "refiner_steps": HunyuanImageRefinerPipeline.default_num_inference_steps if args.refiner else None,
         "reprompt": args.reprompt,
         "lora": args.lora,
+        "cache": pipe.cache_stats,
     }
     if pipe.parallel is not None and pipe.parallel.rank != 0:
         return 0  # rank 0 writes the images

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from loguru import logger
 
+from hyimage.cache import cache_spec_argument
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
 from hyimage.diffusion.request import check_device, check_real
 from hyimage.errors import RequestError
@@ -70,6 +71,9 @@ def add_loading_arguments(parser: argparse.ArgumentParser, dit_file: bool = True
                             "when next needed, as `hyimage plan --ram-gb` shows")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each DiT block (slow first image, faster steps after it)")
+    group.add_argument("--cache", type=cache_spec_argument, default=None, metavar="KIND[:k=v,...]",
+                       help="step caching for the DiT, e.g. fbcache:threshold=0.08 or taylorseer:interval=4,order=2 "
+                            "(fewer DiT evaluations; off by default)")
 
 
 def add_lora_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -103,7 +107,7 @@ def load_loras(pipe: Any, loras: list[tuple[Path, float]]) -> None:
 
 def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | None, **options: Any) -> Any:
     """The HunyuanImagePipeline that `args`' loading options describe (its parts load on first use)."""
-    return HunyuanImagePipeline.from_pretrained(
+    pipe = HunyuanImagePipeline.from_pretrained(
         model_name=variant,
         use_fp8=args.fp8,
         model_root=args.model_root,
@@ -117,6 +121,9 @@ def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | N
         dit_file=args.dit_file,
         **options,
     )
+    if args.cache is not None:
+        pipe.enable_cache(args.cache[0], **args.cache[1])
+    return pipe
 
 
 def check_loading_arguments(args: argparse.Namespace) -> str:

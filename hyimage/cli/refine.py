@@ -70,6 +70,8 @@ def run_refine(args: argparse.Namespace) -> int:
         use_fp8=args.fp8, model_root=args.model_root, memory_mode=args.memory_mode, gpu_budget_gb=args.gpu_budget_gb,
         host_budget_gb=args.host_budget_gb,
     )
+    if args.cache is not None:
+        pipe.enable_cache(args.cache[0], **args.cache[1])
     pipe.to(device)
     result = pipe(image=image, **request, output_type="pt", return_dict=True)
     settings = {
@@ -83,6 +85,7 @@ def run_refine(args: argparse.Namespace) -> int:
         "guidance_scale": args.guidance_scale if args.guidance_scale is not None else pipe.default_guidance_scale,
         "shift": pipe.default_shift,
         "seed": seed,
+        "cache": pipe.cache_stats,
     }
     save_png(result.images[0:1], output, settings)
     print(f"saved {output} (seed {seed})")

@@ -66,6 +66,10 @@ class AttentionMask:
         key_mask = key_mask.bool()
         return cls(None if bool(key_mask.all()) else key_mask)
 
+    def rows(self, samples: torch.Tensor) -> "AttentionMask":
+        """The mask of the batch rows `samples` (a 1-D index tensor)."""
+        return AttentionMask(None if self.key_mask is None else self.key_mask[samples])
+
     def varlen(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(indices of valid tokens in the flattened batch, cu_seqlens int32, max_seqlen)."""
         if self._varlen is None:

@@ -44,6 +44,7 @@ def denoise(
     if c.glyph is not None:
         c.glyph, c.glyph_mask = trim_padding(c.glyph, c.glyph_mask)
     with running(pipe.memory, dit), parallel_forward(pipe.parallel, dit, guider is not None, run_dit) as forward:
+        forward = pipe.cached_forward(forward)  # hyimage.cache: skips or predicts steps when enabled
         for i, t in enumerate(tqdm(timesteps, desc="Denoising", disable=not pipe.progress_bar)):
             model_input = torch.cat([latents] * copies)
             n = model_input.shape[0]

@@ -12,6 +12,7 @@ import torch
 from loguru import logger
 from PIL import Image
 
+from hyimage.cache import CacheMixin
 from hyimage.diffusion.guidance import Guidance, GuidanceConfig
 from hyimage.diffusion.pipelines.conditioning import cfg_batch, encode_conditioning, repeat_conditioning
 from hyimage.diffusion.pipelines.denoise import denoise
@@ -56,7 +57,7 @@ HOST_STAGES = {
 """The memory plan's stage of each part (see `hyimage.offload.host`)."""
 
 
-class HunyuanImagePipeline(LoraMixin):
+class HunyuanImagePipeline(LoraMixin, CacheMixin):
     """Text-to-image with HunyuanImage-2.1 from already-built parts.
 
     Each part may be the object or a zero-argument factory (function, partial, class) that builds it on

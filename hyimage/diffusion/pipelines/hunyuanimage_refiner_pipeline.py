@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from hyimage.cache import CacheMixin
 from hyimage.diffusion.padding import trim_padding
 from hyimage.diffusion.pipelines.finite import check_finite
 from hyimage.diffusion.pipelines.loader import refiner_from_pretrained
@@ -92,7 +93,7 @@ def images_to_tensor(image: Any) -> torch.Tensor:
     )
 
 
-class HunyuanImageRefinerPipeline(LoraMixin):
+class HunyuanImageRefinerPipeline(LoraMixin, CacheMixin):
     """Refines images with the HunyuanImage refiner DiT and the causal 3-D refiner VAE.
 
     Parts may be objects or zero-argument factories. Defaults are the official ones when the base
@@ -314,6 +315,7 @@ class HunyuanImageRefinerPipeline(LoraMixin):
         text, text_mask = trim_padding(text.to(device), text_mask.to(device))
         condition = condition.to(device)
         with running(self.memory, dit), parallel_forward(self.parallel, dit, False, run_dit) as forward:
+            forward = self.cached_forward(forward)  # hyimage.cache: skips or predicts steps when enabled
             for i, t in enumerate(tqdm(timesteps, desc="Refining", disable=not self.progress_bar)):
                 model_input = torch.cat([latents, condition], dim=1)
                 n = model_input.shape[0]

@@ -165,13 +165,16 @@ def run_dit(
     byt5_text_mask: torch.Tensor | None = None,
     guidance: torch.Tensor | None = None,
     timesteps_r: torch.Tensor | None = None,
+    block_cache: Callable | None = None,
 ) -> torch.Tensor:
     """One DiT forward. A half-precision DiT runs under autocast on CUDA as the official pipeline does; on
     other devices (whose autocast does not cover mixed-dtype norms) its float inputs are cast to its dtype.
-    Timesteps and guidance stay float32 either way."""
+    Timesteps and guidance stay float32 either way. `block_cache`: a step cache's block runner (`hyimage.cache`)."""
     kwargs = dict(
         byt5_text_states=byt5_text_states, byt5_text_mask=byt5_text_mask, guidance=guidance, timesteps_r=timesteps_r
     )
+    if block_cache is not None:
+        kwargs["block_cache"] = block_cache
     if compute_dtype is None:
         return dit(hidden_states, timestep, text_states, text_mask, **kwargs)
     if hidden_states.device.type == "cuda":

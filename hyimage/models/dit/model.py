@@ -1,8 +1,9 @@
 """HYImageDiffusionTransformer: the HunyuanImage-2.1 diffusion transformer (base, distilled, refiner)."""
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -158,12 +159,14 @@ class HYImageDiffusionTransformer(nn.Module):
         byt5_text_mask: torch.Tensor | None = None,
         guidance: torch.Tensor | None = None,
         timesteps_r: torch.Tensor | None = None,
+        block_cache: Callable[["BlockPass", torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Predict the flow for latents (B, C, H, W) or (B, C, T, H, W); returns the same layout with out_channels.
 
         timestep, guidance (already x1000) and timesteps_r are (B,) floats; text_states (B, L, text_states_dim)
         with encoder_attention_mask (B, L); byt5_text_states (B, Lg, 1472) with byt5_text_mask (B, Lg) are
-        required when the model has `byt5_in`.
+        required when the model has `byt5_in`. `block_cache(blocks, img, txt)`, when given, runs the blocks in
+        place of `blocks.rest(*blocks.first(img, txt))` (a step cache from `hyimage.cache` that may skip the rest).
         """
         config = self.config
         if hidden_states.ndim != len(config.patch_size) + 2:
@@ -195,12 +198,8 @@ class HYImageDiffusionTransformer(nn.Module):
             txt = reorder_tokens(torch.cat([self.byt5_in(byt5_text_states), txt], dim=1), constants.order)
 
         img_len = img.shape[1]
-        rope, mask = constants.rope, constants.mask
-        for block in self.double_blocks:
-            img, txt = block(img, txt, vec, rope, mask)
-        x = torch.cat([img, txt], dim=1)
-        for block in self.single_blocks:
-            x = block(x, vec, img_len, rope, mask)
+        blocks = BlockPass(self.double_blocks, self.single_blocks, vec, constants.rope, constants.mask, img_len)
+        x = blocks.rest(*blocks.first(img, txt)) if block_cache is None else block_cache(blocks, img, txt)
 
         return self.unpatchify(self.final_layer(x[:, :img_len], vec), grid)
 
@@ -242,6 +241,40 @@ class HYImageDiffusionTransformer(nn.Module):
         order = [0, n + 1] + [i for axis in range(n) for i in (1 + axis, n + 2 + axis)]
         x = x.permute(*order)
         return x.reshape(x.shape[0], self.config.out_channels, *(g * p for g, p in zip(grid, patch)))
+
+
+@dataclass
+class BlockPass:
+    """One forward's pass through the transformer blocks, split after the first block: the seam a step cache
+    uses (it runs `first`, then `rest` for all samples, some or none). `img` and `txt` are (B, tokens, C)."""
+
+    double_blocks: nn.ModuleList
+    single_blocks: nn.ModuleList
+    vec: torch.Tensor
+    rope: tuple[torch.Tensor, torch.Tensor]
+    mask: AttentionMask
+    img_len: int
+
+    def first(self, img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first block: (img, txt) after it."""
+        if len(self.double_blocks):
+            return self.double_blocks[0](img, txt, self.vec, self.rope, self.mask)
+        x = self.single_blocks[0](torch.cat([img, txt], dim=1), self.vec, self.img_len, self.rope, self.mask)
+        return x[:, : self.img_len], x[:, self.img_len :]
+
+    def rest(self, img: torch.Tensor, txt: torch.Tensor, samples: torch.Tensor | None = None) -> torch.Tensor:
+        """The other blocks on the first block's output: [img; txt] tokens (B, tokens, C), for the rows
+        `samples` (a 1-D index tensor) of the batch only when given."""
+        vec, mask = self.vec, self.mask
+        if samples is not None:
+            img, txt, vec, mask = img[samples], txt[samples], vec[samples], mask.rows(samples)
+        doubles = len(self.double_blocks)
+        for block in islice(self.double_blocks, 1, None):
+            img, txt = block(img, txt, vec, self.rope, mask)
+        x = torch.cat([img, txt], dim=1)
+        for block in islice(self.single_blocks, 0 if doubles else 1, None):
+            x = block(x, vec, self.img_len, self.rope, mask)
+        return x
 
 
 def valid_first_order(mask: torch.Tensor) -> torch.Tensor:
