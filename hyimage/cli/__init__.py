@@ -27,8 +27,9 @@ from typing import Any
 from loguru import logger
 
 from hyimage import __version__
+from hyimage.cli.numbers import gigabytes, integer
 from hyimage.diffusion.pipelines.finite import NonFiniteError
-from hyimage.diffusion.request import RequestError, check_device, check_real, check_request
+from hyimage.diffusion.request import MAX_SIDE, RequestError, check_device, check_real, check_request
 from hyimage.loading.download import (
     OFFICIAL_REPO,
     DownloadConfig,
@@ -338,15 +339,15 @@ def default_device() -> str:
 def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
     """Register `hyimage plan` on the CLI's subcommands."""
     parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
-    parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
-    parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
+    parser.add_argument("--gpu-gb", type=gigabytes(), required=True, help="GPU memory to plan for (GiB)")
+    parser.add_argument("--ram-gb", type=gigabytes(), default=None, help="host RAM to plan for (GiB)")
     parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",
                         choices=["base", "distilled", "hunyuanimage-v2.1", "hunyuanimage-v2.1-distilled"])
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--refiner", action="store_true", help="include the refiner stages")
     parser.add_argument("--reprompt", choices=["7b", "32b"], default=None)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--height", type=int, default=2048)
+    parser.add_argument("--width", type=integer(16, MAX_SIDE), default=2048)
+    parser.add_argument("--height", type=integer(16, MAX_SIDE), default=2048)
     dit = parser.add_argument_group("the DiT's weights (default: the variant's bf16, or FP8 with --fp8)")
     dit.add_argument("--dit-file", type=Path, default=None,
                      help="the DiT file to load instead (as from_pretrained(dit_file=...)): a .gguf file is counted "
@@ -389,7 +390,7 @@ def run_plan(args: argparse.Namespace) -> int:
     if loras:
         request = replace(request, loras=tuple(lora_layout(path, request) for path, _ in loras))
     plan = make_plan(request, args.gpu_gb, args.ram_gb)
-    print(json.dumps(plan.to_dict()) if args.json else plan)
+    print(json.dumps(plan.to_dict(), allow_nan=False) if args.json else plan)  # strict JSON: no NaN/Infinity
     return 0
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import SamplingDefaults
-from hyimage.diffusion.request import RequestError, check_request
+from hyimage.diffusion.request import MAX_IMAGES_PER_CALL, RequestError, check_request
 
 MAX_SIDE = 4096
 MAX_STEPS = 1000
@@ -60,6 +60,10 @@ class ServeLimits:
     max_n: int = 4
     loras: tuple[tuple[str, float], ...] = ()
     """The LoRAs every request runs with (file name, scale), fixed at server start."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_n <= MAX_IMAGES_PER_CALL:
+            raise ValueError(f"max_n must be between 1 and {MAX_IMAGES_PER_CALL}, got {self.max_n}")
 
 
 @dataclass(frozen=True)
