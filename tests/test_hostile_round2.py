@@ -65,3 +65,137 @@ def test_numeric_options_of_every_subcommand_are_checked(argv: list[str], flag: 
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
     assert not Path("O").exists()
+
+
+# Batch jobs (over a stub pipeline: nothing loads).
+class StubResult:
+    def __init__(self, images, prompts):
+        self.images, self.prompts = images, prompts
+
+
+class StubPipe:
+    calls: list[str]
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def to(self, device):
+        return self
+
+    def load_lora_weights(self, path, scale):
+        pass
+
+    def __call__(self, *, prompt, width, height, **_):
+        import torch
+
+        self.calls.append(prompt)
+        return StubResult(torch.full((1, 3, height, width), 0.25), [prompt])
+
+
+@pytest.fixture
+def stub(monkeypatch) -> StubPipe:
+    import hyimage.cli.batch
+
+    pipe = StubPipe()
+    monkeypatch.setattr(hyimage.cli.batch, "pipeline_from_args", lambda *a, **k: pipe)
+    return pipe
+
+
+def batch(tmp_path: Path, lines: list, out: Path | None = None, raw: bytes | None = None) -> int:
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_bytes(raw if raw is not None else "".join(json.dumps(e) + "\n" for e in lines).encode())
+    out = out or tmp_path / "out"
+    return exit_code(["batch", str(prompts), "--out", str(out), "--width", "32", "--height", "32", "--steps", "1",
+                      "--seed", "1", "--device", "cpu", "--no-refiner", "--variant", "distilled",
+                      "--model-root", str(tmp_path / "ckpts")])
+
+
+def test_results_through_a_link_are_refused_before_drawing(stub: StubPipe, tmp_path: Path, capsys) -> None:
+    out, outside = tmp_path / "out", tmp_path / "outside.txt"
+    out.mkdir()
+    outside.write_text("precious\n")
+    (out / "results.jsonl").symlink_to(outside)
+    assert batch(tmp_path, [{"prompt": "a fox"}]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and str(out / "results.jsonl") in err
+    assert outside.read_text() == "precious\n" and stub.calls == []
+
+
+def test_an_image_name_that_is_a_link_is_replaced_not_written_through(stub: StubPipe, tmp_path: Path) -> None:
+    out, outside = tmp_path / "out", tmp_path / "outside.png"
+    out.mkdir()
+    outside.write_bytes(b"precious")
+    (out / "00001.png").symlink_to(outside)
+    assert batch(tmp_path, [{"prompt": "a fox"}]) == 0
+    assert outside.read_bytes() == b"precious"
+    assert not (out / "00001.png").is_symlink() and (out / "00001.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_append_result_never_follows_a_link(tmp_path: Path) -> None:
+    from hyimage.batch import append_result
+
+    outside = tmp_path / "outside.jsonl"
+    outside.write_text("")
+    (tmp_path / "results.jsonl").symlink_to(outside)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        append_result(tmp_path, {"file": "x.png"})
+    assert outside.read_text() == ""
+
+
+def test_damaged_results_lines_are_skipped_and_named(stub: StubPipe, tmp_path: Path, capsys) -> None:
+    lines = [{"prompt": "a fox"}, {"prompt": "a cat"}, {"prompt": "a dog"}]
+    assert batch(tmp_path, lines) == 0 and len(stub.calls) == 3
+    results = tmp_path / "out" / "results.jsonl"
+    records = results.read_bytes().splitlines()
+    # line 2 (the cat) damaged: not UTF-8; a stray line that is not JSON after it
+    results.write_bytes(b"\n".join([records[0], b"\xff\xfe" + records[1], b"{not json", records[2]]) + b"\n")
+    (tmp_path / "out" / "00002.png").unlink()
+    capsys.readouterr()
+    assert batch(tmp_path, lines) == 0
+    err = capsys.readouterr().err
+    assert f"{results}, line 2 is damaged" in err and f"{results}, line 3 is damaged" in err
+    assert stub.calls[3:] == ["a cat"]  # only the missing image is drawn again
+
+
+def test_prompts_that_are_not_utf8_name_file_and_line(stub: StubPipe, tmp_path: Path, capsys) -> None:
+    raw = b'{"prompt": "a fox"}\n{"prompt": "caf\xe9"}\n'
+    assert batch(tmp_path, [], raw=raw) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'prompts.jsonl'}, line 2 is not UTF-8" in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry, words", [
+    ({"prompt": "a fox", "name": "n" * 252}, "too long for a file name"),
+    ({"prompt": "a fox", "name": "é" * 126}, "too long for a file name"),  # 252 bytes + .png
+    ({"prompt": "a fox \ud800"}, "surrogate"),
+    ({"prompt": "a fox", "steps": 5000}, "`steps`"),
+    ({"prompt": "a fox", "guidance_scale": 1e6}, "`guidance_scale`"),
+])
+def test_bad_lines_are_refused_before_anything_runs(entry: dict, words: str, stub: StubPipe, tmp_path: Path,
+                                                    capsys) -> None:
+    assert batch(tmp_path, [{"prompt": "first"}, entry]) == 1
+    err = capsys.readouterr().err
+    assert words in err and "line 2" in err
+    assert stub.calls == [] and not (tmp_path / "out").exists()
+
+
+def test_a_name_of_255_bytes_with_png_is_drawn(stub: StubPipe, tmp_path: Path) -> None:
+    assert batch(tmp_path, [{"prompt": "a fox", "name": "n" * 251}]) == 0
+    assert (tmp_path / "out" / ("n" * 251 + ".png")).is_file()
+
+
+def test_a_second_job_on_the_same_folder_refuses_while_the_first_runs(stub: StubPipe, tmp_path: Path,
+                                                                       capsys) -> None:
+    from hyimage.batch import lock_job_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    partial = out / ".batch-abc.partial.png"
+    partial.write_bytes(b"the first job is writing this")
+    with lock_job_folder(out):  # the first job, mid-run
+        assert batch(tmp_path, [{"prompt": "a fox"}]) == 1
+        assert partial.exists()  # the second job touched nothing of the first's
+    err = capsys.readouterr().err
+    assert "another hyimage batch job" in err and stub.calls == []
+    assert batch(tmp_path, [{"prompt": "a fox"}]) == 0 and stub.calls == ["a fox"]
+    assert not partial.exists()
