@@ -199,3 +199,115 @@ def test_a_second_job_on_the_same_folder_refuses_while_the_first_runs(stub: Stub
     assert "another hyimage batch job" in err and stub.calls == []
     assert batch(tmp_path, [{"prompt": "a fox"}]) == 0 and stub.calls == ["a fox"]
     assert not partial.exists()
+
+
+# LoRA files.
+class Payload:
+    """Pickled by reference (a GLOBAL): torch's restricted unpickler must refuse it without calling anything."""
+
+
+class Holder:
+    """The LoRA mixin on a bare object with a DiT (what the pipelines give it)."""
+
+
+@pytest.fixture
+def holder():
+    from hyimage.lora import LoraMixin
+    from tests.fixtures.tiny_tree import TINY_DISTILLED, random_dit
+
+    class DiTHolder(LoraMixin):
+        memory = None
+
+    held = DiTHolder()
+    held.dit = random_dit(TINY_DISTILLED, seed=0)
+    return held
+
+
+def untouched(dit) -> bool:
+    """No adapter, bank or hook left on the DiT."""
+    from hyimage.lora.layers import BANK, adapter_names
+
+    return not adapter_names(dit) and all(not hasattr(m, BANK) and not m._forward_hooks for m in dit.modules())
+
+
+def lora_state(tmp_path: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from tests.fixtures.tiny_tree import write_tiny_lora
+
+    return load_file(write_tiny_lora(tmp_path / "source.safetensors"))
+
+
+def test_a_safetensors_lora_is_sniffed_not_judged_by_its_suffix(holder, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    state = lora_state(tmp_path)
+    save_file(state, tmp_path / "style.sft")
+    torch.save(state, tmp_path / "zipped.safetensors")  # a torch zip behind a safetensors suffix: read as what it is
+    assert holder.load_lora_weights(tmp_path / "style.sft") == "style"
+    assert holder.load_lora_weights(tmp_path / "zipped.safetensors") == "zipped"
+    banks = [getattr(m, "lora") for m in holder.dit.modules() if hasattr(m, "lora")]
+    assert banks and all(torch.equal(b.style_down, b.zipped_down) and torch.equal(b.style_up, b.zipped_up)
+                         for b in banks)
+
+
+def test_a_pickle_that_would_run_code_is_refused_naming_the_file(holder, tmp_path: Path) -> None:
+    import torch
+
+    from hyimage.loading.torch_io import UnsafeCheckpointError
+
+    for name, legacy in (("evil.pt", False), ("evil.ckpt", True)):
+        path = tmp_path / name
+        torch.save({"x": Payload()}, path, _use_new_zipfile_serialization=not legacy)
+        with pytest.raises(UnsafeCheckpointError) as error:
+            holder.load_lora_weights(path)
+        message = str(error.value)
+        assert str(path) in message and "weights_only=False" not in message
+        assert untouched(holder.dit)
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"", "empty"), (b"not a lora at all, just text", "neither a safetensors file nor a torch checkpoint"),
+    (b"GGUF" + b"\0" * 20, "GGUF"), (b"\x20\0\0\0\0\0\0\0{\"a\": 1", "safetensors"),
+])
+def test_damaged_or_foreign_lora_files_are_named(holder, tmp_path: Path, content: bytes, words: str) -> None:
+    from hyimage.loading.errors import CheckpointError
+
+    path = tmp_path / "lora.safetensors"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=words) as error:
+        holder.load_lora_weights(path)
+    assert str(path) in str(error.value) and untouched(holder.dit)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_lora_values_are_refused_when_attached(holder, tmp_path: Path, value: float) -> None:
+    from safetensors.torch import save_file
+
+    from hyimage.loading.verify import NonFiniteWeightError
+
+    state = lora_state(tmp_path)
+    key = sorted(state)[1]
+    state[key].view(-1)[3] = value
+    path = tmp_path / "broken.safetensors"
+    save_file(state, path)
+    with pytest.raises(NonFiniteWeightError) as error:
+        holder.load_lora_weights(path)
+    assert str(path) in str(error.value) and key in str(error.value) and untouched(holder.dit)
+
+
+@pytest.mark.parametrize("scale, kind", [(float("nan"), ValueError), (float("inf"), ValueError), ("0.5", TypeError),
+                                         (None, TypeError), (True, TypeError)])
+def test_a_bad_scale_leaves_nothing_behind(holder, tmp_path: Path, scale, kind) -> None:
+    from tests.fixtures.tiny_tree import write_tiny_lora
+
+    path = write_tiny_lora(tmp_path / "style.safetensors")
+    with pytest.raises(kind, match="scale") as error:
+        holder.load_lora_weights(path, scale=scale)
+    assert str(path) in str(error.value) and untouched(holder.dit)
+    holder.load_lora_weights(path, scale=0.5)
+    if scale is not None:  # set_adapters(name, None) means scale 1
+        with pytest.raises(kind, match="scale"):
+            holder.set_adapters("style", scale)
+    assert float(next(m.lora.style_scale for m in holder.dit.modules() if hasattr(m, "lora"))) == 0.5
