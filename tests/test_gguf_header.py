@@ -190,3 +190,33 @@ def test_from_single_file_and_plan_refuse_the_73_byte_file(tmp_path: Path, capsy
     assert main(["plan", "--gpu-gb", "24", "--dit-file", str(path)]) == 1
     err = capsys.readouterr().err
     assert str(path) in err and "Traceback" not in err
+
+
+def test_verify_refuses_nan_in_a_gguf_dit(tmp_path: Path) -> None:
+    """`verify=True` on a GGUF DiT: a NaN in a quantised block (a Q8_0 scale) names the tensor and the file."""
+    from hyimage.loading.verify import NonFiniteWeightError
+    from hyimage.models import HYImageDiffusionTransformer
+    from tests.fixtures.dit_layouts import fused_layout
+    from tests.fixtures.tiny_tree import TINY_DISTILLED, random_dit
+
+    path = tmp_path / "dit.gguf"
+    writer = gguf.GGUFWriter(str(path), "hyvid")
+    for key, tensor in fused_layout(random_dit(TINY_DISTILLED, seed=0).state_dict()).items():
+        data = tensor.float().numpy()
+        if key == "double_blocks.0.img_mlp.fc1.weight":
+            writer.add_tensor(key, quants.quantize(data, T.Q8_0), raw_dtype=T.Q8_0)
+        else:
+            writer.add_tensor(key, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    assert HYImageDiffusionTransformer.from_single_file(path, TINY_DISTILLED, verify=True) is not None
+    quantised = next(t for t in read_gguf_header(path).tensors if t.type_id == int(T.Q8_0))
+    data = bytearray(path.read_bytes())
+    data[quantised.offset : quantised.offset + 2] = np.float16(np.nan).tobytes()  # the first block's scale
+    path.write_bytes(bytes(data))
+    HYImageDiffusionTransformer.from_single_file(path, TINY_DISTILLED)  # not scanned without verify
+    with pytest.raises(NonFiniteWeightError, match=quantised.name) as error:
+        HYImageDiffusionTransformer.from_single_file(path, TINY_DISTILLED, verify=True)
+    assert str(path) in str(error.value)

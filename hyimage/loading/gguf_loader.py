@@ -26,6 +26,7 @@ from hyimage.loading.dit_fused_keys import dit_layout
 from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_keys, row_pieces
 from hyimage.loading.gguf_header import original_shape, read_gguf_header
 from hyimage.loading.safetensors_io import CheckpointError, PathLike, assert_materialized
+from hyimage.loading.verify import check_finite
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.models.dit.model import HYImageDiffusionTransformer
 from hyimage.quantization.gguf import GGML_TYPES, PLAIN_TYPES, GGUFLinear, dequantize, row_bytes, type_name
@@ -193,8 +194,10 @@ def load_gguf_dit(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool = False,
 ) -> HYImageDiffusionTransformer:
-    """Build the DiT `config` on meta and fill it from the GGUF file `path`, quantised linears kept quantised."""
+    """Build the DiT `config` on meta and fill it from the GGUF file `path`, quantised linears kept quantised.
+    `verify`: refuse NaN/Inf values, naming the tensor (each quantised tensor is dequantised once to check it)."""
     path = Path(path)
     dtype = torch.bfloat16 if dtype is None else dtype
     device = torch.device(device)
@@ -209,6 +212,8 @@ def load_gguf_dit(
             raw = _read(file, tensor)
             pieces = plan[tensor.name]
             keep = all(key.rpartition(".")[0] in quantized for key, _, _ in pieces) and tensor.quantized
+            if verify:
+                check_finite(tensor.name, dequantize(raw, tensor.type_id, tensor.shape, torch.float32), path)
             if keep:
                 rows = raw.reshape(tensor.shape[0], -1)
                 for key, start, end in pieces:
