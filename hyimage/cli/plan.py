@@ -6,7 +6,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from hyimage.cli.numbers import gigabytes, integer
 from hyimage.cli.options import lora_arguments
+from hyimage.diffusion.request import MAX_SIDE
 from hyimage.errors import RequestError
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.offload.dit_weights import GGUF_TYPES
@@ -18,15 +20,15 @@ from hyimage.variants import VARIANT_ALIASES
 def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
     """Register `hyimage plan` on the CLI's subcommands."""
     parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
-    parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
-    parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
+    parser.add_argument("--gpu-gb", type=gigabytes(), required=True, help="GPU memory to plan for (GiB)")
+    parser.add_argument("--ram-gb", type=gigabytes(), default=None, help="host RAM to plan for (GiB)")
     parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",
                         choices=sorted(VARIANT_ALIASES))
     parser.add_argument("--fp8", action="store_true")
     parser.add_argument("--refiner", action="store_true", help="include the refiner stages")
     parser.add_argument("--reprompt", choices=["7b", "32b"], default=None)
-    parser.add_argument("--width", type=int, default=2048)
-    parser.add_argument("--height", type=int, default=2048)
+    parser.add_argument("--width", type=integer(16, MAX_SIDE), default=2048)
+    parser.add_argument("--height", type=integer(16, MAX_SIDE), default=2048)
     dit = parser.add_argument_group("the DiT's weights (default: the variant's bf16, or FP8 with --fp8)")
     dit.add_argument("--dit-file", type=Path, default=None,
                      help="the DiT file to load instead (as from_pretrained(dit_file=...)): a .gguf file is counted "
@@ -64,5 +66,5 @@ def run_plan(args: argparse.Namespace) -> int:
     if loras:
         request = replace(request, loras=tuple(lora_layout(path, request) for path, _ in loras))
     plan = make_plan(request, args.gpu_gb, args.ram_gb)
-    print(json.dumps(plan.to_dict()) if args.json else plan)
+    print(json.dumps(plan.to_dict(), allow_nan=False) if args.json else plan)  # strict JSON: no NaN/Infinity
     return 0

@@ -8,6 +8,7 @@ from loguru import logger
 
 from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.cli.download import fetch
+from hyimage.cli.numbers import integer
 from hyimage.cli.options import (
     add_loading_arguments,
     add_lora_argument,
@@ -16,11 +17,15 @@ from hyimage.cli.options import (
     lora_arguments,
     pipeline_from_args,
 )
+from hyimage.diffusion.request import MAX_IMAGES_PER_CALL
+from hyimage.errors import RequestError
+from hyimage.serving.options import API_KEY_ENV, check_api_key
 from hyimage.serving.validation import ServeLimits
 from hyimage.serving.worker import Worker
 from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS, VARIANT_ALIASES
 
-API_KEY_ENV = "HYIMAGE_API_KEY"
+MAX_PORT = 65535
+MAX_QUEUE = 10000
 
 
 def add_serve_parser(
@@ -31,14 +36,17 @@ def add_serve_parser(
                                 parents=parents or [])
     serve.add_argument("--host", default="127.0.0.1",
                        help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 for the network)")
-    serve.add_argument("--port", type=int, default=7860, help="default 7860; 0 picks a free port (printed)")
+    serve.add_argument("--port", type=integer(0, MAX_PORT), default=7860,
+                       help="default 7860; 0 picks a free port (printed)")
     serve.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
                        help=f"require `Authorization: Bearer KEY` on /v1/ (default ${API_KEY_ENV} if set)")
-    serve.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
-    serve.add_argument("--max-batch", type=int, default=1,
+    serve.add_argument("--max-queue", type=integer(1, MAX_QUEUE), default=16,
+                       help="requests that may wait; more get 429 (default 16)")
+    serve.add_argument("--max-batch", type=integer(1, MAX_IMAGES_PER_CALL), default=1,
                        help="images of compatible requests run in one pipeline call (default 1: no batching, "
                             "bit-exact images; more trades float rounding for throughput)")
-    serve.add_argument("--max-n", type=int, default=4, help="the largest `n` (images per request), default 4")
+    serve.add_argument("--max-n", type=integer(1, MAX_IMAGES_PER_CALL), default=4,
+                       help="the largest `n` (images per request), default 4")
     serve.add_argument("--variant", default="base", choices=sorted(VARIANT_ALIASES),
                        help="base (50 steps, CFG) or distilled (8 steps); default base")
     serve.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=True,
@@ -55,6 +63,7 @@ def add_serve_parser(
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the pipeline (parts on first use), start the worker, serve until interrupted."""
+    api_key = check_api_key(args.api_key)
     try:  # deferred: FastAPI and uvicorn are the optional extra hyimage[serve]; only this subcommand needs them
         import uvicorn
 
@@ -64,38 +73,52 @@ def run_serve(args: argparse.Namespace) -> int:
             f"hyimage serve needs FastAPI and uvicorn ({missing.name} is not installed); "
             "install them with: pip install 'hyimage[serve]'"
         ) from None
-    for name in ("max_queue", "max_batch", "max_n"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     variant = VARIANT_ALIASES[args.variant]
     device = check_loading_arguments(args)
     loras = lora_arguments(args.lora)
-    if args.download:
-        fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner), args.model_root)
-    pipe = pipeline_from_args(args, variant, args.reprompt, progress_bar=False)
-    pipe.to(device)
-    load_loras(pipe, loras)
-    limits = ServeLimits(
-        model_id=variant,
-        defaults=DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS,
-        refiner=args.refiner,
-        max_n=args.max_n,
-        loras=tuple((path.name, scale) for path, scale in loras),
-    )
-    worker = Worker(pipe, max_queue=args.max_queue, max_batch=args.max_batch,
-                    settings={"model": variant, "variant": variant, "fp8": args.fp8, "lora": args.lora}).start()
-    app = create_app(worker, limits, api_key=args.api_key, aspect_ratios=ASPECT_RATIOS)
-    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    sock = socket.create_server((args.host, args.port), family=family)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if family == socket.AF_INET6 else host
-    if args.api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
-        logger.warning(f"serving on {host} without --api-key: anyone who can reach this port can use the GPU")
-    print(f"hyimage serve: {variant} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1/images/generations)",
-          flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if getattr(args, "verbose", False) else "info"))
-    try:
-        server.run(sockets=[sock])
-    finally:
-        worker.stop()
+    sock = listen(args.host, args.port)
+    with sock:  # closed on the way out, whether the server ran or loading failed
+        if args.download:
+            fetch(DownloadConfig(variant=variant, fp8=args.fp8, refiner=args.refiner), args.model_root)
+        pipe = pipeline_from_args(args, variant, args.reprompt, progress_bar=False)
+        pipe.to(device)
+        load_loras(pipe, loras)
+        limits = ServeLimits(
+            model_id=variant,
+            defaults=DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS,
+            refiner=args.refiner,
+            max_n=args.max_n,
+            loras=tuple((path.name, scale) for path, scale in loras),
+        )
+        # the PNGs' metadata names each LoRA by its file name and scale, never the server's path
+        lora_names = [f"{path.name}:{scale:g}" for path, scale in loras]
+        worker = Worker(pipe, max_queue=args.max_queue, max_batch=args.max_batch,
+                        settings={"model": variant, "variant": variant, "fp8": args.fp8, "lora": lora_names}).start()
+        app = create_app(worker, limits, api_key=api_key, aspect_ratios=ASPECT_RATIOS)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if sock.family == socket.AF_INET6 else host
+        if api_key is None and host not in ("127.0.0.1", "::1", "localhost"):
+            logger.warning(f"serving on {host} without --api-key: anyone who can reach this port can use the GPU")
+        print(f"hyimage serve: {variant} at http://{shown}:{port}/ (API: http://{shown}:{port}/v1/images/generations)",
+              flush=True)
+        server = uvicorn.Server(uvicorn.Config(app, log_level="debug" if getattr(args, "verbose", False) else "info"))
+        try:
+            server.run(sockets=[sock])
+        finally:
+            worker.stop()
     return 0
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening socket on `host`:`port`, opened before anything loads; a clear error naming the option."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as error:
+        raise RequestError("--host", f"--host {host!r} is not an address of this machine ({error}); pass e.g. "
+                                     "127.0.0.1 (this machine only) or 0.0.0.0 (the network)") from None
+    try:
+        return socket.create_server((host, port), family=family)
+    except OSError as error:
+        raise RequestError("--port", f"cannot listen on {host} port {port} ({error.strerror or error}); pass another "
+                                     "--port (0 picks a free one) or stop what uses it") from None

@@ -63,7 +63,7 @@ def load_dit(
     """
     path = Path(path)
     if is_gguf(path):
-        return load_gguf_dit(model_cls, path, config, dtype=dtype, device=device)
+        return load_gguf_dit(model_cls, path, config, dtype=dtype, device=device, verify=verify)
     infos = read_tensor_infos(path)
     comfy_file, layout, stored_fp8 = _file_kind(path, infos)
     if fp8_scale is not None and not Path(fp8_scale).is_file():

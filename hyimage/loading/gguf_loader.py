@@ -8,8 +8,8 @@ loader reverses the ggml shape order and honours `comfy.gguf.orig_shape.<name>` 
 real files (not downloadable here): which layout QuantStack's files have and which tensors they kept at
 higher precision; both layouts and every listed type are read.
 
-The `gguf` package (PyPI, `pip install hyimage[gguf]`) reads the header: names, types, shapes and
-offsets. The bytes of each tensor are then read straight into fresh memory (as in `safetensors_io`), so
+`gguf_header` reads the header (names, types, shapes and offsets) within the file's bounds (the `gguf`
+package's reader trusts the declared lengths; see there). The bytes of each tensor are then read straight into fresh memory (as in `safetensors_io`), so
 host RAM holds one copy of the quantised file. Linear layers with a quantised weight become `GGUFLinear`
 (their ggml rows, split by rows for the fused layout, as ggml blocks run along a row); every other
 tensor is dequantised once to `dtype` (default bfloat16).
@@ -26,7 +26,9 @@ from torch import nn
 from hyimage.errors import CheckpointError
 from hyimage.loading.dit_fused_keys import dit_layout
 from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_keys, row_pieces
+from hyimage.loading.gguf_header import original_shape, read_gguf_header
 from hyimage.loading.safetensors_io import PathLike, assert_materialized
+from hyimage.loading.verify import check_finite
 from hyimage.quantization.gguf import GGML_TYPES, PLAIN_TYPES, GGUFLinear, dequantize, row_bytes, type_name
 
 SHOWN = 5
@@ -48,27 +50,13 @@ class GGUFTensor:
 
 
 def read_gguf_tensors(path: PathLike) -> list[GGUFTensor]:
-    """The tensors listed in the header of the GGUF file `path` (reads no tensor data)."""
-    try:
-        import gguf
-    except ImportError:
-        raise ImportError(
-            f"{path} is a GGUF file; reading it needs the `gguf` package: pip install 'hyimage[gguf]'"
-        ) from None
-    try:
-        reader = gguf.GGUFReader(str(path))
-    except (ValueError, OSError) as error:
-        raise CheckpointError(f"{path} is not a readable GGUF file ({error}); download it again") from None
-    tensors = []
-    for tensor in reader.tensors:
-        shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-        field = reader.get_field(f"comfy.gguf.orig_shape.{tensor.name}")
-        if field is not None:
-            shape = tuple(int(field.parts[i][0]) for i in field.data)
-        tensors.append(
-            GGUFTensor(tensor.name, shape, int(tensor.tensor_type), int(tensor.data_offset), int(tensor.n_bytes))
-        )
-    return tensors
+    """The tensors listed in the header of the GGUF file `path` (reads no tensor data; every count and length of
+    the header is checked against the file's size first, see `gguf_header`)."""
+    header = read_gguf_header(path)
+    return [
+        GGUFTensor(tensor.name, original_shape(path, header, tensor), tensor.type_id, tensor.offset, tensor.nbytes)
+        for tensor in header.tensors
+    ]
 
 
 def _read(file, tensor: GGUFTensor) -> torch.Tensor:
@@ -209,8 +197,10 @@ def load_gguf_dit(
     *,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    verify: bool = False,
 ) -> nn.Module:
-    """Build the DiT `config` on meta and fill it from the GGUF file `path`, quantised linears kept quantised."""
+    """Build the DiT `config` on meta and fill it from the GGUF file `path`, quantised linears kept quantised.
+    `verify`: refuse NaN/Inf values, naming the tensor (each quantised tensor is dequantised once to check it)."""
     path = Path(path)
     dtype = torch.bfloat16 if dtype is None else dtype
     device = torch.device(device)
@@ -225,6 +215,8 @@ def load_gguf_dit(
             raw = _read(file, tensor)
             pieces = plan[tensor.name]
             keep = all(key.rpartition(".")[0] in quantized for key, _, _ in pieces) and tensor.quantized
+            if verify:
+                check_finite(tensor.name, dequantize(raw, tensor.type_id, tensor.shape, torch.float32), path)
             if keep:
                 rows = raw.reshape(tensor.shape[0], -1)
                 for key, start, end in pieces:

@@ -57,6 +57,9 @@ def read_torch_file(path: PathLike, what: str = "checkpoint file") -> Any:
         raise CheckpointError(f"{what} {path} is empty (an interrupted download?): delete it and download it again")
     is_zip = zipfile.is_zipfile(path)
     try:
+        if path.suffix == ".safetensors":  # torch.load reads a path by this suffix as safetensors: give it the bytes
+            with open(path, "rb") as file:
+                return torch.load(file, map_location="cpu", weights_only=True)
         return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
     except pickle.UnpicklingError as error:
         if "GLOBAL" in str(error) or "Unsupported" in str(error):

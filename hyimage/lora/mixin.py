@@ -1,6 +1,8 @@
 """The LoRA methods of the pipelines (diffusers' names): load, weigh, fuse, unfuse and unload adapters on the DiT."""
 
 import json
+import math
+import numbers
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -8,37 +10,65 @@ from pathlib import Path
 import torch
 from loguru import logger
 
-from hyimage.loading.safetensors_io import SafetensorsReader
+from hyimage.errors import CheckpointError
+from hyimage.loading.safetensors_io import (
+    MAX_HEADER_BYTES,
+    SafetensorsReader,
+    checkpoint_format,
+    regular_file_size,
+)
+from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
+from hyimage.loading.verify import check_state_finite
 from hyimage.lora.keys import parse_lora
 from hyimage.lora.layers import adapter_names, add_adapter, fuse, remove_adapters, set_scales, unfuse
 
 
 def peft_alpha(path: Path) -> float | None:
     """`lora_alpha` from the `lora_adapter_metadata` diffusers writes into a LoRA's safetensors header (the
-    PEFT LoraConfig, keys possibly prefixed `transformer.`), or None."""
+    PEFT LoraConfig, keys possibly prefixed `transformer.`), or None. Call after `read_tensor_infos` checked the
+    header."""
     with open(path, "rb") as file:
         (size,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(size)) if size < 100 * 2**20 else {}
+        header = json.loads(file.read(size)) if size < MAX_HEADER_BYTES else {}
     raw = (header.get("__metadata__") or {}).get("lora_adapter_metadata")
     if not raw:
         return None
-    config = json.loads(raw)
-    alpha = config.get("lora_alpha", config.get("transformer.lora_alpha"))
-    return None if alpha is None else float(alpha)
+    try:
+        config = json.loads(raw)
+        alpha = config.get("lora_alpha", config.get("transformer.lora_alpha"))
+        alpha = None if alpha is None else float(alpha)
+    except (ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise CheckpointError(f"{path}: its lora_adapter_metadata is not a PEFT LoraConfig with a numeric "
+                              f"lora_alpha ({type(error).__name__}); rewrite the LoRA from a trusted copy") from None
+    if alpha is not None and not math.isfinite(alpha):
+        raise CheckpointError(f"{path}: its lora_adapter_metadata has lora_alpha {alpha}, not a finite number")
+    return alpha
 
 
 def read_lora_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a LoRA file: safetensors, or a torch checkpoint read with weights_only=True."""
+    """The tensors of a LoRA file, told apart by its first bytes (not its suffix: a `.sft` file may be safetensors):
+    safetensors, or a torch checkpoint read with weights_only=True (a pickle that would run code is refused).
+    Every error names the file."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"LoRA file {path} does not exist; check the path")
-    if path.suffix == ".safetensors":
+    if regular_file_size(path, "LoRA file") == 0:
+        raise CheckpointError(f"LoRA file {path} is empty (an interrupted download?); download it again")
+    kind = checkpoint_format(path)
+    if kind == "safetensors":
         with SafetensorsReader(path) as reader:
             return {key: reader.get(key) for key in reader.keys()}
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict of tensors; pass a .safetensors LoRA")
-    return state
+    if kind in ("torch-zip", "pickle"):
+        return tensor_state_dict(read_torch_file(path, "LoRA file"), path)
+    what = "a GGUF file" if kind == "gguf" else "neither a safetensors file nor a torch checkpoint (by its first bytes)"
+    raise CheckpointError(f"LoRA file {path} is {what}; pass the LoRA's .safetensors file")
+
+
+def check_scale(scale: object, source: str) -> float:
+    """A LoRA scale: a finite real number (checked before the adapter touches the model)."""
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"the scale of LoRA {source} must be a number, got {scale!r} ({type(scale).__name__})")
+    if not math.isfinite(scale):
+        raise ValueError(f"the scale of LoRA {source} must be a finite number, got {scale}")
+    return float(scale)
 
 
 def parse_lora_spec(text: str) -> tuple[Path, float]:
@@ -72,15 +102,19 @@ class LoraMixin:
         """Attach a LoRA (kohya sd-scripts, ComfyUI or diffusers/PEFT format, told apart by its keys) to the DiT.
 
         Returns the adapter's name (default: the file's stem, or `adapter_N`). Keys that match no layer of the
-        DiT raise ValueError naming them, unless `strict=False`.
+        DiT raise ValueError naming them, unless `strict=False`. Everything is checked before the DiT changes
+        (the scale, the file, NaN/Inf in its tensors): a refused LoRA leaves no adapter, bank or hook behind.
         """
         alpha = None
+        source = "the LoRA state dict" if isinstance(path_or_state_dict, dict) else str(path_or_state_dict)
+        scale = check_scale(scale, source)
         if isinstance(path_or_state_dict, dict):
-            state, source = path_or_state_dict, "the LoRA state dict"
+            state = path_or_state_dict
         else:
-            state, source = read_lora_file(path_or_state_dict), str(path_or_state_dict)
-            if Path(path_or_state_dict).suffix == ".safetensors":
+            state = read_lora_file(path_or_state_dict)
+            if checkpoint_format(path_or_state_dict) == "safetensors":  # its header checked by read_lora_file
                 alpha = peft_alpha(Path(path_or_state_dict))
+        check_state_finite(state, source)
         dit = self.dit
         existing = adapter_names(dit)
         if adapter_name is None:
@@ -94,7 +128,11 @@ class LoraMixin:
         updates, formats, skipped = parse_lora(state, dit, strict=strict, source=source, default_alpha=alpha)
         if not updates:
             raise ValueError(f"{source} holds no LoRA matrix for the DiT's layers")
-        add_adapter(dit, adapter_name, updates, scale)
+        try:
+            add_adapter(dit, adapter_name, updates, scale)
+        except BaseException:  # e.g. out of memory moving the matrices: take back what was attached
+            remove_adapters(dit, [adapter_name])
+            raise
         self._lora_changed()
         logger.info(
             "LoRA {!r} ({} format) on {} layers, scale {}{}",
@@ -115,11 +153,12 @@ class LoraMixin:
         names = [names] if isinstance(names, str) else list(names)
         if scales is None:
             scales = [1.0] * len(names)
-        elif isinstance(scales, (int, float)):
-            scales = [float(scales)] * len(names)
+        elif isinstance(scales, (str, bytes)) or not isinstance(scales, Sequence):  # one scale for every name
+            scales = [scales] * len(names)
         scales = list(scales)
         if len(scales) != len(names):
             raise ValueError(f"set_adapters got {len(names)} names and {len(scales)} scales; pass one scale per name")
+        scales = [check_scale(scale, repr(name)) for name, scale in zip(names, scales)]
         loaded = adapter_names(self.dit)
         unknown = [name for name in names if name not in loaded]
         if unknown:

@@ -3,6 +3,7 @@
 - `validation`: the request body of `POST /v1/images/generations` checked field by field (errors name the field).
 - `worker`: one thread owns the pipeline; a bounded queue; compatible requests batched; cancellation; progress.
 - `app`: the FastAPI application (routes, API key, OpenAI error shape, server-sent events).
+- `options`: the startup options checked by both the CLI and `create_app` (the API key).
 - `page.html`: the page at `/`.
 
 The `serve` subcommand (hyimage/cli/serve.py) builds the pipeline and starts uvicorn; serving imports the

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import re
 import secrets
 from collections.abc import AsyncIterator
 from importlib import resources
@@ -20,8 +21,11 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from loguru import logger
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hyimage.errors import RequestError
+from hyimage.serving.options import check_api_key
 from hyimage.serving.validation import ApiError, GenerationRequest, ServeLimits, parse_generation_request
 from hyimage.serving.worker import GeneratedImage, Job, QueueFull, Worker
 
@@ -32,12 +36,51 @@ def error_response(error: ApiError) -> JSONResponse:
 
 
 def as_api_error(error: BaseException) -> ApiError:
-    """A job's failure as an answer: the pipeline's argument checks are 400s, anything else a 500."""
+    """A job's failure as an answer: the pipeline's argument checks are 400s naming the field; anything else a 500
+    that says what failed without the server's paths or a traceback (logged in full with an id the answer gives)."""
     if isinstance(error, ApiError):
         return error
-    if isinstance(error, (ValueError, TypeError)):
-        return ApiError(400, str(error), param=getattr(error, "argument", None))
-    return ApiError(500, f"{type(error).__name__}: {error}", type="server_error", code="generation_failed")
+    if isinstance(error, RequestError):
+        return ApiError(400, public_text(str(error)), param=error.argument)
+    reference = secrets.token_hex(4)
+    logger.opt(exception=error).error(f"request failed (error {reference}): {type(error).__name__}: {error}")
+    lines = str(error).strip().splitlines()
+    what = f": {public_text(lines[0], relative=True)}" if lines else ""
+    return ApiError(500, f"the server could not draw this request ({type(error).__name__}{what}); the server's log has "
+                         f"the details under error {reference}", type="server_error", code="generation_failed")
+
+
+def public_text(text: str, relative: bool = False) -> str:
+    """`text` for a client: every absolute file path (and with `relative`, every word with a path separator that is
+    not a URL) cut to its last component: `/srv/ckpts/x/config.json` -> `config.json`."""
+    text = ABSOLUTE_PATH.sub(lambda match: match["name"], text)
+    return RELATIVE_PATH.sub(lambda match: match["name"], text) if relative else text
+
+
+ABSOLUTE_PATH = re.compile(r"(?<![\w:/.])(?:~|[A-Za-z]:|\.{1,2})?(?:[/\\][^\s/\\'\"`]+)*[/\\](?P<name>[^\s/\\'\"`]+)")
+RELATIVE_PATH = re.compile(r"(?<![\w:/.])(?![a-z]+://)(?:[^\s/\\'\"`]+[/\\])+(?P<name>[^\s/\\'\"`]+)")
+MAX_BODY_BYTES = 1 << 20
+"""The largest request body: two prompts of MAX_PROMPT_CHARS at six bytes each (JSON escapes) fit three times over."""
+
+
+async def read_json(request: Request) -> Any:
+    """The request body as JSON: at most MAX_BODY_BYTES (413), valid JSON of bounded depth (400)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ApiError(413, f"the request body has {declared} bytes; at most {MAX_BODY_BYTES}", code="body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body exceeds {MAX_BODY_BYTES} bytes", code="body_too_large")
+    try:
+        return json.loads(bytes(body))
+    except RecursionError:
+        raise ApiError(400, "the request body nests JSON too deeply; send a flat JSON object such as "
+                            "{\"prompt\": \"a red fox\"}", code="invalid_json") from None
+    except ValueError:  # not JSON, not UTF-8, or an integer of more digits than Python converts
+        raise ApiError(400, "the request body is not valid JSON; send a JSON object such as "
+                            "{\"prompt\": \"a red fox\"}", code="invalid_json") from None
 
 
 def image_entry(image: GeneratedImage) -> dict:
@@ -73,6 +116,7 @@ def create_app(
     worker: Worker, limits: ServeLimits, *, api_key: str | None = None, aspect_ratios: dict | None = None
 ) -> FastAPI:
     """The application over a started `worker`."""
+    api_key = check_api_key(api_key)
     app = FastAPI(title="hyimage serve", docs_url=None, redoc_url=None, openapi_url=None)
     config = page_config(limits, api_key is not None, aspect_ratios or {})
     page = resources.files("hyimage.serving").joinpath("page.html").read_text(encoding="utf-8")
@@ -89,13 +133,18 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(ApiError(400, str(error)))
+        return error_response(ApiError(400, public_text(str(error))))
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
+        return error_response(as_api_error(error))
 
     def require_key(request: Request) -> None:
         if api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or not secrets.compare_digest(token.encode(), api_key.encode()):
             raise ApiError(401, "this server needs an API key: send the header `Authorization: Bearer KEY` with "
                                 "the key the server was started with (--api-key)", code="invalid_api_key")
 
@@ -120,12 +169,7 @@ def create_app(
 
     @v1.post("/images/generations")
     async def generations(request: Request) -> Any:
-        try:
-            body = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON; send a JSON object such as "
-                                "{\"prompt\": \"a red fox\"}", code="invalid_json") from None
-        parsed = parse_generation_request(body, limits)
+        parsed = parse_generation_request(await read_json(request), limits)
         job = Job(parsed)
         events = job.listen() if parsed.stream else None
         try:

@@ -10,7 +10,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from hyimage.diffusion.request import check_request
+from hyimage.diffusion.request import MAX_IMAGES_PER_CALL, check_request
 from hyimage.errors import RequestError
 from hyimage.variants import SamplingDefaults
 
@@ -61,6 +61,10 @@ class ServeLimits:
     max_n: int = 4
     loras: tuple[tuple[str, float], ...] = ()
     """The LoRAs every request runs with (file name, scale), fixed at server start."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_n <= MAX_IMAGES_PER_CALL:
+            raise ValueError(f"max_n must be between 1 and {MAX_IMAGES_PER_CALL}, got {self.max_n}")
 
 
 @dataclass(frozen=True)
