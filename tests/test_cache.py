@@ -22,9 +22,9 @@ from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeli
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 from hyimage.offload.streaming import BlockStreamer
 from tests.fixtures.diffusers_dit import diffusers_twin
+from tests.fixtures.numerics import TOLERANCE, max_rel_error
 from tests.fixtures.tiny_tree import TEXT_DIM, TINY_BASE, TINY_DISTILLED, random_dit
 from tests.fixtures.vae_fixtures import tiny_vae_2d_config
-from tests.utils import TOLERANCE, max_rel_error
 
 CONFIGS = {"base": TINY_BASE, "distilled": TINY_DISTILLED}
 THRESHOLD = 0.05

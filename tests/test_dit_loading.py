@@ -12,7 +12,8 @@ from hyimage.checkpoints.layout import CheckpointLayout
 from hyimage.errors import CheckpointError
 from hyimage.loading.dit_diffusers_keys import official_to_diffusers
 from hyimage.loading.dit_fused_keys import dit_layout, fused_to_split, split_module_names
-from hyimage.loading.safetensors_io import SafetensorsReader, read_tensor_infos
+from hyimage.loading.safetensors_header import read_tensor_infos
+from hyimage.loading.safetensors_io import SafetensorsReader
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import convert_to_fp8_linear, fp8_linear_modules
 

@@ -17,12 +17,8 @@ from safetensors.torch import save_file
 from transformers import ByT5Tokenizer, Qwen2Config
 
 from hyimage.errors import CheckpointError, NonFiniteWeightError, UnsafeCheckpointError
-from hyimage.loading.safetensors_io import (
-    SafetensorsReader,
-    checkpoint_format,
-    load_safetensors_into,
-    read_tensor_infos,
-)
+from hyimage.loading.safetensors_header import checkpoint_format, read_tensor_infos
+from hyimage.loading.safetensors_io import SafetensorsReader, load_safetensors_into
 from hyimage.models import AutoencoderKLConv3D, HunyuanVAE2D, HYImageDiffusionTransformer
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.reprompt import Reprompter

@@ -8,7 +8,7 @@ import torch
 
 from hyimage import HunyuanImagePipeline
 from hyimage.checkpoints.layout import CheckpointLayout
-from hyimage.loading.safetensors_io import read_tensor_infos
+from hyimage.loading.safetensors_header import read_tensor_infos
 from tests.fixtures.qwen_tokenizer import build_qwen_tokenizer_once
 from tests.fixtures.tiny_tree import TINY_BASE, TINY_DISTILLED, write_dit, write_tiny_tree
 

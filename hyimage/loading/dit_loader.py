@@ -26,17 +26,8 @@ from hyimage.loading.dit_diffusers_keys import diffusers_to_official, is_diffuse
 from hyimage.loading.dit_fused_keys import FUSED, dit_layout, fused_to_split, split_keys, split_module_names
 from hyimage.loading.dit_layouts import comfy_translate, find_prefix, is_comfy_internal, model_keys
 from hyimage.loading.gguf_loader import load_gguf_dit
-from hyimage.loading.safetensors_io import (
-    GetTensor,
-    PathLike,
-    SafetensorsReader,
-    TensorInfo,
-    TensorSource,
-    Translate,
-    is_float8,
-    load_safetensors_into,
-    read_tensor_infos,
-)
+from hyimage.loading.safetensors_header import PathLike, TensorInfo, is_float8, read_tensor_infos
+from hyimage.loading.safetensors_io import GetTensor, SafetensorsReader, TensorSource, Translate, load_safetensors_into
 from hyimage.quantization.fp8 import SCALE_SUFFIX, convert_to_fp8_linear, fp8_linear_modules, quantizing
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from hyimage.errors import CheckpointError
-from hyimage.loading.safetensors_io import PathLike, regular_file_size
+from hyimage.loading.safetensors_header import PathLike, regular_file_size
 from hyimage.quantization.gguf import GGML_TYPES
 
 MAGIC = b"GGUF"

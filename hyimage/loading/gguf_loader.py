@@ -27,7 +27,8 @@ from hyimage.errors import CheckpointError
 from hyimage.loading.dit_fused_keys import dit_layout
 from hyimage.loading.dit_layouts import find_prefix, is_comfy_internal, model_keys, row_pieces
 from hyimage.loading.gguf_header import original_shape, read_gguf_header
-from hyimage.loading.safetensors_io import PathLike, assert_materialized
+from hyimage.loading.safetensors_header import PathLike
+from hyimage.loading.safetensors_io import assert_materialized
 from hyimage.loading.verify import check_finite
 from hyimage.quantization.gguf import GGML_TYPES, PLAIN_TYPES, GGUFLinear, dequantize, row_bytes, type_name
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from hyimage.errors import CheckpointError, UnsafeCheckpointError
-from hyimage.loading.safetensors_io import PathLike, regular_file_size
+from hyimage.loading.safetensors_header import PathLike, regular_file_size
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

@@ -23,7 +23,8 @@ from loguru import logger
 from torch import nn
 
 from hyimage.errors import CheckpointError
-from hyimage.loading.safetensors_io import GetTensor, TensorSource, Translate, load_safetensors_into, regular_file_size
+from hyimage.loading.safetensors_header import regular_file_size
+from hyimage.loading.safetensors_io import GetTensor, TensorSource, Translate, load_safetensors_into
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
 from hyimage.loading.vae_diffusers_keys import (
     DIFFUSERS_CLASS_NAMES,

@@ -11,12 +11,8 @@ import torch
 from loguru import logger
 
 from hyimage.errors import CheckpointError
-from hyimage.loading.safetensors_io import (
-    MAX_HEADER_BYTES,
-    SafetensorsReader,
-    checkpoint_format,
-    regular_file_size,
-)
+from hyimage.loading.safetensors_header import MAX_HEADER_BYTES, checkpoint_format, regular_file_size
+from hyimage.loading.safetensors_io import SafetensorsReader
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict
 from hyimage.loading.verify import check_state_finite
 from hyimage.lora.keys import parse_lora

@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 def _find_flash_varlen() -> Callable | None:
     try:
-        from flash_attn_interface import flash_attn_varlen_func
+        from flash_attn_interface import flash_attn_varlen_func  # deferred: optional (flash-attn 3)
 
         return flash_attn_varlen_func
     except ImportError:
         pass
     try:
-        from flash_attn import flash_attn_varlen_func
+        from flash_attn import flash_attn_varlen_func  # deferred: optional extra hyimage[flash]
 
         return flash_attn_varlen_func
     except ImportError:

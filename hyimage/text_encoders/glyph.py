@@ -27,7 +27,8 @@ from torch import nn
 from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
 
 from hyimage.errors import CheckpointError
-from hyimage.loading.safetensors_io import SafetensorsReader, read_weight_map
+from hyimage.loading.safetensors_header import read_weight_map
+from hyimage.loading.safetensors_io import SafetensorsReader
 from hyimage.loading.torch_io import read_torch_file, tensor_state_dict, transformers_errors
 from hyimage.loading.verify import check_state_finite
 from hyimage.stages import GLYPH_ENCODER

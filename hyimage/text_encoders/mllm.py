@@ -32,13 +32,8 @@ from loguru import logger
 from torch import nn
 
 from hyimage.errors import CheckpointError
-from hyimage.loading.safetensors_io import (
-    GetTensor,
-    TensorSource,
-    load_safetensors_into,
-    read_tensor_infos,
-    read_weight_map,
-)
+from hyimage.loading.safetensors_header import read_tensor_infos, read_weight_map
+from hyimage.loading.safetensors_io import GetTensor, TensorSource, load_safetensors_into
 from hyimage.loading.torch_io import transformers_errors
 from hyimage.stages import TEXT_ENCODER
 from hyimage.text_encoders.templates import PromptTemplate, get_template
@@ -54,7 +49,7 @@ MAX_LAYERS = 1024
 
 def _require_transformers():
     try:
-        from transformers import AutoTokenizer, Qwen2_5_VLConfig
+        from transformers import AutoTokenizer, Qwen2_5_VLConfig  # deferred: transformers is heavy; checked here
         from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
     except ImportError as error:
         raise ImportError(

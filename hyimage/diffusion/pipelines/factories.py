@@ -18,7 +18,7 @@ import hyimage.models as models
 from hyimage.checkpoints.layout import CheckpointLayout
 from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.errors import MissingCheckpointError
-from hyimage.loading.safetensors_io import regular_file_size
+from hyimage.loading.safetensors_header import regular_file_size
 from hyimage.loading.vae_loader import CONFIG_FILE, build_on_meta, read_vae_config
 from hyimage.models.dit.configs import DiTConfig, resolve_dit_config
 from hyimage.models.dit.model import HYImageDiffusionTransformer
