@@ -65,9 +65,9 @@ def run_serve(args: argparse.Namespace) -> int:
     """Load the pipeline (parts on first use), start the worker, serve until interrupted."""
     api_key = check_api_key(args.api_key)
     try:  # deferred: FastAPI and uvicorn are the optional extra hyimage[serve]; only this subcommand needs them
-        import uvicorn
+        import uvicorn  # deferred: the optional extra hyimage[serve]
 
-        from hyimage.serving.app import create_app
+        from hyimage.serving.app import create_app  # deferred: imports FastAPI (hyimage[serve])
     except ImportError as missing:
         raise ValueError(
             f"hyimage serve needs FastAPI and uvicorn ({missing.name} is not installed); "

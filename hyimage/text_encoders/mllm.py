@@ -50,7 +50,9 @@ MAX_LAYERS = 1024
 def _require_transformers():
     try:
         from transformers import AutoTokenizer, Qwen2_5_VLConfig  # deferred: transformers is heavy; checked here
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLTextModel
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (  # deferred: as above
+            Qwen2_5_VLTextModel,
+        )
     except ImportError as error:
         raise ImportError(
             "the MLLM text encoder needs transformers with Qwen2.5-VL support: pip install 'transformers>=4.56'"
