@@ -318,7 +318,7 @@ def test_cache_bytes_covers_what_the_caches_hold() -> None:
 @pytest.mark.parametrize("command", [["generate", "a fox"], ["batch", "prompts.jsonl", "--out", "out"], ["serve"]])
 def test_cli_cache_option(command: list[str], capsys: pytest.CaptureFixture) -> None:
     """`--cache KIND[:k=v,...]` on generate, batch and serve; a wrong option is refused by name at parsing."""
-    from hyimage.cli import build_parser
+    from hyimage.cli.console import build_parser
 
     args = build_parser().parse_args([*command, "--cache", "taylorseer:interval=4,order=2"])
     assert args.cache == ("taylorseer", {"interval": 4, "order": 2, "warmup": 3})
