@@ -75,6 +75,7 @@ class StubResult:
 
 class StubPipe:
     calls: list[str]
+    cache_stats = None  # no step cache (what a real pipeline reports when none is enabled)
 
     def __init__(self) -> None:
         self.calls = []
