@@ -103,3 +103,29 @@ def test_other_comfy_quant_formats_are_refused_by_name(tmp_path: Path) -> None:
     save_file(file, str(path))
     with pytest.raises(CheckpointError, match="nvfp4"):
         load_dit(path, TINY)
+
+
+def test_scaled_fp8_file_with_fp8_embedders_runs(tmp_path: Path) -> None:
+    """A ComfyUI scaled FP8 file that stores every linear outside the blocks as float8 too (time_in, time_r_in,
+    guidance_in, txt_in, final_layer): the timestep features are computed in the model's dtype, not float8."""
+    model = tiny_dit()
+    stored, file = {}, {"diffusion_model.scaled_fp8": torch.empty(0, dtype=E4M3)}
+    for key, tensor in fused_layout(model.state_dict()).items():
+        if key.endswith(".weight") and tensor.ndim == 2 and not key.startswith("byt5_in."):
+            scale = tensor.abs().max() / 448
+            fp8 = (tensor / scale).to(E4M3)
+            file[f"diffusion_model.{key}"] = fp8
+            file[f"diffusion_model.{key[: -len('weight')]}scale_weight"] = scale.reshape(1)
+            stored[key] = fp8.float() * scale
+        else:
+            file[f"diffusion_model.{key}"] = tensor
+            stored[key] = tensor
+    path = tmp_path / "hunyuanimage2.1_distilled_fp8_e4m3fn_scaled.safetensors"
+    save_file(file, str(path))
+    loaded = load_dit(path, TINY, dtype=torch.float32)
+    for name in ("time_in.mlp.0", "time_r_in.mlp.0", "guidance_in.mlp.0", "txt_in.t_embedder.mlp.0"):
+        assert isinstance(loaded.get_submodule(name), FP8Linear), name
+    reference = HYImageDiffusionTransformer(**TINY).eval()
+    reference.load_state_dict(split_by_hand(stored, TINY["hidden_size"]))
+    inputs = tiny_inputs()
+    assert max_rel_error(run(loaded, inputs), run(reference, inputs)) <= 1e-5

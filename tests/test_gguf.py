@@ -1,6 +1,7 @@
 """GGUF DiTs: dequantisers against the `gguf` package and the spec formulas, files written with `gguf`, a pipeline."""
 
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -46,13 +47,15 @@ F16_FIELDS = {
 }
 
 
-def random_blocks(qtype: T, rows: int, columns: int, rng: np.random.Generator) -> np.ndarray:
-    """Random ggml blocks (uint8 rows) with finite, small float16 scales."""
+def random_blocks(
+    qtype: T, rows: int, columns: int, rng: np.random.Generator, amplitude: float = 0.02
+) -> np.ndarray:
+    """Random ggml blocks (uint8 rows) with finite, small float16 scales (|d|, |dmin| <= `amplitude`)."""
     block, size = GGML_QUANT_SIZES[qtype]
     raw = rng.integers(0, 256, size=(rows * columns // block, size), dtype=np.uint8)
     for start in F16_FIELDS[qtype]:
         raw[:, start : start + 2] = (
-            rng.uniform(-0.02, 0.02, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            rng.uniform(-amplitude, amplitude, raw.shape[0]).astype(np.float16).view(np.uint8).reshape(-1, 2)
         )
     return raw.reshape(rows, -1)
 
@@ -159,11 +162,22 @@ def check(block: bytes, qtype: T, expected: list[float]) -> None:
     assert np.allclose(reference, expected, atol=1e-6), qtype.name
 
 
+def is_block_linear(key: str, data: np.ndarray) -> bool:
+    return "blocks" in key and key.endswith(".weight") and data.ndim == 2 and "individual" not in key
+
+
 def write_gguf(
-    model: HYImageDiffusionTransformer, path: Path, qtypes: list[T], prefix: str = "", fused: bool = True
+    model: HYImageDiffusionTransformer,
+    path: Path,
+    qtypes: list[T],
+    prefix: str = "",
+    fused: bool = True,
+    quantise: Callable[[str, np.ndarray], bool] = is_block_linear,
+    amplitude: float = 0.02,
 ) -> dict[str, torch.Tensor]:
-    """Write the model in the fused layout; the block linears' weights take `qtypes` in turn, the rest F32 (as
-    city96's convert tool keeps 1-D and small tensors). Returns the weights as stored (dequantised by gguf)."""
+    """Write the model in the fused layout; the weights `quantise` picks (default: the block linears') take
+    `qtypes` in turn, the rest F32 (as city96's convert tool keeps 1-D and small tensors); K-type blocks are
+    random with scales up to `amplitude`. Returns the weights as stored (dequantised by gguf)."""
     rng = np.random.default_rng(0)
     writer = gguf.GGUFWriter(str(path), "hyvid")
     stored = {}
@@ -172,10 +186,10 @@ def write_gguf(
     for key, tensor in state.items():
         data = tensor.float().numpy()
         kind = T.F32
-        if "blocks" in key and key.endswith(".weight") and data.ndim == 2 and "individual" not in key:
+        if quantise(key, data):
             kind, turn = qtypes[turn % len(qtypes)], turn + 1
         if kind in K_TYPES:
-            raw = random_blocks(kind, *data.shape, rng)
+            raw = random_blocks(kind, *data.shape, rng, amplitude)
         else:
             raw = quants.quantize(data, kind)
         writer.add_tensor(prefix + key, raw, raw_dtype=kind)
@@ -280,3 +294,42 @@ def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
     assert isinstance(dit.single_blocks[0].linear1_q, GGUFLinear)
     with pytest.raises(FileNotFoundError, match="dit_file"):
         _dit_factory(*args, MemoryManager(), None, None, dit_file=tmp_path / "absent.gguf")
+
+
+# What llama-quantize leaves at high precision besides 1-D tensors is its choice; the distilled model's
+# `time_r_in` is quantised like the blocks by every tool, and a user may quantise every linear.
+OUTSIDE_BLOCKS = ("time_in.", "time_r_in.", "guidance_in.", "txt_in.", "img_in.", "final_layer.", "byt5_in.")
+
+
+@pytest.mark.parametrize(
+    "qtype",
+    [t if t in (T.Q8_0, T.Q4_K) else pytest.param(t, marks=pytest.mark.slow) for t in [T.F16, T.BF16, *F16_FIELDS]],
+    ids=lambda t: t.name,
+)
+def test_gguf_with_quantised_embedders_and_final_layer_runs(model, qtype, tmp_path: Path) -> None:
+    """Every 2-D weight whose rows fit the type's blocks is quantised, the embedders and the final layer
+    included (the first forward used to cast the timestep features to the ggml bytes' uint8)."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    path = tmp_path / "all-linears.gguf"
+    stored = write_gguf(
+        model, path, [qtype], quantise=lambda key, data: data.ndim == 2 and data.shape[1] % block == 0, amplitude=1e-4
+    )
+    loaded = load_dit(path, CONFIG.to_dict(), dtype=torch.float32)
+    quantised = {name for name, m in loaded.named_modules() if isinstance(m, GGUFLinear)}
+    if qtype in (T.F16, T.BF16):
+        assert not quantised  # plain types are read as float tensors
+    else:
+        assert {"time_in.mlp.0", "time_r_in.mlp.0", "guidance_in.mlp.2", "txt_in.t_embedder.mlp.0"} <= quantised
+        assert {"final_layer.linear", "final_layer.adaLN_modulation.1"} <= quantised
+        assert any(name.startswith("txt_in.individual_token_refiner") for name in quantised)
+    reference = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+    reference.load_state_dict(stored)
+    inputs = make_inputs(CONFIG)
+    with torch.no_grad():
+        ours = loaded(**inputs)
+        assert ours.dtype == torch.float32
+        assert max_rel_error(ours, reference(**inputs)) <= 1e-5
+    # a bf16 load computes the embedders in bf16, as the released bf16 model does
+    half = {k: v.to(torch.bfloat16) if k.endswith("states") else v for k, v in inputs.items()}
+    with torch.no_grad():
+        assert load_dit(path, CONFIG.to_dict())(**half).dtype == torch.bfloat16

@@ -20,6 +20,7 @@ from loguru import logger
 from torch import nn
 
 from hyimage.lora.keys import LoraUpdate, linear_layers
+from hyimage.models.dit.layers import compute_dtype
 from hyimage.quantization.fp8 import FP8Linear, quantize_per_tensor
 from hyimage.quantization.gguf import GGUFLinear
 
@@ -71,13 +72,6 @@ def _side_branch(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.T
     return output
 
 
-def _lora_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype the layer computes in: its weight's, or its bias's (bf16 without one) for FP8/GGUF."""
-    if layer.weight.is_floating_point() and layer.weight.element_size() > 1:
-        return layer.weight.dtype
-    return layer.bias.dtype if layer.bias is not None else torch.bfloat16
-
-
 def banks(model: nn.Module) -> dict[str, LoraBank]:
     """The LoRA banks of `model` by layer name."""
     return {name: getattr(layer, BANK) for name, layer in linear_layers(model).items() if hasattr(layer, BANK)}
@@ -97,7 +91,7 @@ def add_adapter(model: nn.Module, name: str, updates: list[LoraUpdate], scale: f
         if not hasattr(layer, BANK):
             setattr(layer, BANK, LoraBank())
             layer.register_forward_hook(_side_branch)
-        dtype, device = _lora_dtype(layer), layer.weight.device
+        dtype, device = compute_dtype(layer), layer.weight.device
         getattr(layer, BANK).add(name, update.down.to(device, dtype), update.up.to(device, dtype), scale)
 
 
