@@ -8,31 +8,12 @@ from safetensors.torch import save_file
 from hyimage.loading.dit_loader import load_dit
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
-from tests.fixtures.dit_layouts import fused_layout
+from tests.fixtures.dit_layouts import COMFY_NAMES, fused_layout
 from tests.fixtures.dit_layouts import split_by_hand
 from tests.test_dit_loading import TINY, run, tiny_dit, tiny_inputs
 from tests.utils import max_rel_error
 
 E4M3 = torch.float8_e4m3fn
-# ComfyUI's in-memory names for some official ones (supported_models.HunyuanVideo.process_unet_state_dict)
-COMFY_NAMES = {  # in ComfyUI's order
-    "txt_in.t_embedder.mlp.0.": "txt_in.t_embedder.in_layer.",
-    "txt_in.t_embedder.mlp.2.": "txt_in.t_embedder.out_layer.",
-    "txt_in.c_embedder.linear_1.": "txt_in.c_embedder.in_layer.",
-    "txt_in.c_embedder.linear_2.": "txt_in.c_embedder.out_layer.",
-    "_mod.linear.": "_mod.lin.",
-    "_attn_qkv.": "_attn.qkv.",
-    "mlp.fc1.": "mlp.0.",
-    "mlp.fc2.": "mlp.2.",
-    "_attn_q_norm.weight": "_attn.norm.query_norm.scale",
-    "_attn_k_norm.weight": "_attn.norm.key_norm.scale",
-    ".q_norm.weight": ".norm.query_norm.scale",
-    ".k_norm.weight": ".norm.key_norm.scale",
-    "_attn_proj.": "_attn.proj.",
-    ".modulation.linear.": ".modulation.lin.",
-    "_in.mlp.2.": "_in.out_layer.",
-    "_in.mlp.0.": "_in.in_layer.",
-}
 
 
 def is_block_linear(key: str, tensor: torch.Tensor) -> bool:

@@ -333,3 +333,38 @@ def test_gguf_with_quantised_embedders_and_final_layer_runs(model, qtype, tmp_pa
     half = {k: v.to(torch.bfloat16) if k.endswith("states") else v for k, v in inputs.items()}
     with torch.no_grad():
         assert load_dit(path, CONFIG.to_dict())(**half).dtype == torch.bfloat16
+
+
+def test_gguf_base_takes_comfy_diffs_as_a_side_branch(model, tmp_path: Path) -> None:
+    """ComfyUI's `.diff` (full weight difference) and `.diff_b` on quantised GGUF layers: run beside the ggml weight
+    (it cannot be requantised here), equal to the dequantised weight plus the difference; unload is exact."""
+    from hyimage.lora import LoraMixin
+    from tests.fixtures.comfy_lora import merged_as_comfy
+
+    path = tmp_path / "dit.gguf"
+    stored = write_gguf(model, path, [T.Q8_0, T.Q4_K])
+    loaded = load_dit(path, CONFIG.to_dict(), dtype=torch.float32)
+    assert isinstance(loaded.single_blocks[0].linear1_q, GGUFLinear)
+    g = torch.Generator().manual_seed(5)
+    linear1_rows = 3 * H + model.single_blocks[0].linear1_mlp.out_features
+    lora = {
+        "diffusion_model.single_blocks.0.linear1.diff": (torch.randn(linear1_rows, H, generator=g) * 0.01).half(),
+        "diffusion_model.single_blocks.0.linear1.diff_b": (torch.randn(linear1_rows, generator=g) * 0.1).half(),
+        "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": (torch.randn(3 * H, generator=g) * 0.1).half(),
+    }
+
+    class Holder(LoraMixin):
+        dit, memory = loaded, None
+
+    holder = Holder()
+    inputs = make_inputs(CONFIG)
+    with torch.no_grad():
+        before = loaded(**inputs)
+        holder.load_lora_weights(lora, scale=0.8)
+        expected = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+        expected.load_state_dict(merged_as_comfy(stored, lora, 0.8, H))
+        assert max_rel_error(loaded(**inputs), expected(**inputs)) <= 1e-5
+        with pytest.raises(ValueError, match="GGUF"):
+            holder.fuse_lora()
+        holder.unload_lora_weights()
+        assert torch.equal(loaded(**inputs), before)

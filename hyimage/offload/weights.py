@@ -218,7 +218,7 @@ def _quantize_like_gguf(model: nn.Module, type_name: str) -> None:
 
 @functools.lru_cache(maxsize=16)
 def _dit_layout(config_key: str, fp8: bool, gguf: str | None, dit_file: str | None, file_stamp: Any) -> _DiTLayout:
-    from hyimage.lora.keys import linear_layers
+    from hyimage.lora.keys import adaptable_layers, layer_features, linear_layers
     from hyimage.models.dit.configs import resolve_dit_config
     from hyimage.quantization.fp8 import FP8Linear
     from hyimage.quantization.gguf import GGUFLinear, type_name
@@ -232,7 +232,7 @@ def _dit_layout(config_key: str, fp8: bool, gguf: str | None, dit_file: str | No
     )
     blocks = {f"{name}.{i}.": n for n, (name, i) in enumerate(
         (name, i) for name, block_list in find_block_lists(model) for i in range(len(block_list)))}
-    features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    features = {name: layer_features(layer) for name, layer in adaptable_layers(model).items()}
     fp8 = any(isinstance(layer, FP8Linear) for layer in layers.values())
     return _DiTLayout(module_part(model), fp8, dequant, blocks, features)
 
