@@ -247,8 +247,10 @@ def write_png_atomic(pixels: Any, path: Path, settings: dict) -> None:
             os.fsync(file.fileno())
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:  # a full disk or a file-size limit names no file
+            error.filename = str(path)
         raise
     _fsync_dir(path.parent)
 

@@ -22,6 +22,7 @@ from hyimage.diffusion.pipelines.parts import (
     as_list,
     autocast_dtype,
     cat_padded,
+    check_embedding_widths,
     decode_to_images,
     format_images,
     running,
@@ -30,6 +31,7 @@ from hyimage.diffusion.pipelines.parts import (
     to_uint8,
 )
 from hyimage.diffusion.request import (
+    EMBEDDING_NAMES,
     RequestError,
     check_device,
     check_request,
@@ -323,6 +325,7 @@ class HunyuanImagePipeline(LoraMixin):
         self._check_parts_given(prompt_embeds, negative_prompt_embeds, use_refiner, use_reprompt)
         self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
         dit_cfg = self.parts.config("dit")
+        check_embedding_widths(dit_cfg, {name: request[name] for name in EMBEDDING_NAMES})
         factor = self.parts.config("vae").ffactor_spatial * dit_cfg.patch_size[-1]
 
         prompts = self._prompts(prompt, prompt_embeds)
