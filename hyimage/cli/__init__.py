@@ -209,9 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hyimage.cli.batch import add_batch_parser
     from hyimage.cli.serve import add_serve_parser
+    from hyimage.cli.env import add_env_parser
+    from hyimage.cli.tiny_tree import add_tiny_tree_parser
 
     add_batch_parser(commands)
     add_serve_parser(commands, parents=[common])
+    add_tiny_tree_parser(commands, parents=[common])
+    add_env_parser(commands, parents=[common])
     return parser
 
 
