@@ -23,6 +23,7 @@ def test_the_written_tree_runs_generate(qwen_vocabulary, tmp_path: Path, monkeyp
             "--height", "96", "--steps", "2", "--no-refiner", "-o", str(out), "-q"]
     assert main(argv) == 0
     assert Image.open(out).size == (64, 96)
+    assert "Denoising" not in capsys.readouterr().err  # -q hides the progress bars
 
 
 def test_a_used_folder_is_refused(tmp_path: Path, capsys) -> None:
@@ -40,3 +41,12 @@ def test_module_entry_point_needs_no_pytest(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "DIR" in done.stdout or "directory" in done.stdout
+
+
+@pytest.mark.parametrize("flag", ["-q", "-v", "--debug"])
+def test_log_flags_after_every_subcommand(flag, tmp_path: Path, capsys) -> None:
+    assert main(["plan", "--gpu-gb", "24", "--ram-gb", "64", "--json", flag]) == 0
+    assert main(["env", "--model-root", str(tmp_path), flag]) == 0
+    prompts = tmp_path / "absent.jsonl"  # parsed, then refused for the missing file (not for the flag)
+    assert main(["batch", str(prompts), "--out", str(tmp_path / "out"), "--model-root", str(tmp_path), flag]) == 1
+    assert str(prompts) in capsys.readouterr().err

@@ -205,14 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--repo-id", default=OFFICIAL_REPO,
                           help="the Hub repository holding dit/ and vae/ in the official layout")
     download.set_defaults(run=run_download)
-    add_plan_parser(commands)
+    add_plan_parser(commands, parents=[common])
 
     from hyimage.cli.batch import add_batch_parser
     from hyimage.cli.serve import add_serve_parser
     from hyimage.cli.env import add_env_parser
     from hyimage.cli.tiny_tree import add_tiny_tree_parser
 
-    add_batch_parser(commands)
+    add_batch_parser(commands, parents=[common])
     add_serve_parser(commands, parents=[common])
     add_tiny_tree_parser(commands, parents=[common])
     add_env_parser(commands, parents=[common])
@@ -280,6 +280,7 @@ def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | N
     """The HunyuanImagePipeline that `args`' loading options describe (its parts load on first use)."""
     from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
 
+    options.setdefault("progress_bar", not getattr(args, "quiet", False))  # -q: no progress bars
     return HunyuanImagePipeline.from_pretrained(
         model_name=variant,
         use_fp8=args.fp8,
@@ -339,9 +340,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
+def add_plan_parser(commands: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """Register `hyimage plan` on the CLI's subcommands."""
-    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
+    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)",
+                                 parents=list(parents))
     parser.add_argument("--gpu-gb", type=float, required=True, help="GPU memory to plan for (GiB)")
     parser.add_argument("--ram-gb", type=float, default=None, help="host RAM to plan for (GiB)")
     parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",
