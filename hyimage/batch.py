@@ -324,8 +324,10 @@ def write_png_atomic(pixels: Any, path: Path, settings: dict) -> None:
             os.fchmod(file.fileno(), 0o666 & ~_umask())  # mkstemp makes the file private; give it the usual mode
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        if isinstance(error, OSError) and not error.filename:  # a full disk or a file-size limit names no file
+            error.filename = str(path)
         raise
     _fsync_dir(path.parent)
 

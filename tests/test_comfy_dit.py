@@ -7,32 +7,13 @@ from safetensors.torch import save_file
 
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.quantization.fp8 import FP8Linear
-from tests.fixtures.dit_layouts import fused_layout, split_by_hand
+from tests.fixtures.dit_layouts import COMFY_NAMES, fused_layout, split_by_hand
 from tests.fixtures.dit_loading import TINY, run, tiny_dit, tiny_inputs
 from tests.fixtures.numerics import max_rel_error
 
 load_dit = HYImageDiffusionTransformer.from_single_file
 
 E4M3 = torch.float8_e4m3fn
-# ComfyUI's in-memory names for some official ones (supported_models.HunyuanVideo.process_unet_state_dict)
-COMFY_NAMES = {  # in ComfyUI's order
-    "txt_in.t_embedder.mlp.0.": "txt_in.t_embedder.in_layer.",
-    "txt_in.t_embedder.mlp.2.": "txt_in.t_embedder.out_layer.",
-    "txt_in.c_embedder.linear_1.": "txt_in.c_embedder.in_layer.",
-    "txt_in.c_embedder.linear_2.": "txt_in.c_embedder.out_layer.",
-    "_mod.linear.": "_mod.lin.",
-    "_attn_qkv.": "_attn.qkv.",
-    "mlp.fc1.": "mlp.0.",
-    "mlp.fc2.": "mlp.2.",
-    "_attn_q_norm.weight": "_attn.norm.query_norm.scale",
-    "_attn_k_norm.weight": "_attn.norm.key_norm.scale",
-    ".q_norm.weight": ".norm.query_norm.scale",
-    ".k_norm.weight": ".norm.key_norm.scale",
-    "_attn_proj.": "_attn.proj.",
-    ".modulation.linear.": ".modulation.lin.",
-    "_in.mlp.2.": "_in.out_layer.",
-    "_in.mlp.0.": "_in.in_layer.",
-}
 
 
 def is_block_linear(key: str, tensor: torch.Tensor) -> bool:
@@ -103,3 +84,29 @@ def test_other_comfy_quant_formats_are_refused_by_name(tmp_path: Path) -> None:
     save_file(file, str(path))
     with pytest.raises(CheckpointError, match="nvfp4"):
         load_dit(path, TINY)
+
+
+def test_scaled_fp8_file_with_fp8_embedders_runs(tmp_path: Path) -> None:
+    """A ComfyUI scaled FP8 file that stores every linear outside the blocks as float8 too (time_in, time_r_in,
+    guidance_in, txt_in, final_layer): the timestep features are computed in the model's dtype, not float8."""
+    model = tiny_dit()
+    stored, file = {}, {"diffusion_model.scaled_fp8": torch.empty(0, dtype=E4M3)}
+    for key, tensor in fused_layout(model.state_dict()).items():
+        if key.endswith(".weight") and tensor.ndim == 2 and not key.startswith("byt5_in."):
+            scale = tensor.abs().max() / 448
+            fp8 = (tensor / scale).to(E4M3)
+            file[f"diffusion_model.{key}"] = fp8
+            file[f"diffusion_model.{key[: -len('weight')]}scale_weight"] = scale.reshape(1)
+            stored[key] = fp8.float() * scale
+        else:
+            file[f"diffusion_model.{key}"] = tensor
+            stored[key] = tensor
+    path = tmp_path / "hunyuanimage2.1_distilled_fp8_e4m3fn_scaled.safetensors"
+    save_file(file, str(path))
+    loaded = load_dit(path, TINY, dtype=torch.float32)
+    for name in ("time_in.mlp.0", "time_r_in.mlp.0", "guidance_in.mlp.0", "txt_in.t_embedder.mlp.0"):
+        assert isinstance(loaded.get_submodule(name), FP8Linear), name
+    reference = HYImageDiffusionTransformer(**TINY).eval()
+    reference.load_state_dict(split_by_hand(stored, TINY["hidden_size"]))
+    inputs = tiny_inputs()
+    assert max_rel_error(run(loaded, inputs), run(reference, inputs)) <= 1e-5

@@ -216,3 +216,77 @@ def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
     assert isinstance(dit.single_blocks[0].linear1_q, GGUFLinear)
     with pytest.raises(FileNotFoundError, match="dit_file"):
         _dit_factory(*args, MemoryManager(), None, None, dit_file=tmp_path / "absent.gguf")
+
+
+# What llama-quantize leaves at high precision besides 1-D tensors is its choice; the distilled model's
+# `time_r_in` is quantised like the blocks by every tool, and a user may quantise every linear.
+OUTSIDE_BLOCKS = ("time_in.", "time_r_in.", "guidance_in.", "txt_in.", "img_in.", "final_layer.", "byt5_in.")
+
+
+@pytest.mark.parametrize(
+    "qtype",
+    [t if t in (T.Q8_0, T.Q4_K) else pytest.param(t, marks=pytest.mark.slow) for t in [T.F16, T.BF16, *F16_FIELDS]],
+    ids=lambda t: t.name,
+)
+def test_gguf_with_quantised_embedders_and_final_layer_runs(model, qtype, tmp_path: Path) -> None:
+    """Every 2-D weight whose rows fit the type's blocks is quantised, the embedders and the final layer
+    included (the first forward used to cast the timestep features to the ggml bytes' uint8)."""
+    block = GGML_QUANT_SIZES[qtype][0]
+    path = tmp_path / "all-linears.gguf"
+    stored = write_gguf(
+        model, path, [qtype], quantise=lambda key, data: data.ndim == 2 and data.shape[1] % block == 0, amplitude=1e-4
+    )
+    loaded = load_dit(path, CONFIG.to_dict(), dtype=torch.float32)
+    quantised = {name for name, m in loaded.named_modules() if isinstance(m, GGUFLinear)}
+    if qtype in (T.F16, T.BF16):
+        assert not quantised  # plain types are read as float tensors
+    else:
+        assert {"time_in.mlp.0", "time_r_in.mlp.0", "guidance_in.mlp.2", "txt_in.t_embedder.mlp.0"} <= quantised
+        assert {"final_layer.linear", "final_layer.adaLN_modulation.1"} <= quantised
+        assert any(name.startswith("txt_in.individual_token_refiner") for name in quantised)
+    reference = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+    reference.load_state_dict(stored)
+    inputs = make_inputs(CONFIG)
+    with torch.no_grad():
+        ours = loaded(**inputs)
+        assert ours.dtype == torch.float32
+        assert max_rel_error(ours, reference(**inputs)) <= 1e-5
+    # a bf16 load computes the embedders in bf16, as the released bf16 model does
+    half = {k: v.to(torch.bfloat16) if k.endswith("states") else v for k, v in inputs.items()}
+    with torch.no_grad():
+        assert load_dit(path, CONFIG.to_dict())(**half).dtype == torch.bfloat16
+
+
+def test_gguf_base_takes_comfy_diffs_as_a_side_branch(model, tmp_path: Path) -> None:
+    """ComfyUI's `.diff` (full weight difference) and `.diff_b` on quantised GGUF layers: run beside the ggml weight
+    (it cannot be requantised here), equal to the dequantised weight plus the difference; unload is exact."""
+    from hyimage.lora import LoraMixin
+    from tests.fixtures.comfy_lora import merged_as_comfy
+
+    path = tmp_path / "dit.gguf"
+    stored = write_gguf(model, path, [T.Q8_0, T.Q4_K])
+    loaded = load_dit(path, CONFIG.to_dict(), dtype=torch.float32)
+    assert isinstance(loaded.single_blocks[0].linear1_q, GGUFLinear)
+    g = torch.Generator().manual_seed(5)
+    linear1_rows = 3 * H + model.single_blocks[0].linear1_mlp.out_features
+    lora = {
+        "diffusion_model.single_blocks.0.linear1.diff": (torch.randn(linear1_rows, H, generator=g) * 0.01).half(),
+        "diffusion_model.single_blocks.0.linear1.diff_b": (torch.randn(linear1_rows, generator=g) * 0.1).half(),
+        "diffusion_model.double_blocks.0.img_attn.qkv.diff_b": (torch.randn(3 * H, generator=g) * 0.1).half(),
+    }
+
+    class Holder(LoraMixin):
+        dit, memory = loaded, None
+
+    holder = Holder()
+    inputs = make_inputs(CONFIG)
+    with torch.no_grad():
+        before = loaded(**inputs)
+        holder.load_lora_weights(lora, scale=0.8)
+        expected = HYImageDiffusionTransformer(**CONFIG.to_dict()).eval()
+        expected.load_state_dict(merged_as_comfy(stored, lora, 0.8, H))
+        assert max_rel_error(loaded(**inputs), expected(**inputs)) <= 1e-5
+        with pytest.raises(ValueError, match="GGUF"):
+            holder.fuse_lora()
+        holder.unload_lora_weights()
+        assert torch.equal(loaded(**inputs), before)

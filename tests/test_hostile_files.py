@@ -438,3 +438,14 @@ def test_text_encoder_depth_is_checked_before_building(tmp_path, layers):
     (tmp_path / "config.json").write_text(json.dumps(dict(tiny_config(), num_hidden_layers=layers)))
     with pytest.raises(CheckpointError, match="config.json: num_hidden_layers must be an integer"):
         MLLMTextEncoder.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "32"), ("rms_norm_eps", "small")])
+def test_text_encoder_config_with_a_wrong_type_names_the_file(tmp_path, field, value):
+    from tests.fixtures.tiny_qwen import tiny_config
+
+    llm = tmp_path / "text_encoder" / "llm"
+    llm.mkdir(parents=True)
+    (llm / "config.json").write_text(json.dumps(dict(tiny_config(), **{field: value})))
+    with pytest.raises(CheckpointError, match=rf"text_encoder/llm/config.json: .*{field}"):
+        MLLMTextEncoder.from_pretrained(llm)

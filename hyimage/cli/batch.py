@@ -1,6 +1,7 @@
 """The `hyimage batch` subcommand: its arguments and its runner (the job itself is `hyimage.batch`)."""
 
 import argparse
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -41,10 +42,11 @@ from hyimage.parallel.state import ParallelConfig, ParallelState, launched_by_to
 from hyimage.variants import BASE_DEFAULTS, DISTILLED_DEFAULTS, VARIANT_ALIASES
 
 
-def add_batch_parser(commands: Any) -> None:
+def add_batch_parser(commands: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> None:
     """Register `hyimage batch` on the CLI's subcommands."""
     batch = commands.add_parser(
-        "batch", help="draw every prompt of a JSONL file into a folder (resumable; data-parallel under torchrun)"
+        "batch", help="draw every prompt of a JSONL file into a folder (resumable; data-parallel under torchrun)",
+        parents=list(parents),
     )
     batch.add_argument("prompts", type=Path, help="one JSON object per line: prompt, negative_prompt, seed, width, "
                                                   "height, steps, guidance_scale, name")
@@ -102,7 +104,8 @@ def run_batch(args: argparse.Namespace) -> int:
                       args.model_root)
         records = read_results(args.out) if first else {}
         todo = [job for job, entry in zip(jobs, lines) if not is_complete(args.out, entry, records)]
-        progress = JobProgress(args.out, len(jobs), len(jobs) - len(todo), enabled=first)
+        quiet = getattr(args, "quiet", False)  # -q: no progress bar
+        progress = JobProgress(args.out, len(jobs), len(jobs) - len(todo), enabled=first and not quiet)
         if state is not None:  # one plan for all ranks: rank 0's (its scan, its random seeds)
             shared = [todo]
             dist.broadcast_object_list(shared, src=0)

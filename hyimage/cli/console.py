@@ -23,10 +23,12 @@ from loguru import logger
 from hyimage import __version__
 from hyimage.cli.batch import add_batch_parser
 from hyimage.cli.download import add_download_parser
+from hyimage.cli.env import add_env_parser
 from hyimage.cli.generate import add_generate_parser
 from hyimage.cli.plan import add_plan_parser
 from hyimage.cli.refine import add_refine_parser
 from hyimage.cli.serve import add_serve_parser
+from hyimage.cli.tiny_tree import add_tiny_tree_parser
 from hyimage.errors import DownloadError, NonFiniteError
 
 LOG_FORMAT = "<green>{time:HH:mm:ss}</green> <level>{level: <7}</level> {message}"
@@ -107,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_parser(commands, parents=[common])
     add_refine_parser(commands, parents=[common])
     add_download_parser(commands, parents=[common])
-    add_plan_parser(commands)
-    add_batch_parser(commands)
+    add_plan_parser(commands, parents=[common])
+    add_batch_parser(commands, parents=[common])
     add_serve_parser(commands, parents=[common])
+    add_tiny_tree_parser(commands, parents=[common])
+    add_env_parser(commands, parents=[common])
     return parser

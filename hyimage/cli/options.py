@@ -107,6 +107,7 @@ def load_loras(pipe: Any, loras: list[tuple[Path, float]]) -> None:
 
 def pipeline_from_args(args: argparse.Namespace, variant: str, reprompt: str | None, **options: Any) -> Any:
     """The HunyuanImagePipeline that `args`' loading options describe (its parts load on first use)."""
+    options.setdefault("progress_bar", not getattr(args, "quiet", False))  # -q: no progress bars
     pipe = HunyuanImagePipeline.from_pretrained(
         model_name=variant,
         use_fp8=args.fp8,

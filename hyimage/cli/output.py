@@ -1,6 +1,5 @@
 """Where the images go: output paths, refusing to overwrite, and PNG files with the settings as metadata."""
 
-import errno
 import os
 from pathlib import Path
 from typing import Any
@@ -56,6 +55,6 @@ def save_png(image: Any, path: Path, settings: dict) -> None:
         os.replace(partial, path)
     except OSError as error:
         partial.unlink(missing_ok=True)
-        if error.errno == errno.ENOSPC and not error.filename:
+        if not error.filename:  # a full disk or a file-size limit hit while writing names no file
             error.filename = str(path)
         raise

@@ -2,6 +2,7 @@
 
 import argparse
 import json
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,10 @@ from hyimage.offload.request import PlanRequest, lora_layout
 from hyimage.variants import VARIANT_ALIASES
 
 
-def add_plan_parser(commands: Any) -> argparse.ArgumentParser:
+def add_plan_parser(commands: Any, parents: Sequence[argparse.ArgumentParser] = ()) -> argparse.ArgumentParser:
     """Register `hyimage plan` on the CLI's subcommands."""
-    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)")
+    parser = commands.add_parser("plan", help="the memory plan per stage for a GPU and host budget (loads nothing)",
+                                 parents=list(parents))
     parser.add_argument("--gpu-gb", type=gigabytes(), required=True, help="GPU memory to plan for (GiB)")
     parser.add_argument("--ram-gb", type=gigabytes(), default=None, help="host RAM to plan for (GiB)")
     parser.add_argument("--variant", default="base", help="base (default, as `hyimage generate`) or distilled",

@@ -227,6 +227,7 @@ def _prompt_count(namer: _Namer, args: Mapping[str, Any], image_count: int | Non
         raise namer.error(
             "prompt", f"must be a string or a list of strings, got {_type_name(prompt)}", RequestTypeError
         )
+    _check_encodable(namer, "prompt", prompts)
     if prompts is None and embeds is None:
         raise namer.error(
             "prompt", "is missing; pass a string, a list of strings, or `prompt_embeds` with `prompt_embeds_mask`"
@@ -258,7 +259,23 @@ def _prompt_count(namer: _Namer, args: Mapping[str, Any], image_count: int | Non
                 "negative_prompt",
                 f"has {len(negative)} entries but there are {n} prompts; pass one per prompt or a single string",
             )
+    _check_encodable(namer, "negative_prompt", [negative] if isinstance(negative, str) else negative)
     return n
+
+
+def _check_encodable(namer: _Namer, name: str, texts: Sequence[str] | None) -> None:
+    """Refuse text holding a lone surrogate (what Python makes of bytes that are not UTF-8, e.g. from a shell),
+    which no tokenizer takes, naming the entry and the character position."""
+    for entry, text in enumerate(texts or []):
+        position = next((i for i, c in enumerate(text) if "\ud800" <= c <= "\udfff"), None)
+        if position is not None:
+            where = f"entry {entry} " if len(texts) > 1 else ""
+            raise namer.error(
+                name,
+                f"{where}holds an unpaired surrogate U+{ord(text[position]):04X} at character {position} (after "
+                f"{text[max(0, position - 20):position]!r}): it is not valid text, usually bytes that are not UTF-8; "
+                "pass the prompt as UTF-8",
+            )
 
 
 def _check_seeds(namer: _Namer, seed: Any, generator: Any, batch: int) -> None:

@@ -16,12 +16,16 @@ from pathlib import Path
 from pickle import UnpicklingError
 from typing import Any
 
+import huggingface_hub.errors
 import torch
 
 from hyimage.errors import CheckpointError, UnsafeCheckpointError
 from hyimage.loading.safetensors_header import PathLike, regular_file_size
 
 TORCH_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# transformers' configs are strict dataclasses from huggingface_hub 0.34 on; none before (catches nothing then)
+STRICT_FIELD_ERRORS = tuple(getattr(huggingface_hub.errors, name) for name in ("StrictDataclassError",)
+                            if hasattr(huggingface_hub.errors, name))
 
 
 def _unsafe_reason(error: BaseException) -> str:
@@ -96,13 +100,20 @@ def _chain(error: BaseException) -> Iterator[BaseException]:
 
 
 @contextlib.contextmanager
-def transformers_errors(folder: PathLike, what: str) -> Iterator[None]:
-    """Re-raise what transformers' `from_pretrained` raises on a bad `folder` as a CheckpointError naming it."""
+def transformers_errors(folder: PathLike, what: str, file: str | None = None) -> Iterator[None]:
+    """Re-raise what transformers' `from_pretrained` raises on a bad `folder` as a CheckpointError naming it (and
+    `file` in it, when the error can only come from that file: a config.json with a wrong field type)."""
     folder = Path(folder)
     try:
         yield
     except (torch.OutOfMemoryError, MemoryError, ImportError, CheckpointError):
         raise
+    except STRICT_FIELD_ERRORS as error:  # a field of the wrong type (transformers' configs are strict dataclasses)
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise CheckpointError(
+            f"{folder / file if file else folder}: the {what} has a field of the wrong type ({detail}); fix the "
+            "value or download the file again"
+        ) from error
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, EOFError, UnpicklingError) as error:
         unpickling = next((e for e in _chain(error) if isinstance(e, pickle.UnpicklingError)), None)
         if unpickling is not None and ("GLOBAL" in str(unpickling) or "Unsupported" in str(unpickling)):

@@ -1,15 +1,20 @@
-"""LoRA adapters on a model's linear layers, run as a side branch or fused into the weights.
+"""LoRA adapters on a model's layers, run as a side branch or fused into the weights.
 
-Each targeted layer (nn.Linear, FP8Linear or GGUFLinear) gets a child `lora` (a `LoraBank`) holding, per
-adapter, `down` (A), `up` (B, alpha/rank folded in) and `scale`, all non-persistent buffers: the model's
-state dict is unchanged, and they move with the layer (`.to()`, model offload, block streaming). A forward
-hook adds `scale * (x @ A^T) @ B^T` to the layer's output, so FP8 and GGUF weights are never dequantised
-for good. `scale` is a 0-dim tensor updated in place, so a compiled model (`torch.compile`) does not
+Each targeted layer (nn.Linear, FP8Linear, GGUFLinear, a convolution, a LayerNorm) gets a child `lora` (a
+`LoraBank`) holding, per adapter, `down` (A), `up` (B, alpha/rank folded in; rank 0 when the adapter has no
+low-rank pair there), optionally `diff` (a full weight difference) and `diff_b` (a bias difference), and `scale`,
+all non-persistent buffers: the model's state dict is unchanged, and they move with the layer (`.to()`, model
+offload, block streaming). A forward hook adds the adapters to the layer's output: `scale * up(down(x))`, plus
+`scale * layer_with_weight(diff)(x)` and `scale * diff_b` (the layer is linear in its weight and bias, a LayerNorm
+too: LN(x; w + d, b) = LN(x; w, b) + LN(x; d, 0)). So FP8 and GGUF weights are never dequantised for good, and a
+`.diff` on a quantised weight runs as a dense side branch in the compute dtype: exact, at the memory of one
+unquantised weight per such layer (GGUF cannot be requantised in torch, and folding it into FP8 would round it to
+3 mantissa bits). `scale` is a 0-dim tensor updated in place, so a compiled model (`torch.compile`) does not
 recompile when only a scale changes.
 
-Fusing adds `scale * B @ A` to the weights (in float32, then back to the weight's dtype; an FP8 weight is
-requantised per tensor with a new scale) and keeps the original weights in host memory, so unfusing
-restores them bit for bit. GGUF weights cannot be requantised in torch: fusing them is refused.
+Fusing adds `scale * (B @ A + diff)` to the weights and `scale * diff_b` to the biases (in float32, then back to
+their dtype; an FP8 weight is requantised per tensor with a new scale) and keeps the original tensors in host
+memory, so unfusing restores them bit for bit. GGUF weights cannot be requantised in torch: fusing them is refused.
 """
 
 from collections.abc import Iterable
@@ -19,7 +24,8 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
-from hyimage.lora.keys import LoraUpdate, linear_layers
+from hyimage.lora.keys import LoraUpdate, adaptable_layers
+from hyimage.models.dit.layers import compute_dtype
 from hyimage.quantization.fp8 import FP8Linear, quantize_per_tensor
 from hyimage.quantization.gguf import GGUFLinear
 
@@ -27,7 +33,8 @@ BANK = "lora"
 
 
 class LoraBank(nn.Module):
-    """The adapters of one linear layer: `<name>_down`, `<name>_up`, `<name>_scale` buffers (not saved)."""
+    """The adapters of one layer: `<name>_down`, `<name>_up`, `<name>_scale` and the optional `<name>_diff`,
+    `<name>_diff_b` buffers (not saved)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -35,59 +42,103 @@ class LoraBank(nn.Module):
         self.branch: list[str] = []
         self.backup: dict[str, torch.Tensor] | None = None
 
-    def add(self, name: str, down: torch.Tensor, up: torch.Tensor, scale: float) -> None:
-        self.register_buffer(f"{name}_down", down, persistent=False)
-        self.register_buffer(f"{name}_up", up, persistent=False)
-        self.register_buffer(f"{name}_scale", torch.tensor(float(scale)), persistent=False)
+    def add(self, name: str, update: LoraUpdate, scale: float, device: torch.device, dtype: torch.dtype) -> None:
+        self.register_buffer(f"{name}_down", update.down.to(device, dtype), persistent=False)
+        self.register_buffer(f"{name}_up", update.up.to(device, dtype), persistent=False)
+        for part in ("diff", "diff_b"):
+            if getattr(update, part) is not None:
+                self.register_buffer(f"{name}_{part}", getattr(update, part).to(device, dtype), persistent=False)
+        self.register_buffer(f"{name}_scale", torch.tensor(float(scale), device=device), persistent=False)
         self.names.append(name)
         self.branch.append(name)
 
     def remove(self, name: str) -> None:
-        for part in ("down", "up", "scale"):
-            del self._buffers[f"{name}_{part}"]
+        for part in ("down", "up", "diff", "diff_b", "scale"):
+            self._buffers.pop(f"{name}_{part}", None)
         self.names.remove(name)
         if name in self.branch:
             self.branch.remove(name)
 
-    def delta(self, names: Iterable[str], device: torch.device) -> torch.Tensor:
-        """sum of scale * up @ down over `names`, in float32 on `device`."""
+    def part(self, name: str, part: str) -> torch.Tensor | None:
+        """One adapter's `down`, `up`, `diff`, `diff_b` or `scale`; None for a part it lacks (or a rank-0 pair)."""
+        tensor = self._buffers.get(f"{name}_{part}")
+        return None if tensor is None or tensor.numel() == 0 else tensor
+
+    def delta(self, names: Iterable[str], device: torch.device, shape: torch.Size) -> torch.Tensor | None:
+        """sum of scale * (up @ down + diff) over `names`, in float32 on `device`, shaped `shape` (None: none)."""
         total = None
         for name in names:
-            up = self._buffers[f"{name}_up"].to(device, torch.float32)
-            down = self._buffers[f"{name}_down"].to(device, torch.float32)
-            term = self._buffers[f"{name}_scale"].to(device, torch.float32) * (up @ down)
-            total = term if total is None else total + term
+            scale = self._buffers[f"{name}_scale"].to(device, torch.float32)
+            up, down, diff = self.part(name, "up"), self.part(name, "down"), self.part(name, "diff")
+            for term in (
+                None if up is None else (up.to(device, torch.float32) @ down.to(device, torch.float32)),
+                diff,
+            ):
+                if term is not None:
+                    term = scale * term.to(device, torch.float32).reshape(shape)
+                    total = term if total is None else total + term
         return total
+
+    def bias_delta(self, names: Iterable[str], device: torch.device) -> torch.Tensor | None:
+        """sum of scale * diff_b over `names`, in float32 on `device` (None: none)."""
+        terms = [
+            self._buffers[f"{name}_scale"].to(device, torch.float32) * diff_b.to(device, torch.float32)
+            for name in names
+            if (diff_b := self.part(name, "diff_b")) is not None
+        ]
+        return sum(terms) if terms else None
+
+
+def _with_weight(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The layer's output for `x` with `weight` in place of its own and no bias."""
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(layer.kernel_size) - 1]
+        weight = weight.reshape(weight.shape[0], *layer.weight.shape[1:])
+        return conv(x, weight, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    if isinstance(layer, nn.LayerNorm):
+        return F.layer_norm(x, layer.normalized_shape, weight, None, layer.eps)
+    return F.linear(x, weight)
+
+
+def _low_rank(layer: nn.Module, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """up(down(x)): through the layer's own operation with A, then a 1x1 (or plain linear) B."""
+    hidden = _with_weight(layer, x, down)
+    if isinstance(layer, nn.modules.conv._ConvNd):
+        conv = (F.conv1d, F.conv2d, F.conv3d)[len(layer.kernel_size) - 1]
+        return conv(hidden, up.reshape(*up.shape, *[1] * len(layer.kernel_size)))
+    return F.linear(hidden, up)
 
 
 def _side_branch(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    """Forward hook: add each unfused adapter's scale * (x @ A^T) @ B^T to the layer's output."""
+    """Forward hook: add each unfused adapter's update to the layer's output."""
     bank = getattr(layer, BANK)
     x = args[0]
     for name in bank.branch:
-        down = bank._buffers[f"{name}_down"].to(x.dtype)
-        up = bank._buffers[f"{name}_up"].to(x.dtype)
-        output = output + F.linear(F.linear(x, down), up) * bank._buffers[f"{name}_scale"].to(x.dtype)
+        scale = bank._buffers[f"{name}_scale"].to(x.dtype)
+        down, up = bank.part(name, "down"), bank.part(name, "up")
+        if up is not None:
+            output = output + _low_rank(layer, x, down.to(x.dtype), up.to(x.dtype)) * scale
+        diff = bank.part(name, "diff")
+        if diff is not None:
+            output = output + _with_weight(layer, x, diff.to(x.dtype)) * scale
+        diff_b = bank.part(name, "diff_b")
+        if diff_b is not None:
+            channels_first = isinstance(layer, nn.modules.conv._ConvNd)
+            shape = (-1, *[1] * len(layer.kernel_size)) if channels_first else (-1,)
+            output = output + diff_b.to(x.dtype).reshape(shape) * scale
     return output
-
-
-def _lora_dtype(layer: nn.Module) -> torch.dtype:
-    """The dtype the layer computes in: its weight's, or its bias's (bf16 without one) for FP8/GGUF."""
-    if layer.weight.is_floating_point() and layer.weight.element_size() > 1:
-        return layer.weight.dtype
-    return layer.bias.dtype if layer.bias is not None else torch.bfloat16
 
 
 def banks(model: nn.Module) -> dict[str, LoraBank]:
     """The LoRA banks of `model` by layer name."""
-    return {name: getattr(layer, BANK) for name, layer in linear_layers(model).items() if hasattr(layer, BANK)}
+    return {name: getattr(layer, BANK) for name, layer in adaptable_layers(model).items() if hasattr(layer, BANK)}
 
 
 def add_adapter(model: nn.Module, name: str, updates: list[LoraUpdate], scale: float) -> None:
     """Attach one adapter's updates to `model`'s layers (on each layer's device, in its compute dtype)."""
     if not name.isidentifier():
         raise ValueError(f"adapter_name {name!r} must be a Python identifier (letters, digits, _)")
-    layers = linear_layers(model)
+    layers = adaptable_layers(model)
     if not hasattr(model, "lora_order"):
         model.lora_order = []
     if name not in model.lora_order:
@@ -97,8 +148,7 @@ def add_adapter(model: nn.Module, name: str, updates: list[LoraUpdate], scale: f
         if not hasattr(layer, BANK):
             setattr(layer, BANK, LoraBank())
             layer.register_forward_hook(_side_branch)
-        dtype, device = _lora_dtype(layer), layer.weight.device
-        getattr(layer, BANK).add(name, update.down.to(device, dtype), update.up.to(device, dtype), scale)
+        getattr(layer, BANK).add(name, update, scale, layer.weight.device, compute_dtype(layer))
 
 
 def adapter_names(model: nn.Module) -> list[str]:
@@ -122,7 +172,7 @@ def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
 
 def fuse(model: nn.Module, names: Iterable[str] | None = None) -> int:
     """Add the named (default: all) adapters' updates into the weights; returns the layers changed."""
-    layers = linear_layers(model)
+    layers = adaptable_layers(model)
     chosen = {name: [n for n in bank.branch if names is None or n in names] for name, bank in banks(model).items()}
     gguf = [name for name, fused in chosen.items() if fused and isinstance(layers[name], GGUFLinear)]
     if gguf:
@@ -138,15 +188,21 @@ def fuse(model: nn.Module, names: Iterable[str] | None = None) -> int:
         if bank.backup is not None:
             raise ValueError(f"{layer_name} has fused adapters already; call unfuse_lora() first")
         weight = layer.weight.data
-        delta = bank.delta(fused, weight.device)
-        if isinstance(layer, FP8Linear):
-            bank.backup = {"weight": weight.cpu().clone(), "weight_scale": layer.weight_scale.data.cpu().clone()}
+        delta = bank.delta(fused, weight.device, weight.shape)
+        bias_delta = bank.bias_delta(fused, weight.device)
+        bank.backup = {}
+        if bias_delta is not None:
+            bank.backup["bias"] = layer.bias.data.cpu().clone()
+            layer.bias.data = (layer.bias.data.float() + bias_delta.to(layer.bias.device)).to(layer.bias.dtype)
+        if delta is not None:
+            bank.backup["weight"] = weight.cpu().clone()
+        if delta is not None and isinstance(layer, FP8Linear):
+            bank.backup["weight_scale"] = layer.weight_scale.data.cpu().clone()
             merged = weight.float() * layer.weight_scale.data.float() + delta
             quantized, scale = quantize_per_tensor(merged)
             layer.weight.data, layer.weight_scale.data = quantized, scale.to(layer.weight_scale.device)
             fp8 += 1
-        else:
-            bank.backup = {"weight": weight.cpu().clone()}
+        elif delta is not None:
             layer.weight.data = (weight.float() + delta).to(weight.dtype)
         bank.branch = [name for name in bank.branch if name not in fused]
     if fp8:
@@ -156,7 +212,7 @@ def fuse(model: nn.Module, names: Iterable[str] | None = None) -> int:
 
 def unfuse(model: nn.Module) -> None:
     """Put back the weights saved by `fuse` and run the adapters as a side branch again."""
-    layers = linear_layers(model)
+    layers = adaptable_layers(model)
     for layer_name, bank in banks(model).items():
         if bank.backup is None:
             continue
@@ -170,7 +226,7 @@ def unfuse(model: nn.Module) -> None:
 def remove_adapters(model: nn.Module, names: Iterable[str] | None = None) -> None:
     """Detach the named adapters (default: all), unfusing first; layers left without adapters lose their bank."""
     unfuse(model)
-    for layer_name, layer in linear_layers(model).items():
+    for layer_name, layer in adaptable_layers(model).items():
         if not hasattr(layer, BANK):
             continue
         bank = getattr(layer, BANK)

@@ -22,7 +22,7 @@ from torch import nn
 
 from hyimage.loading.dit_loader import is_gguf, safetensors_dit_on_meta
 from hyimage.loading.gguf_loader import gguf_dit_on_meta
-from hyimage.lora.keys import linear_layers
+from hyimage.lora.keys import adaptable_layers, layer_features, linear_layers
 from hyimage.lora.layers import adapter_names, banks
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.models.dit.model import HYImageDiffusionTransformer
@@ -147,7 +147,7 @@ def _dit_layout(config: DiTConfig, fp8: bool, gguf: str | None, dit_file: str | 
     )
     blocks = {f"{name}.{i}.": n for n, (name, i) in enumerate(
         (name, i) for name, block_list in find_block_lists(model) for i in range(len(block_list)))}
-    features = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    features = {name: layer_features(layer) for name, layer in adaptable_layers(model).items()}
     fp8 = any(isinstance(layer, FP8Linear) for layer in layers.values())
     return _DiTLayout(module_part(model), fp8, dequant, blocks, features)
 

@@ -117,6 +117,11 @@ class FP8Linear(nn.Module):
             fp8.weight_scale = nn.Parameter(scale, requires_grad=False)
         return fp8
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype to feed this layer when the caller has no other: the bias's (the model's load dtype)."""
+        return self.bias.dtype if self.bias is not None else torch.bfloat16
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return self.weight.to(dtype) * self.weight_scale.to(dtype)
 

@@ -233,6 +233,11 @@ class GGUFLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype to feed this layer when the caller has no other: the bias's (the model's load dtype)."""
+        return self.bias.dtype if self.bias is not None else torch.bfloat16
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize(self.weight, self.type_id, (self.out_features, self.in_features), dtype)
 

@@ -126,7 +126,7 @@ class GlyphByT5Encoder(nn.Module):
                     "`modelscope download --model AI-ModelScope/Glyph-SDXL-v2 --local_dir <ckpts>/text_encoder/Glyph-SDXL-v2`"
                 )
         tokenizer = build_glyph_tokenizer(byt5_dir, glyph_dir)
-        with transformers_errors(byt5_dir, "ByT5 configuration"):
+        with transformers_errors(byt5_dir, "ByT5 configuration", file="config.json"):
             config = T5Config.from_pretrained(os.fspath(byt5_dir))
         state = load_glyph_state_dict(glyph_dir / CHECKPOINT_FILE)
         if verify:
@@ -151,7 +151,7 @@ class GlyphByT5Encoder(nn.Module):
                 raise FileNotFoundError(f"{needed} not found; {directory} is not a diffusers HunyuanImage-2.1 folder")
         with transformers_errors(tokenizer_dir, "ByT5 tokenizer"):
             tokenizer = ByT5Tokenizer.from_pretrained(os.fspath(tokenizer_dir))
-        with transformers_errors(encoder_dir, "ByT5 configuration"):
+        with transformers_errors(encoder_dir, "ByT5 configuration", file="config.json"):
             config = T5Config.from_pretrained(os.fspath(encoder_dir))
         state = _read_safetensors_folder(encoder_dir)
         if verify:

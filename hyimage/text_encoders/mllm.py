@@ -174,7 +174,7 @@ class MLLMTextEncoder(nn.Module):
                 f"{path / 'config.json'} not found: pass the Qwen2.5-VL-7B-Instruct folder (ckpts/text_encoder/llm)"
             )
         _check_depth(path / "config.json")
-        with transformers_errors(path, "Qwen2.5-VL configuration"):
+        with transformers_errors(path, "Qwen2.5-VL configuration", file="config.json"):
             config = copy.deepcopy(Qwen2_5_VLConfig.from_pretrained(path).text_config)
         config.num_hidden_layers -= HIDDEN_STATE_SKIP_LAYER
         config.layer_types = config.layer_types[: config.num_hidden_layers]

@@ -24,6 +24,7 @@ from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
+    check_embedding_widths,
     decode_to_images,
     format_images,
     running,
@@ -32,7 +33,7 @@ from hyimage.diffusion.pipelines.parts import (
     to_uint8,
 )
 from hyimage.diffusion.pipelines.sizes import resolve_size, size_from_latents
-from hyimage.diffusion.request import check_device, check_request, plain_seed, refuse_unknown_keywords
+from hyimage.diffusion.request import EMBEDDING_NAMES, check_device, check_request, plain_seed, refuse_unknown_keywords
 from hyimage.diffusion.sampling import (
     StepCallback,
     initial_noise,
@@ -222,6 +223,7 @@ class HunyuanImagePipeline(LoraMixin, CacheMixin):
         self._check_parts_given(prompt_embeds, negative_prompt_embeds, use_refiner, use_reprompt)
         self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
         dit_cfg = self.parts.config("dit")
+        check_embedding_widths(dit_cfg, {name: request[name] for name in EMBEDDING_NAMES})
         factor = self.parts.config("vae").ffactor_spatial * dit_cfg.patch_size[-1]
 
         prompts = self._prompts(prompt, prompt_embeds)

@@ -23,6 +23,7 @@ from hyimage.diffusion.pipelines.parts import (
     Parts,
     as_list,
     autocast_dtype,
+    check_embedding_widths,
     decode_to_images,
     format_images,
     module_dtype,
@@ -214,6 +215,7 @@ class HunyuanImageRefinerPipeline(LoraMixin, CacheMixin):
                 "no `text_encoder` to encode the prompt; pass one to the refiner, or pass `prompt_embeds`",
             )
         self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
+        check_embedding_widths(self.parts.config("dit"), {"prompt_embeds": prompt_embeds})
         factor = self.parts.config("vae").ffactor_spatial
         width, height = request["width"], request["height"]
         for name, value in (("width", width), ("height", height)):

@@ -12,7 +12,8 @@ from PIL import Image
 
 from hyimage.diffusion.request import check_dtype
 from hyimage.diffusion.sampling import StepCallback, after_step
-from hyimage.errors import RequestTypeError
+from hyimage.errors import RequestError, RequestTypeError
+from hyimage.models.dit.model import BYT5_DIM
 from hyimage.offload import MemoryManager
 from hyimage.quantization.fp8 import FP8Linear
 
@@ -248,3 +249,19 @@ def format_images(images: torch.Tensor, output_type: str) -> Any:
     if output_type == "pt":
         return images
     raise ValueError(f"output_type {output_type!r} is unknown; choose one of 'pil', 'np', 'pt', 'latent'")
+
+
+def check_embedding_widths(dit_config: Any, embeddings: dict[str, torch.Tensor | None]) -> None:
+    """Precomputed embeddings must be as wide as the DiT takes them (text_states_dim; the glyph ones 1472), checked
+    from the DiT's configuration before anything runs."""
+    for name, tensor in embeddings.items():
+        if tensor is None or tensor.ndim != 3:
+            continue
+        expected = BYT5_DIM if "glyph" in name else dit_config.text_states_dim
+        if tensor.shape[-1] != expected:
+            raise RequestError(
+                name,
+                f"`{name}` has width {tensor.shape[-1]} (shape {tuple(tensor.shape)}) but the DiT takes "
+                f"{expected}-wide {'ByT5 glyph' if 'glyph' in name else 'text'} embeddings; pass embeddings made by "
+                "this model's encoder",
+            )

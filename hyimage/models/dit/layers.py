@@ -114,6 +114,12 @@ def timestep_embedding(
     return embedding
 
 
+def compute_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype a linear layer computes in: its weight's, or the `compute_dtype` a quantised layer declares
+    (its weight is stored as ggml bytes or float8, which are not the dtype to compute in)."""
+    return getattr(linear, "compute_dtype", linear.weight.dtype)
+
+
 class TimestepEmbedder(nn.Module):
     """Sinusoidal features of a scalar per sample, then an MLP (mlp.0, SiLU, mlp.2).
 
@@ -134,7 +140,7 @@ class TimestepEmbedder(nn.Module):
         freqs = self._freqs.get(t.device)
         if freqs is None:
             freqs = self._freqs[t.device] = timestep_frequencies(self.frequency_dim).to(t.device)
-        return self.mlp(timestep_embedding(t, self.frequency_dim, freqs=freqs).to(self.mlp[0].weight.dtype))
+        return self.mlp(timestep_embedding(t, self.frequency_dim, freqs=freqs).to(compute_dtype(self.mlp[0])))
 
 
 class PatchEmbed(nn.Module):

@@ -1,0 +1,1 @@
+"""Tiny random checkpoints in the official layouts, for trying the pipeline and testing code built on it."""
