@@ -1,11 +1,17 @@
-"""A 2K image on a small GPU: FP8 DiT weights plus block streaming within a weight budget.
+"""A 2K image on a small GPU: FP8 DiT weights and a GPU budget that the memory plan fits the parts into.
 
 Memory modes (one switch, `memory_mode=`):
-- "none":  every part stays on the GPU (fastest; the bf16 DiT alone is 33 GB).
-- "model": each part is on the GPU only while it runs (the official offloading; default).
+- "auto":  the default. The memory plan places each part within `gpu_budget_gb` (else the free GPU memory):
+           all resident when everything fits, else each stage model-offloaded or block-streamed with as
+           many resident blocks as fit. This example sets only the budget, so it runs in "auto".
+- "none":  every part stays on the GPU (fastest; the bf16 DiT alone is 35 GB).
+- "model": each part is on the GPU only while it runs (the official offloading).
 - "block": the DiT's double/single blocks and the text encoder's decoder layers stream from pinned host
            memory, the next block copied on a side CUDA stream while the current one computes; as many
-           blocks as `gpu_budget_gb` allows stay resident. A budget alone implies "block".
+           blocks as `gpu_budget_gb` allows stay resident.
+
+`hyimage plan --gpu-gb 8 --fp8 --refiner --variant distilled --width 1792 --height 2304` prints the plan this
+example gets (its 3:4 preset), loading nothing.
 
     python examples/low_memory_generation.py --gpu-budget-gb 8
 """
