@@ -12,7 +12,11 @@ from hyimage.lora import LoraMixin
 from hyimage.lora.layers import BANK
 from hyimage.models import HYImageDiffusionTransformer
 from hyimage.offload import MemoryManager
-from hyimage.quantization.fp8 import FP8Linear, convert_to_fp8_linear, fp8_linear_modules
+from hyimage.quantization.fp8 import (
+    FP8Linear,
+    convert_to_fp8_linear,
+    fp8_linear_modules,
+)
 from tests.fixtures.comfy_lora import extracted_lora, merged_as_comfy
 from tests.fixtures.numerics import max_rel_error
 
@@ -154,8 +158,8 @@ def test_wrong_shapes_are_named(states) -> None:
 
 
 def test_plan_counts_an_extracted_lora(states, tmp_path: Path) -> None:
-    from hyimage.offload.planner import PlanRequest
-    from hyimage.offload.weights import dit_weights, lora_layout
+    from hyimage.offload.dit_weights import dit_weights
+    from hyimage.offload.request import PlanRequest, lora_layout
 
     base, tuned = states
     path = tmp_path / "extracted.safetensors"

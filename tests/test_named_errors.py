@@ -8,7 +8,8 @@ import torch
 from PIL import Image
 
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
-from hyimage.diffusion.request import RequestError, check_request
+from hyimage.diffusion.request import check_request
+from hyimage.errors import RequestError
 from hyimage.models import HunyuanVAE2D, HYImageDiffusionTransformer
 from tests.fixtures.vae_fixtures import tiny_vae_2d_config
 
@@ -62,7 +63,8 @@ def test_embeddings_of_the_wrong_width_are_named_before_the_loop(name, width) ->
 @pytest.mark.parametrize("code", [errno.EFBIG, errno.ENOSPC, errno.EDQUOT])
 def test_a_failed_png_write_names_the_file(code, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from hyimage.batch import write_png_atomic
-    from hyimage.cli import describe, save_png
+    from hyimage.cli.console import describe
+    from hyimage.cli.output import save_png
 
     def refuse(self, fp, *args, **kwargs):
         raise OSError(code, "the file system said no")
