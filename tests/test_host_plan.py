@@ -69,9 +69,10 @@ def test_32b_reprompt_is_refused_under_32_gib_with_the_way_out() -> None:
 
 def test_plan_cli_shows_host_peaks_and_releases(capsys: pytest.CaptureFixture) -> None:
     assert main(["plan", "--gpu-gb", "12", "--ram-gb", "32", "--variant", "distilled", "--fp8", "--refiner",
-                 "--reprompt", "32b", "--json"]) == 0
-    stages = {s["stage"]: s for s in json.loads(capsys.readouterr().out)["stages"]}
-    assert stages["reprompt"]["placement"] == "refused"
+                 "--reprompt", "32b", "--json"]) == 1  # the reprompt stage is refused
+    plan = json.loads(capsys.readouterr().out)
+    stages = {s["stage"]: s for s in plan["stages"]}
+    assert stages["reprompt"]["placement"] == "refused" and "--reprompt 7b" in plan["ways_out"]
     assert stages["dit"]["host_released"] == ["text_encoder"] and 0 < stages["dit"]["host_gib"] <= 32
     assert main(["plan", "--gpu-gb", "12", "--ram-gb", "32", "--variant", "distilled", "--fp8", "--refiner"]) == 0
     assert "releases text_encoder" in capsys.readouterr().out
@@ -134,6 +135,6 @@ def test_tiny_tree_releases_and_reloads_parts_as_planned_with_the_same_images(tr
 
     # a budget the text encoder cannot fit even alone: refused before anything is read, naming the way out
     tight = HunyuanImagePipeline.from_pretrained(**load, host_budget_gb=HOST_BASE_CPU_GIB + 1e6 / GIB)
-    with pytest.raises(MemoryError, match=r"text_encoder stage: host RAM.*host budget; give a host budget of at least"):
+    with pytest.raises(MemoryError, match=r"text_encoder stage: host RAM.*the stage alone needs a host budget of at least"):
         tight(**call)
     assert tight.memory.host.built() == {}

@@ -5,13 +5,13 @@ import pytest
 import torch
 from torch import nn
 
-import hyimage.offload.streaming as streaming
+from hyimage.models.dit.configs import resolve_dit_config
+from hyimage.offload import streaming
 from hyimage.offload.dit_weights import dit_on_meta
 from hyimage.offload.needs import QWEN25VL_7B, TEXT_ENCODER_LAYERS
 from hyimage.offload.pinned import pack
 from hyimage.offload.streaming import BlockStreamer
 from hyimage.offload.weights import language_model, module_part
-from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.variants import DISTILLED
 
 PAGE = 4096

@@ -26,10 +26,14 @@ from hyimage.lora.keys import linear_layers
 from hyimage.lora.layers import adapter_names, banks
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.models.dit.model import HYImageDiffusionTransformer
-from hyimage.offload.streaming import find_block_lists
 from hyimage.offload.pinned import PAGE, aligned
+from hyimage.offload.streaming import find_block_lists
 from hyimage.offload.weights import Part, module_part
-from hyimage.quantization.fp8 import FP8Linear, convert_to_fp8_linear, fp8_linear_modules
+from hyimage.quantization.fp8 import (
+    FP8Linear,
+    convert_to_fp8_linear,
+    fp8_linear_modules,
+)
 from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear, type_name
 
 # The DiT's weights.
