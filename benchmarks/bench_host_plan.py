@@ -73,7 +73,8 @@ pipe(**call)
 done.append(1)
 thread.join()
 plan = memory.host_plan()
-print(json.dumps({"base": base, "peaks": peaks, "budget": memory.host_budget_gib(), "sizes": memory.part_sizes(memory.device),
+print(json.dumps({"base": base, "peaks": peaks, "budget": memory.host_budget_gib(),
+                  "sizes": memory.part_sizes(memory.device),
                   "predicted": {s: step.peak for s, step in plan.items() if not step.refused},
                   "released": {s: step.released for s, step in plan.items()},
                   "plan_base": HOST_BASE_CPU_GIB * GIB}))
