@@ -9,7 +9,11 @@ Predicted: the plan's host figure of each stage (`hyimage.offload.planner.plan_h
 `hyimage.diffusion.pipelines.part_sizes`) minus its process base; measured: peak RSS minus the RSS after imports. The CPU
 run holds its activations in host memory too (small at 64x64), which the plan (made for GPUs) does not count.
 
-    python benchmarks/bench_host_plan.py [--budget-gib 2.0] [--singles 2]
+With `--budget-gib auto` (the default, as `from_pretrained`) the budget is what the machine can give
+(`hyimage.offload.machine`); a number forces releases on the scaled tree (2.0 releases the text encoder and DiTs).
+Both are run unless one is given.
+
+    python benchmarks/bench_host_plan.py [--budget-gib auto|2.0] [--singles 2]
 """
 
 import argparse
@@ -38,7 +42,7 @@ def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096
 
-root, budget = sys.argv[1], float(sys.argv[2])
+root, budget = sys.argv[1], sys.argv[2] if sys.argv[2] == "auto" else float(sys.argv[2])
 base = rss()
 pipe = HunyuanImagePipeline.from_pretrained(model_root=root, model_name="hunyuanimage-v2.1-distilled", use_fp8=True,
                                             reprompt_model=None, progress_bar=False, host_budget_gb=budget)
@@ -69,7 +73,8 @@ pipe(**call)
 done.append(1)
 thread.join()
 plan = memory.host_plan()
-print(json.dumps({"base": base, "peaks": peaks, "sizes": memory.part_sizes(memory.device),
+print(json.dumps({"base": base, "peaks": peaks, "budget": memory.host_budget_gib(),
+                  "sizes": memory.part_sizes(memory.device),
                   "predicted": {s: step.peak for s, step in plan.items() if not step.refused},
                   "released": {s: step.released for s, step in plan.items()},
                   "plan_base": HOST_BASE_CPU_GIB * GIB}))
@@ -117,15 +122,26 @@ def run(code: str, *args: str) -> str:
 def full_size_tables() -> None:
     from hyimage.offload.planner import make_plan
     from hyimage.offload.request import PlanRequest
+    from hyimage.offload.ways_out import ways_out
 
     for reprompt in (None, "7b", "32b"):
         for gpu in (24, 12):
             print(make_plan(PlanRequest(fp8=True, refiner=True, reprompt=reprompt), gpu, 32), end="\n\n")
+    first = PlanRequest(variant="hunyuanimage-v2.1-distilled", fp8=True, refiner=True)
+    print("the README's first command (distilled, FP8, refiner, 2048x2048): planned host peak per stage, GiB")
+    for gpu in (8, 12, 24):
+        for host in (16, 24, 32, 64):
+            plan = make_plan(first, gpu, host)
+            peaks = " ".join(f"{s.stage} {s.host_gib:.1f}{'' if s.placement != 'refused' else ' refused'}"
+                             for s in plan.stages)
+            fix = "" if plan.fits else "; fits with: " + " or ".join(w.describe("generate") for w in ways_out(plan))
+            print(f"GPU {gpu} GiB, host {host} GiB: {peaks}{fix}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget-gib", type=float, default=2.0, help="the host budget of the measured run")
+    parser.add_argument("--budget-gib", action="append", default=None,
+                        help="the host budget of a measured run: auto or GiB; repeatable (default: auto and 2.0)")
     parser.add_argument("--singles", type=int, default=2, help="single-stream blocks of the scaled DiTs")
     parser.add_argument("--fp8-files", action="store_true",
                         help="write the scaled DiTs as FP8 pairs, as released (default: bf16, quantized while loading)")
@@ -150,10 +166,14 @@ def main() -> None:
             for path in (layout.dit_fp8(variant), layout.dit_fp8_scale(variant)):
                 path.unlink(missing_ok=True)
             run(WRITER, str(layout.dit(variant)), variant, str(args.singles), str(text_dim), str(int(args.fp8_files)))
-        m = json.loads(run(CHILD, str(root), str(args.budget_gib)))
+        for budget in args.budget_gib or ["auto", "2.0"]:
+            report(json.loads(run(CHILD, str(root), budget)), budget, args.fp8_files)
 
-    files = "FP8 pairs" if args.fp8_files else "bf16, quantized to FP8 while loading"
-    print(f"scaled tree on the CPU (DiTs: {files}), host budget {args.budget_gib:g} GiB; part sizes once loaded "
+
+def report(m: dict, budget: str, fp8_files: bool) -> None:
+    files = "FP8 pairs" if fp8_files else "bf16, quantized to FP8 while loading"
+    planned = "no limit" if m["budget"] is None else f"{m['budget']:.1f} GiB"
+    print(f"\nscaled tree on the CPU (DiTs: {files}), host budget {budget} ({planned}); part sizes once loaded "
           "(while loading), GiB: " + ", ".join(f"{k} {a / GIB:.3f} ({b / GIB:.3f})" for k, (a, b) in m["sizes"].items()))
     print(f"process after imports: {m['base'] / GIB:.3f} GiB of RSS (the plan counts {m['plan_base'] / GIB:g})")
     print(f"{'stage':<14}{'predicted GiB':>14}{'measured GiB':>14}{'ratio':>7}  released before it")

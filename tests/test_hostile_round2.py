@@ -17,10 +17,10 @@ def exit_code(argv: list[str]) -> int:
         return exit_.code
 
 
-# Numeric options.
+# Numeric options. (`--ram-gb inf` is no limit, as `host_budget_gb=float("inf")`: CONTRACT section 5.)
 PLAN_CASES = [
     ("--gpu-gb", "nan"), ("--gpu-gb", "inf"), ("--gpu-gb", "-inf"), ("--gpu-gb", "-1"), ("--gpu-gb", "0"),
-    ("--gpu-gb", "1e999"), ("--ram-gb", "nan"), ("--ram-gb", "-8"), ("--ram-gb", "inf"), ("--width", "0"),
+    ("--gpu-gb", "1e999"), ("--ram-gb", "nan"), ("--ram-gb", "-8"), ("--ram-gb", "-inf"), ("--width", "0"),
     ("--height", "100000"), ("--width", "nan"),
 ]
 
@@ -52,7 +52,7 @@ def test_plan_json_is_strict_json(capsys) -> None:
     (["batch", "P", "--out", "O", "--shift", "inf"], "--shift"),
     (["batch", "P", "--out", "O", "--seed", "-5"], "--seed"),
     (["batch", "P", "--out", "O", "--width", "-64"], "--width"),
-    (["generate", "x", "--host-budget-gb", "inf"], "--host-budget-gb"),
+    (["generate", "x", "--host-budget-gb", "-inf"], "--host-budget-gb"),  # inf: no limit (issue 21)
     (["generate", "x", "--host-budget-gb", "-1"], "--host-budget-gb"),
     (["generate", "x", "--gpu-budget-gb", "nan"], "--gpu-budget-gb"),
     (["serve", "--host-budget-gb", "nan"], "--host-budget-gb"),

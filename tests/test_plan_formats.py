@@ -194,7 +194,8 @@ def test_a_lora_adds_its_adapters_bytes_and_auto_plans_again(tiny, tmp_path: Pat
 
 # The command.
 def test_plan_command_gguf_type_file_and_lora(tiny, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    assert main(["plan", "--gpu-gb", "12", "--variant", "distilled", "--gguf", "Q4_K", "--json"]) == 0
+    assert main(["plan", "--gpu-gb", "12", "--ram-gb", "inf", "--variant", "distilled", "--gguf", "Q4_K",
+                 "--json"]) == 0
     plan = json.loads(capsys.readouterr().out)
     assert plan["request"]["gguf"] == "Q4_K" and plan["dit_weights"]["format"] == "GGUF Q4_K, estimated"
     assert plan["dit_weights"]["bytes"] == gguf_bytes_by_hand(DISTILLED, T.Q4_K)
@@ -204,8 +205,8 @@ def test_plan_command_gguf_type_file_and_lora(tiny, tmp_path: Path, capsys: pyte
     write_gguf(tiny, gguf_file, [T.Q8_0])
     save_file(kohya_lora(tiny), lora)
     config.write_text(json.dumps(CONFIG.to_dict()))
-    common = ["plan", "--gpu-gb", "2", "--variant", "distilled", "--width", "64", "--height", "64",
-              "--dit-config", str(config), "--dit-file", str(gguf_file)]
+    common = ["plan", "--gpu-gb", "12", "--ram-gb", "inf", "--no-refiner", "--variant", "distilled", "--width", "64",
+              "--height", "64", "--dit-config", str(config), "--dit-file", str(gguf_file)]
     assert main([*common, "--json"]) == 0
     plain = json.loads(capsys.readouterr().out)["dit_weights"]
     assert main([*common, "--lora", f"{lora}:0.5", "--lora", str(lora), "--json"]) == 0

@@ -16,6 +16,7 @@ from hyimage.diffusion.request import check_device, check_real
 from hyimage.errors import RequestError
 from hyimage.lora.mixin import parse_lora_spec
 from hyimage.offload import MEMORY_MODES
+from hyimage.offload.machine import check_host_budget
 from hyimage.parallel.state import shared_random_seed
 
 RANDOM_SEED = -1
@@ -66,14 +67,27 @@ def add_loading_arguments(parser: argparse.ArgumentParser, dit_file: bool = True
                             "block by block")
     group.add_argument("--gpu-budget-gb", type=float, default=None,
                        help="GPU memory (GiB) the auto plan keeps within; in block mode, for streamed weights")
-    group.add_argument("--host-budget-gb", type=float, default=None,
+    group.add_argument("--host-budget-gb", type=host_budget_argument, default="auto",
                        help="host RAM (GiB) to keep within: parts are released between stages and read again "
-                            "when next needed, as `hyimage plan --ram-gb` shows")
+                            "when next needed, as `hyimage plan --ram-gb` shows; default auto: what this machine "
+                            "can give when the first part loads, less a margin; inf: no limit")
     group.add_argument("--compile", action="store_true",
                        help="torch.compile each DiT block (slow first image, faster steps after it)")
     group.add_argument("--cache", type=cache_spec_argument, default=None, metavar="KIND[:k=v,...]",
                        help="step caching for the DiT, e.g. fbcache:threshold=0.08 or taylorseer:interval=4,order=2 "
                             "(fewer DiT evaluations; off by default)")
+
+
+def host_budget_argument(text: str) -> float | str:
+    """A host budget on the command line: "auto", a positive number of GiB or inf (no limit)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return check_host_budget(float(text), "the host budget")
+    except ValueError as error:
+        message = error.args[0] if isinstance(error, RequestError) else f"{text!r} is not a number"
+        raise argparse.ArgumentTypeError(f"{message}; pass auto, a number of GiB such as 24, or inf") from None
+
 
 
 def add_lora_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
@@ -134,9 +148,7 @@ def check_loading_arguments(args: argparse.Namespace) -> str:
     if dit_file is not None and not dit_file.is_file():
         raise RequestError("--dit-file", f"--dit-file {dit_file} is not a file; pass the path of a .gguf or "
                                          ".safetensors DiT (see hyimage plan --dit-file for its memory)")
-    if args.host_budget_gb is not None:
-        check_real("host_budget_gb", args.host_budget_gb, 0.0, 1e6, low_open=True,
-                   namer={"host_budget_gb": "--host-budget-gb"})
+    check_host_budget(args.host_budget_gb, "--host-budget-gb")
     if args.gpu_budget_gb is not None:
         check_real("gpu_budget_gb", args.gpu_budget_gb, 0.0, 1e6, low_open=True,
                    namer={"gpu_budget_gb": "--gpu-budget-gb"})

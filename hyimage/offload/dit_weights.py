@@ -26,9 +26,14 @@ from hyimage.lora.keys import adaptable_layers, layer_features, linear_layers
 from hyimage.lora.layers import adapter_names, banks
 from hyimage.models.dit.configs import DiTConfig
 from hyimage.models.dit.model import HYImageDiffusionTransformer
+from hyimage.offload.pinned import PAGE, aligned
 from hyimage.offload.streaming import find_block_lists
-from hyimage.offload.weights import Part, module_part, pinned_size
-from hyimage.quantization.fp8 import FP8Linear, convert_to_fp8_linear, fp8_linear_modules
+from hyimage.offload.weights import Part, module_part
+from hyimage.quantization.fp8 import (
+    FP8Linear,
+    convert_to_fp8_linear,
+    fp8_linear_modules,
+)
 from hyimage.quantization.gguf import GGML_TYPES, GGUFLinear, type_name
 
 # The DiT's weights.
@@ -179,8 +184,10 @@ def dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
                 rest += nbytes
             else:
                 blocks[index] += nbytes
-                if pinned is not None:
-                    pinned[index] += pinned_size(nbytes)  # its A and B as one allocation: about their rounding
+                if pinned is not None:  # its down, up and scale packed in the block's buffer (within a page)
+                    packed = pinned[index] + aligned(module_rank * in_f * LORA_ITEMSIZE)
+                    packed += aligned(module_rank * out_f * LORA_ITEMSIZE) + aligned(4)
+                    pinned[index] = -(-packed // PAGE) * PAGE
     return DiTWeights(Part(rest, blocks, pinned), layout.fp8, layout.dequant_bytes, rank)
 
 

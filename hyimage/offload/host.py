@@ -38,9 +38,12 @@ class PartRegistry(Protocol):
 class HostKeeper:
     """Releases parts from host memory before a stage builds its own, as `plan()` (stage -> HostStep) says."""
 
-    def __init__(self, plan: Callable[[], "dict[str, HostStep] | None"], forget: Callable[[Any], None]) -> None:
+    def __init__(self, plan: Callable[[], "dict[str, HostStep] | None"], forget: Callable[[Any], None],
+                 check: Callable[[str], None] | None = None) -> None:
         self._plan = plan
         self._forget = forget
+        self._check = check
+        """Raises for a stage the GPU plan refuses (with the ways out), before its part is read."""
         self._registries: list[tuple[weakref.ref, dict[str, str]]] = []
 
     def register(self, parts: PartRegistry, stages: dict[str, str]) -> None:
@@ -59,6 +62,8 @@ class HostKeeper:
 
     def before_build(self, stage: str | None) -> None:
         """Refuse a stage the plan refuses; release the built parts the plan does not hold at `stage`."""
+        if stage is not None and self._check is not None:
+            self._check(stage)
         plan = self._plan() if stage is not None else None
         if plan is None or stage not in plan:
             return

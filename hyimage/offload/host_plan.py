@@ -60,13 +60,16 @@ def plan_host(sizes: dict[str, tuple[int, int, int]], host_gib: float | None, ba
             after, building, running = sizes[stage]
             building = max(building, after + running)
             fixed = [s for s in HELD_WITH.get(stage, ()) if s in held]
-            if budget is not None and base + building + sum(held[s] for s in fixed) > budget:
-                way_out = f"give a host budget of at least {math.ceil((base + building) / GIB)} GiB"
+            kept = sum(held[s] for s in fixed)
+            if budget is not None and base + building + kept > budget:
+                need = math.ceil((base + building + kept) / GIB)
+                way_out = f"the stage alone needs a host budget of at least {need} GiB"
                 if stage == "reprompt":
-                    way_out = f"use the 7b reprompt model, no reprompt, or {way_out}"
-                steps[stage] = HostStep(base + building, [], [], refused=(
-                    f"host RAM: {building / GIB:.1f} GiB for this part + {base_gib:g} GiB for the process exceed the "
-                    f"{host_gib:g} GiB host budget; {way_out}"))
+                    way_out = f"use the 7b reprompt model or no reprompt; {way_out}"
+                beside = "".join(f" + {held[s] / GIB:.1f} GiB for {s} (kept with it)" for s in fixed)
+                steps[stage] = HostStep(base + building + kept, [], [], refused=(
+                    f"host RAM: {building / GIB:.1f} GiB for this part{beside} + {base_gib:g} GiB for the process "
+                    f"exceed the {host_gib:g} GiB host budget; {way_out}"))
                 continue
             # a part built now needs its building bytes; a part already held, only what its stage adds while running
             extra = building if stage not in held else running

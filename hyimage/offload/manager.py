@@ -14,6 +14,7 @@ Four memory modes, one switch:
            as `gpu_budget_gb` allows (see `hyimage.offload.streaming`).
 """
 
+import math
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,10 +28,17 @@ from torch import nn
 from hyimage.models.vae.exact_tiling import ExactTiling
 from hyimage.offload.dit_weights import lora_layouts
 from hyimage.offload.host import HostKeeper
-from hyimage.offload.host_plan import HOST_BASE_CPU_GIB, HOST_BASE_GIB, HostStep, plan_host
+from hyimage.offload.host_plan import (
+    HOST_BASE_CPU_GIB,
+    HOST_BASE_GIB,
+    HostStep,
+    plan_host,
+)
+from hyimage.offload.machine import auto_host_budget_gib, check_host_budget
 from hyimage.offload.planner import Plan, gpu_budget_gib, host_bytes, make_plan
 from hyimage.offload.request import PlanRequest
 from hyimage.offload.streaming import BlockStreamer, DeviceCopy
+from hyimage.offload.ways_out import refusal
 from hyimage.stages import CORE_STAGES, DIT, REFINER_DIT, REFINER_VAE, VAE_DECODE
 
 MEMORY_MODES = ("auto", "none", "model", "block")
@@ -51,7 +59,8 @@ class MemoryManager:
 
     `gpu_budget_gb` (GiB, as every "gb" here) bounds the weights a streamed part keeps on the device in mode "block"
     (activations come on top); None streams every block. `host_budget_gb` bounds host RAM in every mode: `host`
-    releases parts between stages as the plan's host figures say (see `hyimage.offload.host`).
+    releases parts between stages as the plan's host figures say (see `hyimage.offload.host`); "auto" is what the
+    machine can give when it is first needed (`hyimage.offload.machine`), None or inf no limit.
     """
 
     def __init__(
@@ -60,7 +69,7 @@ class MemoryManager:
         mode: str = "none",
         gpu_budget_gb: float | None = None,
         offload_device: str | torch.device = "cpu",
-        host_budget_gb: float | None = None,
+        host_budget_gb: float | str | None = None,
         request: PlanRequest | None = None,
     ) -> None:
         if mode not in MEMORY_MODES:
@@ -71,13 +80,14 @@ class MemoryManager:
         self.mode = mode
         self.gpu_budget_gb = gpu_budget_gb
         self.offload_device = torch.device(offload_device)
-        self.host_budget_gb = host_budget_gb
+        self.host_budget_gb = check_host_budget(host_budget_gb)
+        self._host_budget: tuple[str, float | None] | None = None
         self.request = request
         """What the "auto" plan is made for (the loader sets it); None plans the released distilled model at 2K."""
         self.part_sizes: Callable[[torch.device], dict[str, tuple[int, int]]] | None = None
         """Per stage part of the checkpoints loaded, its host bytes once loaded and while loading, for a device (the
         loader sets it); None: the released sizes."""
-        self.host = HostKeeper(self.host_plan, self.forget_within)
+        self.host = HostKeeper(self.host_plan, self.forget_within, self.check_stage)
         self._plan: Plan | None = None
         self._host_plan: dict[str, HostStep] | None = None
         self._streamers: weakref.WeakKeyDictionary[nn.Module, BlockStreamer] = weakref.WeakKeyDictionary()
@@ -101,7 +111,8 @@ class MemoryManager:
     def plan(self) -> Plan:
         """The memory plan of mode "auto" for the current device and budgets (made once per device)."""
         if self._plan is None:
-            self._plan = make_plan(self._request(), gpu_budget_gib(self.device, self.gpu_budget_gb), self.host_budget_gb)
+            gpu = gpu_budget_gib(self.device, self.gpu_budget_gb)
+            self._plan = make_plan(self._request(), gpu, self.host_budget_gib())
             logger.info(f"{self._plan}")
         return self._plan
 
@@ -109,15 +120,36 @@ class MemoryManager:
         """Per stage, what host memory holds within `host_budget_gb` (None without one, or in mode "none" on CUDA,
         where parts are read straight onto the GPU: nothing is released). On CUDA in mode "auto", the plan's (its GPU
         placements set the host bytes); elsewhere every part counts whole."""
-        if self.host_budget_gb is None or (self.mode == "none" and self.device.type == "cuda"):
+        if self.host_budget_gib() is None or (self.mode == "none" and self.device.type == "cuda"):
             return None
         if self._host_plan is None:
             if self.mode == "auto" and self.device.type == "cuda":
                 self._host_plan = self.plan.host_steps
             else:
                 base = HOST_BASE_GIB if self.device.type == "cuda" else HOST_BASE_CPU_GIB
-                self._host_plan = plan_host(host_bytes(self._request(), None), self.host_budget_gb, base)
+                self._host_plan = plan_host(host_bytes(self._request(), None), self.host_budget_gib(), base)
         return self._host_plan
+
+    def host_budget_gib(self) -> float | None:
+        """The host budget planned for (GiB; None: no limit): `host_budget_gb`, "auto" read from the machine once
+        for the device type (the process counted as the plan counts it)."""
+        kind = self.device.type
+        if self._host_budget is None or self._host_budget[0] != kind:
+            value = self.host_budget_gb
+            if value == "auto":
+                value = auto_host_budget_gib(HOST_BASE_GIB if kind == "cuda" else HOST_BASE_CPU_GIB)
+                logger.info(f"host budget: {value:.1f} GiB (what this machine can give now, less a margin)")
+            self._host_budget = (kind, None if value is None or math.isinf(value) else value)
+        return self._host_budget[1]
+
+    def check_stage(self, stage: str) -> None:
+        """Refuse, with the ways out, before `stage` reads its part, when mode "auto" on CUDA plans no room for it or
+        for a stage every call runs."""
+        if self.mode != "auto" or self.device.type != "cuda":
+            return
+        plan = self.plan
+        if any(s.placement == "refused" and (s.stage == stage or s.stage in CORE_STAGES) for s in plan.stages):
+            raise MemoryError(f"{refusal(plan)}\n(`hyimage plan --gpu-gb {plan.gpu_gib:g}` shows every stage)")
 
     def placement(self, module: object, stage: str | None = None) -> tuple[str, float | None]:
         """The mode ("none", "model" or "block") and weight budget (GB) that `module` runs with."""
@@ -129,13 +161,7 @@ class MemoryManager:
         if planned is None:
             return "model", None
         # every call runs the core stages: refuse at the first of them rather than after the denoising loop
-        core = [s for s in self.plan.stages if s.stage in CORE_STAGES and s.placement == "refused"]
-        if planned.placement == "refused" or core:
-            stage = planned if planned.placement == "refused" else core[0]
-            raise MemoryError(
-                f"the memory plan refuses the {stage.stage} stage: {stage.reason}. See `hyimage plan --gpu-gb "
-                f"{self.plan.gpu_gib:g}` for every stage; give a larger gpu_budget_gb, a smaller image or use_fp8=True"
-            )
+        self.check_stage(planned.stage)
         return planned.mode, planned.weight_budget_gib
 
     def exact_tiling(self, module: object, stage: str | None = None) -> ExactTiling | None:

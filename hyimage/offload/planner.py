@@ -30,7 +30,7 @@ budget requires room: then, before a part is built, the parts held are released 
 when next needed) farthest next use first, keeping back any that still fit, so only what the budget requires is
 released and re-read. The host bytes of a part follow its GPU placement: "model" keeps the whole host copy (also
 while the part is on the GPU); "block" keeps its rest and resident blocks pageable and its streamed blocks pinned,
-each pinned tensor rounded up to a power of two by torch's caching host allocator; "resident" parts leave host
+each in one buffer of its size (`hyimage.offload.pinned`); "resident" parts leave host
 memory when they move to the GPU (their host copy is transient, while loading). A stage whose part cannot fit
 the host budget even alone (the 32B reprompt model in bf16 under 32 GiB) is refused with the way out.
 """

@@ -3,9 +3,10 @@
 The model's large `nn.ModuleList`s of identical blocks (the DiT's `double_blocks` and
 `single_blocks`, a language model's decoder `layers`) are split in two: the first blocks,
 as many as the weight budget allows, stay on the GPU while the model runs; the others live
-in pinned host memory and are copied in one at a time. While block i computes, block i+1
-is copied on a side CUDA stream, so the copy hides behind the compute. Everything that is
-not in a block list (embeddings, final layers) is moved to the GPU for the whole run.
+in pinned host memory (one buffer per block, `hyimage.offload.pinned`) and are copied in one
+at a time. While block i computes, block i+1 is copied on a side CUDA stream, so the copy
+hides behind the compute. Everything that is not in a block list (embeddings, final layers)
+is moved to the GPU for the whole run.
 
 On a device without CUDA the copies are no-ops, but the hooks, the plan and the
 prefetch order run exactly as they do on a GPU.
@@ -17,6 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from loguru import logger
 from torch import nn
+
+from hyimage.offload.pinned import pack
 
 BLOCK_LIST_NAMES = ("double_blocks", "single_blocks", "layers", "blocks")
 """Attribute names of transformer block lists: the DiT's, and a language model's decoder `layers`.
@@ -157,14 +160,17 @@ class _StreamedBlock:
             slot.host = slot.current()
 
     def pin(self) -> None:
-        pinned: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # as in `_move`: keyed by the held Parameter
+        """Move the block's host tensors into one pinned buffer of their size (`hyimage.offload.pinned`), unless
+        they are all pinned already; tensors shared within the block stay shared."""
+        if all(slot.host.is_pinned() for slot in self.slots):
+            return
+        unique: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # as in `_move`: keyed by the held Parameter
         for slot in self.slots:
-            if slot.host.is_pinned():
-                continue
-            key = slot.key()
-            if id(key) not in pinned:
-                pinned[id(key)] = (key, slot.host.pin_memory())
-            slot.host = pinned[id(key)][1]
+            unique.setdefault(id(slot.key()), (slot.key(), slot.host))
+        _, views = pack([host for _, host in unique.values()], pin=True)
+        packed = {key: view for key, view in zip(unique, views)}
+        for slot in self.slots:
+            slot.host = packed[id(slot.key())]
             slot.attach(slot.host)
 
     def copy_in(self, device: torch.device, stream: "torch.cuda.Stream | None") -> None:

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from hyimage.offload.pinned import packed_size
 from hyimage.offload.streaming import find_block_lists
 
 GIB = 1024**3
@@ -20,7 +21,7 @@ class Part:
     rest: int
     blocks: list[int] = field(default_factory=list)
     pinned: list[int] | None = field(default=None, compare=False)
-    """Per block, the host bytes of its tensors once pinned for streaming (each rounded up to a power of two); None
+    """Per block, the host bytes of its pinned buffer once streamed (`hyimage.offload.pinned.packed_size`); None
     when not known (then the plan counts the streamed blocks as they are)."""
 
     @property
@@ -41,15 +42,10 @@ def _layer_tensor_params(c: dict) -> list[int]:
     return [h * h, h, h * kv, kv, h * kv, kv, h * h, *[h * c["intermediate"]] * 3, h, h]
 
 
-def pinned_size(nbytes: int) -> int:
-    """Host bytes of a pinned copy: torch's caching host allocator rounds each allocation up to a power of two."""
-    return 1 << (nbytes - 1).bit_length() if nbytes > 0 else 0
-
-
 def language_model(c: dict, layers: int, *, lm_head: bool, extra: int = 0, itemsize: int = 2) -> Part:
     """A decoder-only language model's weights: embeddings (+ head, + `extra` parameters) and its layers."""
     rest = c["vocab"] * c["hidden"] * (2 if lm_head else 1) + c["hidden"] + extra
-    pinned = sum(pinned_size(n * itemsize) for n in _layer_tensor_params(c))
+    pinned = packed_size(n * itemsize for n in _layer_tensor_params(c))
     return Part(rest * itemsize, [_decoder_layer_params(c) * itemsize] * layers, [pinned] * layers)
 
 
@@ -65,7 +61,7 @@ def module_part(module: nn.Module) -> Part:
 
     def pinned(tensors: Any) -> int:
         unique = {id(t): t for t in tensors}
-        return sum(pinned_size(t.numel() * t.element_size()) for t in unique.values())
+        return packed_size(t.numel() * t.element_size() for t in unique.values())
 
     rest = nbytes(t for t in (*module.parameters(), *module.buffers()) if id(t) not in block_ids)
     return Part(rest, [nbytes((*b.parameters(), *b.buffers())) for b in blocks],

@@ -173,7 +173,13 @@ def tokenizer_config() -> dict:
 def fast_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]):
     """The `tokenizers` pipeline of Qwen2's `tokenizer.json`: NFC, the Qwen split regex, byte-level BPE."""
     from tokenizers import (  # deferred: only the real-vocabulary tokenizer needs it
-        AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors,
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        normalizers,
+        pre_tokenizers,
+        processors,
     )
     from tokenizers.models import BPE  # deferred: as above
 

@@ -84,7 +84,7 @@ def load_pipeline(
     text_encoder_dtype: torch.dtype | None = None,
     memory_mode: str | None = None,
     gpu_budget_gb: float | None = None,
-    host_budget_gb: float | None = None,
+    host_budget_gb: float | str | None = "auto",
     memory: MemoryManager | None = None,
     reprompt_model: str | None = "32b",
     trust_remote_code: bool = False,
@@ -104,6 +104,9 @@ def load_pipeline(
     `use_fp8`: the official `*_fp8.safetensors` + `*_fp8_scale.safetensors` when present, else the bf16
     file quantized while loading. `memory_mode` "auto" (default: the memory plan of `hyimage.offload.planner`
     within `gpu_budget_gb`, else the free GPU memory, and `host_budget_gb`) | "none" | "model" | "block".
+    `host_budget_gb`: host RAM (GiB) kept within in every mode, parts released between stages and read again when
+    next needed: "auto" (default) what the machine can give when the first part is built (available memory, cgroup
+    limits included, less a margin: `hyimage.offload.machine`), a number, or `float("inf")` (or None) for no limit.
     `device` is where parts run (default CPU until `pipe.to(...)`). `dtype` (DiT) and `text_encoder_dtype`
     default to bf16 (the official DiT dtype and Qwen2.5-VL's published dtype) when the pipeline runs on CUDA
     and to float32 elsewhere, decided when the part is first built (after `pipe.to`); an FP8 DiT keeps its other weights in bf16 everywhere. `reprompt_model` "32b" or "7b"
@@ -216,7 +219,7 @@ def load_refiner_pipeline(
     text_encoder_dtype: torch.dtype | None = None,
     memory_mode: str | None = None,
     gpu_budget_gb: float | None = None,
-    host_budget_gb: float | None = None,
+    host_budget_gb: float | str | None = "auto",
     memory: MemoryManager | None = None,
     dit_config: Any = None,
     progress_bar: bool = True,
@@ -269,7 +272,7 @@ def _setup(
     device: str | torch.device | None,
     memory_mode: str | None,
     gpu_budget_gb: float | None,
-    host_budget_gb: float | None = None,
+    host_budget_gb: float | str | None = "auto",
 ) -> tuple[CheckpointLayout, MemoryManager, Path | None]:
     """The layout of the checked checkpoint root, the memory manager (the given one, else one for the mode) and
     the root to name in `hyimage download` hints (None when it is the default)."""
@@ -294,7 +297,7 @@ def make_memory(
     device: str | torch.device | None,
     mode: str | None,
     gpu_budget_gb: float | None,
-    host_budget_gb: float | None = None,
+    host_budget_gb: float | str | None = "auto",
 ) -> MemoryManager:
     """The memory manager for a mode name (default "auto": the memory plan, within `gpu_budget_gb` when given)."""
     return MemoryManager(
