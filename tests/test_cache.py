@@ -19,6 +19,7 @@ from diffusers.hooks import (
 
 from hyimage.cache import CacheOptionError, cache_bytes, make_cache, parse_cache_spec
 from hyimage.diffusion.pipelines.hunyuanimage_pipeline import HunyuanImagePipeline
+from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import HunyuanImageRefinerPipeline
 from hyimage.models.vae.vae_2d import HunyuanVAE2D
 from hyimage.offload.streaming import BlockStreamer
 from tests.fixtures.diffusers_dit import diffusers_twin
@@ -313,6 +314,29 @@ def test_cache_bytes_covers_what_the_caches_hold() -> None:
         planned = cache_bytes(kind, options, 2, image_tokens, text_tokens, hidden, 4, token_features=64)
         assert held_bytes <= planned <= 4 * held_bytes
     assert cache_bytes(None, {}, 2, image_tokens, text_tokens, hidden, 4) == 0
+
+
+def test_the_memory_plan_counts_an_enabled_cache_in_its_dit_stage() -> None:
+    """In mode "auto", enable_cache plans again with the cache's tensors in the DiT stage (as much as cache_bytes
+    says for the request's DiT and size), disable_cache drops them; the refiner pipeline counts its own cache in
+    the refiner DiT's stage."""
+    from hyimage.offload import MemoryManager
+    from hyimage.offload.activations import dit_tokens
+    from hyimage.offload.request import PlanRequest, dit_config
+
+    request = PlanRequest(variant="hunyuanimage-v2.1", fp8=True)
+    memory = MemoryManager("cpu", "auto", gpu_budget_gb=24, request=request)
+    pipe = tiny_pipeline(TINY_BASE)
+    pipe.memory = memory
+    plain = memory.plan.stage("dit").activations_gib
+    pipe.enable_cache("fbcache", threshold=0.08)
+    assert memory.request.cache == ("fbcache", (("threshold", 0.08),))
+    config = dit_config(request)
+    held = cache_bytes("fbcache", {"threshold": 0.08}, 2, *dit_tokens(request), config.hidden_size, 2)
+    assert abs((memory.plan.stage("dit").activations_gib - plain) * 1024**3 - held) < 1024
+    pipe.disable_cache()
+    assert memory.request.cache is None and memory.plan.stage("dit").activations_gib == plain
+    assert HunyuanImageRefinerPipeline.DIT_STAGE == "refiner_dit"
 
 
 @pytest.mark.parametrize("command", [["generate", "a fox"], ["batch", "prompts.jsonl", "--out", "out"], ["serve"]])

@@ -8,6 +8,7 @@ from hyimage.cache.base import Forward, StepCache
 from hyimage.cache.fbcache import FirstBlockCache
 from hyimage.cache.options import check_cache_options, describe_cache
 from hyimage.cache.taylorseer import TaylorSeerCache
+from hyimage.stages import DIT
 
 CACHE_CLASSES: dict[str, type[StepCache]] = {"fbcache": FirstBlockCache, "taylorseer": TaylorSeerCache}
 
@@ -21,6 +22,8 @@ class CacheMixin:
     """Step caching for a pipeline whose loop calls `forward = self.cached_forward(forward)` before its steps."""
 
     step_cache: StepCache | None = None
+    DIT_STAGE = DIT
+    """The memory-plan stage of the pipeline's DiT (the refiner pipeline's is `REFINER_DIT`)."""
 
     def enable_cache(self, kind: str, **options: Any) -> None:
         """Skip or predict DiT work across steps: "fbcache" (`threshold`, float; 0 skips nothing) or
@@ -28,10 +31,18 @@ class CacheMixin:
         what the last call did."""
         self.step_cache = make_cache(kind, **options)
         logger.info("step cache {}", describe_cache(kind, self.step_cache.options))
+        self._tell_memory((kind, tuple(sorted(self.step_cache.options.items()))))
 
     def disable_cache(self) -> None:
         """Every step evaluates the whole DiT again (the default)."""
         self.step_cache = None
+        self._tell_memory(None)
+
+    def _tell_memory(self, cache: tuple[str, tuple] | None) -> None:
+        """The pipeline's memory manager plans the cache's tensors in its DiT's stage (`memory_stage`)."""
+        memory = getattr(self, "memory", None)
+        if memory is not None:
+            memory.cache_changed(self.DIT_STAGE, cache)
 
     @property
     def cache_stats(self) -> dict[str, Any] | None:

@@ -238,6 +238,18 @@ class MemoryManager:
             self._host_plan = None
             self._streamers.clear()
 
+    def cache_changed(self, stage: str, cache: tuple[str, tuple] | None) -> None:
+        """The step cache of the DiT of `stage` changed: in mode "auto", plan again with its tensors counted."""
+        if self.mode != "auto":
+            return
+        request = self.request if self.request is not None else PlanRequest()
+        field = "cache" if stage == DIT else "refiner_cache"
+        if getattr(request, field) != cache:
+            self.request = replace(request, **{field: cache})
+            self._plan = None
+            self._host_plan = None
+            self._streamers.clear()
+
     def forget_within(self, part: object) -> None:
         """Drop the block streamers of `part` and of every module inside it (a released part: they hold it)."""
         if isinstance(part, nn.Module):

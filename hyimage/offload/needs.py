@@ -6,9 +6,11 @@ meta builds in tests/test_memory_plan.py); the ByT5 glyph encoder, the 32B's vis
 (whose configuration was not seen) are approximate.
 """
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from hyimage.cache.memory import cache_bytes
 from hyimage.offload.activations import (
     EXACT_TILES,
     TEMPLATE_TOKENS,
@@ -88,7 +90,8 @@ def stage_needs(request: PlanRequest) -> list[Need]:
     dit = weights.part
     batch = 1 if distilled else 2  # classifier-free guidance runs the base model on a batch of two
     tokens = dit_tokens(request)
-    activations = dit_activation_bytes(base, batch, *tokens, weights.fp8)
+    activations = dit_activation_bytes(base, batch, *tokens, weights.fp8) + step_cache_bytes(request.cache, base, batch,
+                                                                                               tokens)
     needs.append(Need("dit", dit, activations + format_activation_bytes(weights, base, batch, sum(tokens)),
                        dit.total, True))
     vae = Part(VAE_PARAMS["vae_decode"] * 4)
@@ -100,8 +103,18 @@ def stage_needs(request: PlanRequest) -> list[Need]:
         refiner, refiner_tokens = refiner_weights.part, dit_tokens(request, True)
         activations = dit_activation_bytes(refiner_config, 1, *refiner_tokens, request.fp8)
         activations += format_activation_bytes(refiner_weights, refiner_config, 1, sum(refiner_tokens))
+        activations += step_cache_bytes(request.refiner_cache, refiner_config, 1, refiner_tokens)
         needs.append(Need("refiner_dit", refiner, activations, refiner.total, True))
         refiner_vae = Part(VAE_PARAMS["refiner_vae"] * 2)  # fp16 on the GPU, as the official
         needs.append(Need("refiner_vae", refiner_vae, vae_activation_bytes("refiner_vae", request, 2),
                            VAE_PARAMS["refiner_vae"] * 4, False, **exact_options("refiner_vae", request)))
     return needs
+
+
+def step_cache_bytes(cache: tuple[str, tuple] | None, config: Any, batch: int, tokens: tuple[int, int]) -> int:
+    """What a step cache (`hyimage.cache`) keeps on the GPU during its DiT stage, in the compute dtype (bf16)."""
+    if cache is None:
+        return 0
+    kind, options = cache
+    features = config.out_channels * math.prod(config.patch_size)
+    return cache_bytes(kind, dict(options), batch, *tokens, config.hidden_size, 2, features)

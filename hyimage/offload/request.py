@@ -36,6 +36,10 @@ class PlanRequest:
     loras: tuple[LoraLayout, ...] = ()
     """LoRAs attached to the DiT (`lora_layout`, `lora_layouts`): their adapters stay on the GPU with the layers."""
     refiner_loras: tuple[LoraLayout, ...] = ()
+    cache: tuple[str, tuple[tuple[str, Any], ...]] | None = None
+    """The base DiT's step cache (kind, sorted options), as `enable_cache` set it: its tensors count in the DiT stage."""
+    refiner_cache: tuple[str, tuple[tuple[str, Any], ...]] | None = None
+    """The refiner DiT's step cache, likewise."""
     """LoRAs attached to the refiner's DiT, counted as `loras` are for the base DiT."""
     host_part_bytes: tuple[tuple[str, int, int], ...] | None = None
     """(stage, bytes held once loaded, bytes while loading) of the parts in host memory, when not the released

@@ -101,6 +101,8 @@ class HunyuanImageRefinerPipeline(LoraMixin, CacheMixin):
     pipeline hands over: 4 steps, shift 4, the base call's guidance scale (3.5 when called alone).
     """
 
+    DIT_STAGE = REFINER_DIT  # the memory plan counts its step cache in the refiner's DiT stage
+
     default_num_inference_steps = 4
     default_shift = 4
     default_guidance_scale = 3.5
