@@ -1,13 +1,14 @@
 """What a bug report needs about the machine and the install (`hyimage env`, as `diffusers-cli env`).
 
 Reads versions from the installed distributions' metadata (nothing optional is imported), the torch build and
-GPUs, host RAM (/proc/meminfo and the cgroup limit, v2 or v1), free disk at the model root, and how complete the
+GPUs, host RAM (as `hyimage.offload.machine` reads it: /proc/meminfo and the cgroup limit, v2 or v1), free disk at the model root, and how complete the
 checkpoints are per variant: the files each needs in the official layout, and, where `hyimage download` recorded
 the Hub's listing, the files missing against it (`hyimage.checkpoints.download.plan_download`, offline).
 """
 
 import importlib.metadata
 import importlib.util
+import math
 import os
 import platform
 import shutil
@@ -20,6 +21,8 @@ import torch
 from hyimage.checkpoints.download import plan_download
 from hyimage.checkpoints.layout import CheckpointLayout, model_root
 from hyimage.checkpoints.needs import DownloadConfig
+from hyimage.offload.host_plan import HOST_BASE_GIB
+from hyimage.offload.machine import auto_host_budget_gib, host_room, meminfo_available
 from hyimage.variants import TEXT_TO_IMAGE
 
 GIB = 1024**3
@@ -68,40 +71,13 @@ def gpus() -> list[dict[str, Any]]:
     return found
 
 
-def _meminfo() -> dict[str, int]:
-    """/proc/meminfo in bytes (empty where there is none)."""
-    try:
-        lines = Path("/proc/meminfo").read_text().splitlines()
-    except OSError:
-        return {}
-    values = {}
-    for line in lines:
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            values[name] = int(parts[0]) * (1024 if parts[1:] == ["kB"] else 1)
-    return values
-
-
-def cgroup_limit() -> int | None:
-    """The memory limit of this process's cgroup in bytes (v2 `memory.max`, v1 `memory.limit_in_bytes`), or None."""
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(path).read_text().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
-            return int(text)
-    return None
-
-
 def ram() -> dict[str, float | None]:
-    info = _meminfo()
-    total = info.get("MemTotal")
-    if total is None and hasattr(os, "sysconf"):
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"total_gib": _gib(total), "available_gib": _gib(info.get("MemAvailable")),
-            "cgroup_limit_gib": _gib(cgroup_limit())}
+    """Total and available RAM, the room this process has (a container's cgroup limit included) and the host budget
+    `host_budget_gb="auto"` plans with, as `hyimage.offload.machine` reads them."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    budget = auto_host_budget_gib(HOST_BASE_GIB)
+    return {"total_gib": _gib(total), "available_gib": _gib(meminfo_available()), "room_gib": _gib(host_room()),
+            "auto_host_budget_gib": None if math.isinf(budget) else budget}
 
 
 def _gib(value: int | None) -> float | None:
