@@ -9,6 +9,7 @@ from typing import Any
 
 from hyimage.offload.dit_weights import LORA_ITEMSIZE, DiTWeights
 from hyimage.offload.request import PlanRequest
+from hyimage.stages import REFINER_VAE, VAE_DECODE
 
 DIT_ACTIVATION_UNITS = 24
 """Peak activations of a DiT forward in units of batch x tokens x hidden x 2 bytes. A single-stream block holds
@@ -19,7 +20,7 @@ their concatenation (5) and the output: about 20. The simulator measures 22.1 (d
 `dit_activation_bytes`): the distilled FP8 DiT at 2K simulates 0.98 GiB against 1.08 GiB planned."""
 
 
-VAE_ACTIVATION_UNITS = {"vae_decode": 3.6, "refiner_vae": 3.6}
+VAE_ACTIVATION_UNITS = {VAE_DECODE: 3.6, REFINER_VAE: 3.6}
 """Peak VAE activations in units of one full-resolution activation (pixels x first-level channels x dtype
 size): a resnet block at full resolution holds its input, the GroupNorm output, the SiLU output and the
 convolution output. The simulator measures 3.5 for the 2D decode at 2048x2048 (7.0 GiB in float32; peak 8.5
@@ -30,17 +31,17 @@ Convolution workspaces are not planned beyond the margin: on the CPU one was abo
 activation, but cuDNN picks algorithms whose workspace fits the memory left free (measure it with benchmarks/bench_memory_modes_gpu.py where a GPU is lent)."""
 
 
-VAE_CHANNELS = {"vae_decode": (128, 256, 512, 512, 1024, 1024), "refiner_vae": (128, 256, 512, 1024, 1024)}
+VAE_CHANNELS = {VAE_DECODE: (128, 256, 512, 512, 1024, 1024), REFINER_VAE: (128, 256, 512, 1024, 1024)}
 """The released configurations' block_out_channels (encoder order; the decoder runs them reversed)."""
 
 
 VAE_FIRST_CHANNELS = {stage: channels[0] for stage, channels in VAE_CHANNELS.items()}
 
 
-VAE_FACTOR = {"vae_decode": 32, "refiner_vae": 16}
+VAE_FACTOR = {VAE_DECODE: 32, REFINER_VAE: 16}
 
 
-VAE_TEMPORAL_LEVELS = {"vae_decode": 0, "refiner_vae": 2}
+VAE_TEMPORAL_LEVELS = {VAE_DECODE: 0, REFINER_VAE: 2}
 """Decoder levels whose upsampling is also temporal: a single frame's conv makes 8x, not 4x, the channels."""
 
 
@@ -48,7 +49,7 @@ EXACT_TILES = ((True, 512), (True, 256), (False, 512), (False, 256), (False, 128
 """Exact tiled VAE settings in the order tried, fastest first: (activations on the GPU, tile side in pixels)."""
 
 
-EXACT_TILE_UNITS = {"vae_decode": 3.5, "refiner_vae": 4.5}
+EXACT_TILE_UNITS = {VAE_DECODE: 3.5, REFINER_VAE: 4.5}
 """What one tile of the exact tiled VAE keeps live, in units of the widest fp16 tensor a tile op makes (a
 resnet conv's input at float32 for its norm, or a resampling conv's output), halo included. Read off the
 simulator at 2048x2048 (benchmarks/memsim.py, tiles of 512 and 256 pixels, activations on the GPU and on the
@@ -110,7 +111,7 @@ def format_activation_bytes(weights: DiTWeights, config: Any, batch: int, tokens
 
 def vae_activation_bytes(stage: str, request: PlanRequest, itemsize: int) -> int:
     pixels = request.width * request.height
-    frames = 2 if stage == "refiner_vae" else 1  # the refiner VAE decodes a frame pair
+    frames = 2 if stage == REFINER_VAE else 1  # the refiner VAE decodes a frame pair
     return int(VAE_ACTIVATION_UNITS[stage] * pixels * VAE_FIRST_CHANNELS[stage] * itemsize * frames)
 
 

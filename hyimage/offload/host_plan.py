@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 
 from hyimage.offload.weights import GIB
+from hyimage.stages import DIT, GLYPH_ENCODER, REFINER_DIT, REFINER_VAE, REPROMPT, TEXT_ENCODER, VAE_DECODE
 
 # Host RAM.
 HOST_BASE_GIB = 2.0
@@ -22,11 +23,11 @@ HOST_BASE_CPU_GIB = 0.25
 """The same process on the CPU build (measured 0.24 GiB), for plans of calls that run on the CPU."""
 
 
-HOST_ORDER = ("reprompt", "text_encoder", "glyph_encoder", "dit", "vae_decode", "refiner_vae", "refiner_dit")
+HOST_ORDER = (REPROMPT, TEXT_ENCODER, GLYPH_ENCODER, DIT, VAE_DECODE, REFINER_VAE, REFINER_DIT)
 """The order in which a call builds its parts: the refiner VAE encodes the image before the refiner DiT runs."""
 
 
-HELD_WITH = {"refiner_dit": ("refiner_vae",)}
+HELD_WITH = {REFINER_DIT: (REFINER_VAE,)}
 """Parts a stage never releases to make room: the refiner VAE decodes right after the refiner DiT."""
 
 
@@ -64,7 +65,7 @@ def plan_host(sizes: dict[str, tuple[int, int, int]], host_gib: float | None, ba
             if budget is not None and base + building + kept > budget:
                 need = math.ceil((base + building + kept) / GIB)
                 way_out = f"the stage alone needs a host budget of at least {need} GiB"
-                if stage == "reprompt":
+                if stage == REPROMPT:
                     way_out = f"use the 7b reprompt model or no reprompt; {way_out}"
                 beside = "".join(f" + {held[s] / GIB:.1f} GiB for {s} (kept with it)" for s in fixed)
                 steps[stage] = HostStep(base + building + kept, [], [], refused=(

@@ -27,6 +27,7 @@ from hyimage.offload.activations import (
 from hyimage.offload.dit_weights import dit_weights
 from hyimage.offload.request import PlanRequest, base_dit_weights, dit_config
 from hyimage.offload.weights import Part, language_model
+from hyimage.stages import DIT, GLYPH_ENCODER, REFINER_DIT, REFINER_VAE, REPROMPT, TEXT_ENCODER, VAE_DECODE
 
 # Parts whose sizes come from their released configurations (see the module docstring).
 QWEN25VL_7B = dict(hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, layers=28)
@@ -48,7 +49,7 @@ HUNYUAN_7B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=1
 GLYPH_PARAMS = 218_000_000  # ByT5-small's encoder with the Glyph-SDXL-v2 token table, float32
 
 
-VAE_PARAMS = {"vae_decode": 405_575_491, "refiner_vae": 1_260_634_115}  # the released manifests' num_params
+VAE_PARAMS = {VAE_DECODE: 405_575_491, REFINER_VAE: 1_260_634_115}  # the released manifests' num_params
 
 
 # The plan.
@@ -74,17 +75,17 @@ def stage_needs(request: PlanRequest) -> list[Need]:
     needs: list[Need] = []
     if request.reprompt == "32b":
         part = language_model(QWEN25VL_32B, QWEN25VL_32B["layers"], lm_head=True, extra=QWEN25VL_32B_VISION_PARAMS)
-        needs.append(Need("reprompt", part, reprompt_activation_bytes(QWEN25VL_32B), part.total, True))
+        needs.append(Need(REPROMPT, part, reprompt_activation_bytes(QWEN25VL_32B), part.total, True))
     elif request.reprompt == "7b":
         part = language_model(HUNYUAN_7B, HUNYUAN_7B["layers"], lm_head=False)
-        needs.append(Need("reprompt", part, reprompt_activation_bytes(HUNYUAN_7B), part.total, True))
+        needs.append(Need(REPROMPT, part, reprompt_activation_bytes(HUNYUAN_7B), part.total, True))
     text = language_model(QWEN25VL_7B, TEXT_ENCODER_LAYERS, lm_head=False)
-    needs.append(Need("text_encoder", text, text_activation_bytes(QWEN25VL_7B, TEXT_TOKENS + TEMPLATE_TOKENS),
+    needs.append(Need(TEXT_ENCODER, text, text_activation_bytes(QWEN25VL_7B, TEXT_TOKENS + TEMPLATE_TOKENS),
                        text.total, True))
     base = dit_config(request)
     if base.glyph_byT5_v2:
         glyph = Part(GLYPH_PARAMS * 4)
-        needs.append(Need("glyph_encoder", glyph, 64 * 1024**2, glyph.total, False))
+        needs.append(Need(GLYPH_ENCODER, glyph, 64 * 1024**2, glyph.total, False))
     distilled = bool(base.guidance_embed)
     weights = base_dit_weights(request)
     dit = weights.part
@@ -92,11 +93,11 @@ def stage_needs(request: PlanRequest) -> list[Need]:
     tokens = dit_tokens(request)
     activations = dit_activation_bytes(base, batch, *tokens, weights.fp8) + step_cache_bytes(request.cache, base, batch,
                                                                                                tokens)
-    needs.append(Need("dit", dit, activations + format_activation_bytes(weights, base, batch, sum(tokens)),
+    needs.append(Need(DIT, dit, activations + format_activation_bytes(weights, base, batch, sum(tokens)),
                        dit.total, True))
-    vae = Part(VAE_PARAMS["vae_decode"] * 4)
-    needs.append(Need("vae_decode", vae, vae_activation_bytes("vae_decode", request, 4), vae.total, False,
-                       **exact_options("vae_decode", request)))
+    vae = Part(VAE_PARAMS[VAE_DECODE] * 4)
+    needs.append(Need(VAE_DECODE, vae, vae_activation_bytes(VAE_DECODE, request, 4), vae.total, False,
+                       **exact_options(VAE_DECODE, request)))
     if request.refiner:
         refiner_config = dit_config(request, refiner=True)
         refiner_weights = dit_weights(refiner_config, request.fp8, None, None, request.refiner_loras)
@@ -104,10 +105,10 @@ def stage_needs(request: PlanRequest) -> list[Need]:
         activations = dit_activation_bytes(refiner_config, 1, *refiner_tokens, request.fp8)
         activations += format_activation_bytes(refiner_weights, refiner_config, 1, sum(refiner_tokens))
         activations += step_cache_bytes(request.refiner_cache, refiner_config, 1, refiner_tokens)
-        needs.append(Need("refiner_dit", refiner, activations, refiner.total, True))
-        refiner_vae = Part(VAE_PARAMS["refiner_vae"] * 2)  # fp16 on the GPU, as the official
-        needs.append(Need("refiner_vae", refiner_vae, vae_activation_bytes("refiner_vae", request, 2),
-                           VAE_PARAMS["refiner_vae"] * 4, False, **exact_options("refiner_vae", request)))
+        needs.append(Need(REFINER_DIT, refiner, activations, refiner.total, True))
+        refiner_vae = Part(VAE_PARAMS[REFINER_VAE] * 2)  # fp16 on the GPU, as the official
+        needs.append(Need(REFINER_VAE, refiner_vae, vae_activation_bytes(REFINER_VAE, request, 2),
+                           VAE_PARAMS[REFINER_VAE] * 4, False, **exact_options(REFINER_VAE, request)))
     return needs
 
 

@@ -45,6 +45,7 @@ from hyimage.offload.needs import Need, stage_needs
 from hyimage.offload.request import PlanRequest, dit_config, dit_summary, dit_weights_label
 from hyimage.offload.streaming import resident_count
 from hyimage.offload.weights import GIB
+from hyimage.stages import DIT, REFINER_DIT, REPROMPT
 
 MARGIN_FIXED_GIB = 0.75
 """CUDA context and library handles: about 0.5 GiB on recent GPUs (outside the allocator), cuBLAS workspaces."""
@@ -163,10 +164,10 @@ def make_plan(request: PlanRequest, gpu_gib: float, host_gib: float | None = Non
     margin = margin_gib(gpu_gib)
     room = (gpu_gib - margin) * GIB
     needs = stage_needs(request)
-    resident_total = sum(n.part.total for n in needs if n.stage != "reprompt")
+    resident_total = sum(n.part.total for n in needs if n.stage != REPROMPT)
     # resident parts stay on the GPU from one call to the next, so a reprompt model must fit beside them
     all_resident = resident_total + max(n.activations for n in needs) <= room and all(
-        resident_total + n.part.total + n.activations <= room for n in needs if n.stage == "reprompt"
+        resident_total + n.part.total + n.activations <= room for n in needs if n.stage == REPROMPT
     )
     stages = [_stage_plan(need, room, all_resident, resident_total) for need in needs]
     by_stage = {s.stage: s for s in stages}
@@ -184,8 +185,8 @@ def host_bytes(request: PlanRequest, stages: dict[str, StagePlan] | None) -> dic
     sizes = {}
     for need in stage_needs(request):
         held, loading = given.get(need.stage, (need.host, need.host))
-        if need.stage in given and need.stage in ("dit", "refiner_dit"):  # the loader counts DiTs without LoRAs
-            refiner = need.stage == "refiner_dit"
+        if need.stage in given and need.stage in (DIT, REFINER_DIT):  # the loader counts DiTs without LoRAs
+            refiner = need.stage == REFINER_DIT
             if request.refiner_loras if refiner else request.loras:
                 plain = (dit_part(dit_config(request, refiner=True), request.fp8) if refiner else
                          dit_part(dit_config(request), request.fp8, request.gguf, request.dit_file)).total
@@ -215,7 +216,7 @@ def apply_host_step(stage: StagePlan, step: HostStep, loaded: int) -> None:
 
 def _stage_plan(need: Need, room: float, all_resident: bool, resident_total: int) -> StagePlan:
     act = need.activations
-    if all_resident and need.stage != "reprompt":
+    if all_resident and need.stage != REPROMPT:
         return StagePlan(need.stage, "resident", (resident_total + act) / GIB, resident_total / GIB, act / GIB,
                          reason="every part stays on the GPU")
     if all_resident:  # the reprompt model visits the GPU beside the resident parts (from the second call on)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from hyimage.offload.planner import Plan, make_plan
+from hyimage.stages import REPROMPT
 
 GGUF_WAY_OUT = "Q4_K"
 """The GGUF type suggested for the DiT when nothing else fits the host (its file is not part of the release)."""
@@ -36,15 +37,15 @@ class WayOut:
 _PYTHON = {
     ("fp8", True): "use_fp8=True",
     ("refiner", False): "refiner=False (or use_refiner=False in the call)",
-    ("reprompt", "7b"): 'reprompt_model="7b"',
-    ("reprompt", None): "use_reprompt=False",
+    (REPROMPT, "7b"): 'reprompt_model="7b"',
+    (REPROMPT, None): "use_reprompt=False",
     ("gguf", GGUF_WAY_OUT): f'dit_file="<a {GGUF_WAY_OUT} .gguf of the DiT>"',
 }
 _FLAGS = {
     ("fp8", True): "--fp8",
     ("refiner", False): "--no-refiner",
-    ("reprompt", "7b"): "--reprompt 7b",
-    ("reprompt", None): "no --reprompt",
+    (REPROMPT, "7b"): "--reprompt 7b",
+    (REPROMPT, None): "no --reprompt",
     ("gguf", GGUF_WAY_OUT): f"--dit-file <a {GGUF_WAY_OUT} .gguf of the DiT>",
 }
 
@@ -69,9 +70,9 @@ def _option_changes(plan: Plan) -> list[tuple[str, object]]:
     if request.refiner:
         changes.append(("refiner", False))
     if request.reprompt == "32b":
-        changes.append(("reprompt", "7b"))
+        changes.append((REPROMPT, "7b"))
     if request.reprompt is not None:
-        changes.append(("reprompt", None))
+        changes.append((REPROMPT, None))
     if request.gguf is None and request.dit_file is None:
         changes.append(("gguf", GGUF_WAY_OUT))
     return changes

@@ -21,6 +21,7 @@ from hyimage.loading.vae_loader import CONFIG_FILE, build_on_meta, read_vae_conf
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.offload.dit_weights import dit_part
 from hyimage.offload.weights import language_model
+from hyimage.stages import DIT, GLYPH_ENCODER, REFINER_DIT, REFINER_VAE, REPROMPT, TEXT_ENCODER, VAE_DECODE
 from hyimage.text_encoders.mllm import HIDDEN_STATE_SKIP_LAYER
 
 QUANTIZE_ON_LOAD_PEAK = 0.69
@@ -45,20 +46,20 @@ def part_host_bytes(
     DiT from `dit_file`, another format, is left to the planner's own count; `base=False`: the refiner alone, so
     the base model's stages hold nothing)."""
     cuda = torch.device(device).type == "cuda"
-    sizes = {} if dit_file is not None else {"dit": dit_bytes(variant if config is None else config, fp8, dit_dtype)}
+    sizes = {} if dit_file is not None else {DIT: dit_bytes(variant if config is None else config, fp8, dit_dtype)}
     text_dtype = text_encoder_dtype or (torch.bfloat16 if cuda else torch.float32)
-    sizes["text_encoder"] = text_encoder_bytes(layout.text_encoder / "config.json", text_dtype.itemsize)
+    sizes[TEXT_ENCODER] = text_encoder_bytes(layout.text_encoder / "config.json", text_dtype.itemsize)
     glyph = _files(layout.glyph_diffusers[0], "*.safetensors") or _files(layout.glyph / "checkpoints", "*.pt")
     if glyph:
-        sizes["glyph_encoder"] = glyph
-    sizes["vae_decode"] = vae_bytes("HunyuanVAE2D", layout.vae, None)
+        sizes[GLYPH_ENCODER] = glyph
+    sizes[VAE_DECODE] = vae_bytes("HunyuanVAE2D", layout.vae, None)
     if refiner_config is not None:
-        sizes["refiner_dit"] = dit_bytes(refiner_config, fp8, dit_dtype)
-        sizes["refiner_vae"] = vae_bytes("AutoencoderKLConv3D", layout.refiner_vae, torch.float16 if cuda else None)
+        sizes[REFINER_DIT] = dit_bytes(refiner_config, fp8, dit_dtype)
+        sizes[REFINER_VAE] = vae_bytes("AutoencoderKLConv3D", layout.refiner_vae, torch.float16 if cuda else None)
     if reprompt is not None and _files(layout.reprompt(reprompt), "*.safetensors"):
-        sizes["reprompt"] = _files(layout.reprompt(reprompt), "*.safetensors")
+        sizes[REPROMPT] = _files(layout.reprompt(reprompt), "*.safetensors")
     loading = {}
-    for stage, name in (("dit", variant), ("refiner_dit", "hunyuanimage-refiner")):
+    for stage, name in ((DIT, variant), (REFINER_DIT, "hunyuanimage-refiner")):
         if stage in sizes and fp8 and not layout.dit_fp8(name).is_file() and layout.dit(name).is_file():
             loading[stage] = int(QUANTIZE_ON_LOAD_PEAK * layout.dit(name).stat().st_size)
     if not base:
