@@ -33,7 +33,14 @@ from hyimage.diffusion.pipelines.parts import (
     to_uint8,
 )
 from hyimage.diffusion.pipelines.sizes import resolve_size, size_from_latents
-from hyimage.diffusion.request import EMBEDDING_NAMES, check_device, check_request, plain_seed, refuse_unknown_keywords
+from hyimage.diffusion.request import (
+    EMBEDDING_NAMES,
+    check_device,
+    check_request,
+    plain_seed,
+    refuse_unknown_keywords,
+    warn_empty_prompts,
+)
 from hyimage.diffusion.sampling import (
     StepCallback,
     initial_noise,
@@ -220,6 +227,7 @@ class HunyuanImagePipeline(LoraMixin, CacheMixin):
         check_request(
             {k: v for k, v in request.items() if k not in ("self", "unknown", "request")}, aspect_ratios=ASPECT_RATIOS
         )
+        warn_empty_prompts(prompt)  # allowed (an unconditional image), but minutes spent on nothing to draw
         self._check_parts_given(prompt_embeds, negative_prompt_embeds, use_refiner, use_reprompt)
         self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
         dit_cfg = self.parts.config("dit")
