@@ -51,6 +51,7 @@ from hyimage.diffusion.sampling import (
 from hyimage.errors import RequestError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
+from hyimage.parallel.decode import decode_on_writer
 from hyimage.parallel.runner import parallel_state
 from hyimage.stages import DIT, GLYPH_ENCODER, REPROMPT, TEXT_ENCODER, VAE_DECODE
 from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS, SamplingDefaults
@@ -306,7 +307,7 @@ class HunyuanImagePipeline(LoraMixin, CacheMixin):
         if output_type == "latent":
             return call_output(latents, image_prompts, seeds, output_type, return_dict, batch)
 
-        images = self._decode(latents)
+        images = decode_on_writer(self.parallel, self._decode, latents, device=self.device)  # other ranks: no VAE
         check_finite(
             images, "VAE decoding", "NaN/Inf weights in the VAE checkpoint (vae/vae_2_1) or a half-precision overflow"
         )
