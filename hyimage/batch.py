@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from hyimage.diffusion.pipelines.parts import to_uint8
 from hyimage.diffusion.pipelines.sizes import resolve_size
-from hyimage.diffusion.request import check_request
+from hyimage.diffusion.request import check_request, closest_name
 from hyimage.errors import RequestError
 from hyimage.metadata import png_text
 
@@ -137,7 +137,8 @@ def parse_line(text: str, number: int, path: Path) -> BatchLine:
         raise ValueError(f"{where} is not a JSON object; write {{\"prompt\": \"...\"}}")
     unknown = sorted(set(entry) - set(LINE_KEYS))
     if unknown:
-        raise ValueError(f"{where}: unknown key {', '.join(map(repr, unknown))}; the keys are {', '.join(LINE_KEYS)}")
+        named = [f"{k!r} (did you mean {c!r}?)" if (c := closest_name(k, LINE_KEYS)) else repr(k) for k in unknown]
+        raise ValueError(f"{where}: unknown key {', '.join(named)}; the keys are {', '.join(LINE_KEYS)}")
     prompt = entry.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{where}: `prompt` must be a non-empty string")

@@ -69,3 +69,15 @@ ASPECT_RATIOS: MappingProxyType[str, tuple[int, int]] = MappingProxyType({
     "2:3": (1664, 2496),
 })
 """The official 2K presets (width, height)."""
+
+ASPECT_RATIO_SEPARATORS = ("x", "X", "/", "\u00d7")
+"""Also read as ':' in an aspect ratio given on the command line: `16x9`, `16X9`, `16/9`, `16×9` mean 16:9."""
+
+
+def aspect_ratio_spelling(text: str) -> str:
+    """`text` as the preset it spells (`16x9`, `16X9`, `16/9`, `16×9`, ` 16 : 9 ` -> '16:9'); unchanged when it
+    spells none, so that the caller's check names the argument and the presets."""
+    spelled = "".join(text.split())
+    for separator in ASPECT_RATIO_SEPARATORS:
+        spelled = spelled.replace(separator, ":")
+    return spelled if spelled in ASPECT_RATIOS else text

@@ -1,5 +1,6 @@
 """Parallel inference: the configuration and launch checks (before any model loads), and CFG-parallel,
-Ulysses and CFG x Ulysses runs on 4 gloo ranks against one process (tests/fixtures/parallel_worker.py)."""
+Ulysses and CFG x Ulysses runs on 4 gloo ranks against one process (tests/fixtures/parallel_worker.py), and the VAE
+decode on one rank per image group (tests/fixtures/parallel_decode_worker.py)."""
 
 import json
 import os
@@ -104,3 +105,29 @@ def test_parallel_layouts_give_the_single_process_latents(tmp_path: Path) -> Non
     assert all(error <= 1e-5 for error in errors.values()), errors
     assert all(results[f"{k} all-to-alls"] > 0 for k in errors if "sp=1" not in k)
     assert results["base cfg=2,sp=1 all-to-alls"] == 0
+
+
+@pytest.mark.slow
+def test_one_rank_per_image_group_decodes_and_every_rank_returns_its_images(tmp_path: Path) -> None:
+    """Under --parallel the writer (cfg rank 0, sp rank 0) of each image group builds and runs the VAE, the other
+    ranks receive its images: sp=2 on 4 ranks (two data-parallel groups, writers 0 and 2), with and without the
+    refiner after it (whose sequence-parallel DiT needs the pixels on every rank), and cfg=2 x sp=2 (writer 0); when
+    the writer fails, the other ranks raise instead of waiting for its images."""
+    out = tmp_path / "decode.json"
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+               str(REPO / "tests/fixtures/parallel_decode_worker.py"), str(out)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads(out.read_text())
+    failures = results.pop("writer fails")
+    assert failures[0] == failures[2] == "RuntimeError: the VAE file is damaged"
+    assert failures[1] == "ParallelError: rank 0, which decodes this image group's images, failed; see its error"
+    assert failures[3] == "ParallelError: rank 2, which decodes this image group's images, failed; see its error"
+    assert set(results) == {"distilled cfg=1,sp=2", "distilled refined cfg=1,sp=2", "base cfg=2,sp=2"}
+    writers = {"distilled cfg=1,sp=2": [1, 0, 1, 0], "distilled refined cfg=1,sp=2": [1, 0, 1, 0],
+               "base cfg=2,sp=2": [1, 0, 0, 0]}
+    for name, result in results.items():
+        assert result["vae_builds"] == writers[name], name
+        assert result["same_on_every_rank"], name
+        assert all(error <= 1e-5 for error in result["errors"]), (name, result["errors"])

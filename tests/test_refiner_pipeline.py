@@ -1,7 +1,5 @@
 """HunyuanImageRefinerPipeline end to end on a tiny refiner DiT and a tiny causal 3-D VAE, alone and after the base stage."""
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -14,29 +12,12 @@ from hyimage.diffusion.pipelines.hunyuanimage_refiner_pipeline import (
     channel_pairs_to_frames,
     frames_to_channel_pairs,
 )
-from hyimage.models.vae.vae_3d import AutoencoderKLConv3D
 from tests.fixtures.diffusers_dit import diffusers_twin
 from tests.fixtures.numerics import TOLERANCE, max_rel_error
 from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
-from tests.fixtures.tiny_pipeline import FakeTextEncoder, make_pipe, tiny_vae
+from tests.fixtures.tiny_pipeline import FakeTextEncoder, make_pipe, tiny_refiner_vae, tiny_vae
 
 REFINER = "hunyuanimage-refiner"
-
-
-def tiny_refiner_vae(latent_channels: int = 3) -> AutoencoderKLConv3D:
-    torch.manual_seed(0)
-    return AutoencoderKLConv3D(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=latent_channels,
-        block_out_channels=[math.lcm(8, 2 * latent_channels)] * 5,
-        layers_per_block=1,
-        ffactor_spatial=16,
-        ffactor_temporal=4,
-        sample_size=64,
-        sample_tsize=1,
-        scaling_factor=1.03682,
-    ).eval()
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,8 @@
 """The `hyimage batch` subcommand: its arguments and its runner (the job itself is `hyimage.batch`)."""
 
 import argparse
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from loguru import logger
 from hyimage.batch import (
     RESULTS,
     SIZE_FACTOR,
+    BatchLine,
     JobProgress,
     append_result,
     is_complete,
@@ -26,17 +27,19 @@ from hyimage.batch import (
 )
 from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.cli.download import fetch
-from hyimage.cli.numbers import integer, real
+from hyimage.cli.numbers import integer, real, side
 from hyimage.cli.options import (
+    add_aspect_ratio_argument,
     add_loading_arguments,
     add_lora_argument,
+    check_aspect_ratio,
     check_loading_arguments,
     default_device,
     load_loras,
     lora_arguments,
     pipeline_from_args,
 )
-from hyimage.diffusion.request import MAX_SIDE, MAX_STEPS, SEED_LIMIT
+from hyimage.diffusion.request import MAX_STEPS, SEED_LIMIT
 from hyimage.parallel import add_parallel_argument
 from hyimage.parallel.state import ParallelConfig, ParallelState, launched_by_torchrun
 from hyimage.variants import BASE_DEFAULTS, DISTILLED_DEFAULTS, VARIANT_ALIASES
@@ -54,9 +57,9 @@ def add_batch_parser(commands: Any, parents: Sequence[argparse.ArgumentParser] =
     batch.add_argument("--negative-prompt", default=None, help="for lines without one")
     batch.add_argument("--variant", default="base", choices=sorted(VARIANT_ALIASES))
     size = batch.add_argument_group("size of lines without width/height (default 2048x2048)")
-    size.add_argument("--width", type=integer(SIZE_FACTOR, MAX_SIDE))
-    size.add_argument("--height", type=integer(SIZE_FACTOR, MAX_SIDE))
-    size.add_argument("--aspect-ratio", help="an official 2K preset: 1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3")
+    size.add_argument("--width", type=side(SIZE_FACTOR))
+    size.add_argument("--height", type=side(SIZE_FACTOR))
+    add_aspect_ratio_argument(size)
     batch.add_argument("--steps", type=integer(1, MAX_STEPS),
                        help="for lines without steps; default: 50 base, 8 distilled")
     batch.add_argument("--guidance-scale", type=real(0.0, 1000.0),
@@ -77,6 +80,7 @@ def add_batch_parser(commands: Any, parents: Sequence[argparse.ArgumentParser] =
 def run_batch(args: argparse.Namespace) -> int:
     """Check every line and the launch, then draw what is not done yet."""
     variant = VARIANT_ALIASES[args.variant]
+    check_aspect_ratio(args)
     lines = read_prompts(args.prompts)
     defaults = DISTILLED_DEFAULTS if "distilled" in variant else BASE_DEFAULTS
     jobs = resolve_jobs(lines, args, defaults, source=args.prompts)
@@ -93,6 +97,7 @@ def run_batch(args: argparse.Namespace) -> int:
         device = state.device  # one GPU per rank: cuda:LOCAL_RANK
 
     with ExitStack() as hold:
+        hold.enter_context(resume_hint(args, lines))  # outermost: runs after the folder's lock is released
         if first:
             args.out.mkdir(parents=True, exist_ok=True)
             hold.enter_context(lock_job_folder(args.out))  # one job per folder, until this one ends
@@ -151,3 +156,18 @@ def run_batch(args: argparse.Namespace) -> int:
         if first:
             logger.info(f"{len(jobs)} images in {args.out} ({len(todo)} drawn now); settings in {args.out / RESULTS}")
     return 0
+
+
+@contextmanager
+def resume_hint(args: argparse.Namespace, lines: list[BatchLine]) -> Iterator[None]:
+    """Ctrl-C says how far the job got and that running the same command again resumes it."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        records = read_results(args.out) if args.out.is_dir() else {}
+        done = sum(is_complete(args.out, entry, records) for entry in lines)
+        again = "the same command without --overwrite" if args.overwrite else "the same command again"
+        raise KeyboardInterrupt(
+            f"interrupted: {done} of {len(lines)} images are done in {args.out}; run {again} to draw the other "
+            f"{len(lines) - done} (the images done are kept)"
+        ) from None

@@ -42,8 +42,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings_to_log():
             return args.run(args)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # a subcommand may say how to go on (batch: rerun to resume)
+        print(str(interrupt) or "interrupted", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - user errors become one line, others keep their traceback
         if not is_user_error(error):

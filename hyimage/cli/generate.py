@@ -11,8 +11,10 @@ from hyimage.cli.download import fetch
 from hyimage.cli.options import (
     GENERATE_NAMES,
     RANDOM_SEED,
+    add_aspect_ratio_argument,
     add_loading_arguments,
     add_lora_argument,
+    check_aspect_ratio,
     check_loading_arguments,
     load_loras,
     lora_arguments,
@@ -37,7 +39,7 @@ def add_generate_parser(commands: Any, parents: list[argparse.ArgumentParser]) -
     size = generate.add_argument_group("size (default 2048x2048; HunyuanImage-2.1 is made for 2K)")
     size.add_argument("--width", type=int, help="a multiple of 32, at most 4096")
     size.add_argument("--height", type=int, help="a multiple of 32, at most 4096")
-    size.add_argument("--aspect-ratio", help="an official 2K preset: 1:1, 16:9, 9:16, 4:3, 3:4, 3:2, 2:3")
+    add_aspect_ratio_argument(size)
     generate.add_argument("--steps", type=int, help="default: 50 base, 8 distilled")
     generate.add_argument("--guidance-scale", type=float, help="default: 3.5 base, 3.25 distilled")
     generate.add_argument("--shift", type=float, help="default: 5 base, 4 distilled")
@@ -69,6 +71,7 @@ def run_generate(args: argparse.Namespace) -> int:
         shift=args.shift, seed=seed, num_images_per_prompt=args.num_images, use_refiner=args.refiner,
         use_reprompt=args.reprompt is not None,
     )
+    check_aspect_ratio(args)
     check_request(request, aspect_ratios=ASPECT_RATIOS, names=GENERATE_NAMES)
     device = check_loading_arguments(args)
     if args.trust_remote_code and args.reprompt != "7b":

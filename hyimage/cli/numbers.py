@@ -1,4 +1,5 @@
-"""argparse `type=` functions for numeric options: finite and in range, refused with the flag's name.
+"""argparse `type=` functions for numeric options: finite and in range, refused with the flag's name (an image
+side with the nearest valid one).
 
 argparse prefixes the flag to the message (`argument --gpu-gb: must be a finite number ...`) and exits with
 code 2 before anything runs. `float("nan")`, `float("inf")` and `1e999` parse as floats, so a plain
@@ -8,6 +9,8 @@ code 2 before anything runs. `float("nan")`, `float("inf")` and `1e999` parse as
 import argparse
 import math
 from collections.abc import Callable
+
+from hyimage.diffusion.request import MAX_SIDE, nearest_side
 
 MAX_GB = 1e6
 """The largest memory budget in GiB (a typo guard: an exabyte)."""
@@ -49,6 +52,26 @@ def integer(low: int, high: int) -> Callable[[str], int]:
         return value
 
     parse.__name__ = "integer"
+    return parse
+
+
+def side(multiple: int) -> Callable[[str], int]:
+    """An image width or height: a multiple of `multiple` in [multiple, MAX_SIDE]; else the nearest valid one is
+    named (as `hyimage generate` does)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < multiple or value % multiple or value > MAX_SIDE:
+            raise argparse.ArgumentTypeError(
+                f"must be a multiple of {multiple} (the VAE's downsampling factor) between {multiple} and "
+                f"{MAX_SIDE}, got {value}; the nearest valid size is {nearest_side(value, multiple)}"
+            )
+        return value
+
+    parse.__name__ = "size"
     return parse
 
 

@@ -18,6 +18,7 @@ from hyimage.lora.mixin import parse_lora_spec
 from hyimage.offload import MEMORY_MODES
 from hyimage.offload.machine import check_host_budget
 from hyimage.parallel.state import shared_random_seed
+from hyimage.variants import ASPECT_RATIOS, aspect_ratio_spelling
 
 RANDOM_SEED = -1
 GENERATE_NAMES = {
@@ -46,6 +47,23 @@ def pick_seed(seed: int, shared: bool = False) -> int:
     seed = shared_random_seed() if shared else random.randrange(2**31)
     logger.info(f"random seed {seed}")
     return seed
+
+
+def add_aspect_ratio_argument(group: Any) -> None:
+    """`--aspect-ratio`, an official preset; `16x9`, `16X9`, `16/9` are read as 16:9."""
+    group.add_argument("--aspect-ratio", type=aspect_ratio_spelling,
+                       help=f"an official 2K preset: {', '.join(ASPECT_RATIOS)} (16x9 and 16/9 are read as 16:9)")
+
+
+def check_aspect_ratio(args: argparse.Namespace) -> None:
+    """`--aspect-ratio` is a preset and comes without --width/--height (checked before anything loads)."""
+    if args.aspect_ratio is None:
+        return
+    if args.width is not None or args.height is not None:
+        raise RequestError("--aspect-ratio", "--aspect-ratio and --width/--height were both given; pass one of them")
+    if args.aspect_ratio not in ASPECT_RATIOS:
+        raise RequestError("--aspect-ratio", f"--aspect-ratio {args.aspect_ratio!r} is not an official preset; "
+                                             f"choose one of {', '.join(ASPECT_RATIOS)} (or write 16x9, 16/9)")
 
 
 def add_loading_arguments(parser: argparse.ArgumentParser, dit_file: bool = True) -> None:

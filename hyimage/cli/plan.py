@@ -10,9 +10,8 @@ from typing import Any
 
 import torch
 
-from hyimage.cli.numbers import gigabytes, integer
+from hyimage.cli.numbers import gigabytes, side
 from hyimage.cli.options import host_budget_argument, lora_arguments
-from hyimage.diffusion.request import MAX_SIDE
 from hyimage.errors import RequestError
 from hyimage.models.dit.configs import resolve_dit_config
 from hyimage.offload.dit_weights import GGUF_TYPES
@@ -39,8 +38,8 @@ def add_plan_parser(commands: Any, parents: Sequence[argparse.ArgumentParser] = 
     parser.add_argument("--refiner", action=argparse.BooleanOptionalAction, default=True,
                         help="include the refiner stages (default, as `hyimage generate`)")
     parser.add_argument("--reprompt", choices=["7b", "32b"], default=None)
-    parser.add_argument("--width", type=integer(16, MAX_SIDE), default=2048)
-    parser.add_argument("--height", type=integer(16, MAX_SIDE), default=2048)
+    parser.add_argument("--width", type=side(32), default=2048, help="a multiple of 32, at most 4096")
+    parser.add_argument("--height", type=side(32), default=2048, help="a multiple of 32, at most 4096")
     dit = parser.add_argument_group("the DiT's weights (default: the variant's bf16, or FP8 with --fp8)")
     dit.add_argument("--dit-file", type=Path, default=None,
                      help="the DiT file to load instead (as from_pretrained(dit_file=...)): a .gguf file is counted "

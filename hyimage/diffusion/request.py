@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from loguru import logger
 
 from hyimage.errors import RequestError, RequestTypeError
 
@@ -103,11 +104,16 @@ def check_real(
         raise namer.error(name, f"must be {bound}, got {value}")
 
 
+def nearest_side(value: int, multiple: int) -> int:
+    """The valid width or height closest to `value`: a multiple of `multiple` in [multiple, MAX_SIDE]."""
+    return min(MAX_SIDE // multiple * multiple, max(multiple, round(value / multiple) * multiple))
+
+
 def check_side(name: str, value: Any, multiple: int, namer: _Namer, what: str = "VAE's downsampling factor") -> None:
     """A width or height: an int, a positive multiple of `multiple`, at most MAX_SIDE."""
     _require_int(namer, name, value)
     if value < multiple or value % multiple or value > MAX_SIDE:
-        nearest = min(MAX_SIDE, max(multiple, round(value / multiple) * multiple))
+        nearest = nearest_side(value, multiple)
         raise namer.error(
             name,
             f"={value} must be a multiple of {multiple} (the {what}) between {multiple} and {MAX_SIDE}; "
@@ -170,13 +176,19 @@ def check_dtype(dtype: Any, name: str = "dtype") -> torch.dtype:
     raise RequestError(name, f"`{name}`={dtype!r} is not supported; use torch.bfloat16, torch.float16 or torch.float32")
 
 
+def closest_name(name: str, valid: Iterable[str]) -> str | None:
+    """The valid name `name` is most likely a typo of (difflib's closest, at least half alike), or None."""
+    close = difflib.get_close_matches(name, list(valid), n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
 def check_keywords(method: str, given: Iterable[str], valid: Iterable[str]) -> None:
     """Unknown keywords name the public method and the closest valid keyword."""
     valid = sorted(set(valid))
     for key in given:
         if key not in valid:
-            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keywords: {', '.join(valid)}"
+            close = closest_name(key, valid)
+            hint = f"; did you mean {close!r}?" if close else f"; valid keywords: {', '.join(valid)}"
             raise RequestTypeError(key, f"{method}() got an unknown keyword argument {key!r}{hint}")
 
 
@@ -261,6 +273,16 @@ def _prompt_count(namer: _Namer, args: Mapping[str, Any], image_count: int | Non
             )
     _check_encodable(namer, "negative_prompt", [negative] if isinstance(negative, str) else negative)
     return n
+
+
+def warn_empty_prompts(prompt: str | Sequence[str] | None) -> None:
+    """Warn (not refuse: an unconditional image is a valid request) when a prompt is empty or only whitespace:
+    the call runs for minutes with no text to draw."""
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    empty = [i for i, text in enumerate(prompts) if isinstance(text, str) and not text.strip()]
+    if empty:
+        which = "the prompt is" if len(prompts) == 1 else f"prompts {', '.join(str(i) for i in empty)} (from 0) are"
+        logger.warning(f"{which} empty: the images take as long as any and have nothing to draw; pass a prompt")
 
 
 def _check_encodable(namer: _Namer, name: str, texts: Sequence[str] | None) -> None:

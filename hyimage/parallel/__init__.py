@@ -1,8 +1,9 @@
 """Inference on several processes with torch.distributed (launched by torchrun): classifier-free-guidance
 parallelism, Ulysses sequence parallelism, and data parallelism for `hyimage batch`.
 
-Given the DiT forward to run (`parallel_forward(..., run_dit)`), it imports no pipeline: only models and the
-bottom modules."""
+Given the DiT forward to run (`parallel_forward(..., run_dit)`) and the VAE decode (`decode_on_writer`: one rank
+per image group decodes, the others receive its images), it imports no pipeline: only models and the bottom
+modules."""
 
 import argparse
 

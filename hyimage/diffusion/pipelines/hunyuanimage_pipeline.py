@@ -33,7 +33,14 @@ from hyimage.diffusion.pipelines.parts import (
     to_uint8,
 )
 from hyimage.diffusion.pipelines.sizes import resolve_size, size_from_latents
-from hyimage.diffusion.request import EMBEDDING_NAMES, check_device, check_request, plain_seed, refuse_unknown_keywords
+from hyimage.diffusion.request import (
+    EMBEDDING_NAMES,
+    check_device,
+    check_request,
+    plain_seed,
+    refuse_unknown_keywords,
+    warn_empty_prompts,
+)
 from hyimage.diffusion.sampling import (
     StepCallback,
     initial_noise,
@@ -44,6 +51,7 @@ from hyimage.diffusion.sampling import (
 from hyimage.errors import RequestError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
+from hyimage.parallel.decode import decode_on_writer
 from hyimage.parallel.runner import parallel_state
 from hyimage.stages import DIT, GLYPH_ENCODER, REPROMPT, TEXT_ENCODER, VAE_DECODE
 from hyimage.variants import ASPECT_RATIOS, BASE_DEFAULTS, DISTILLED_DEFAULTS, SamplingDefaults
@@ -220,6 +228,7 @@ class HunyuanImagePipeline(LoraMixin, CacheMixin):
         check_request(
             {k: v for k, v in request.items() if k not in ("self", "unknown", "request")}, aspect_ratios=ASPECT_RATIOS
         )
+        warn_empty_prompts(prompt)  # allowed (an unconditional image), but minutes spent on nothing to draw
         self._check_parts_given(prompt_embeds, negative_prompt_embeds, use_refiner, use_reprompt)
         self.check_parts()  # each part is built only when its stage runs (the host memory plan may release it)
         dit_cfg = self.parts.config("dit")
@@ -298,7 +307,7 @@ class HunyuanImagePipeline(LoraMixin, CacheMixin):
         if output_type == "latent":
             return call_output(latents, image_prompts, seeds, output_type, return_dict, batch)
 
-        images = self._decode(latents)
+        images = decode_on_writer(self.parallel, self._decode, latents, device=self.device)  # other ranks: no VAE
         check_finite(
             images, "VAE decoding", "NaN/Inf weights in the VAE checkpoint (vae/vae_2_1) or a half-precision overflow"
         )

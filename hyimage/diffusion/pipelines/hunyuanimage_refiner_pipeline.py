@@ -47,6 +47,7 @@ from hyimage.diffusion.sampling import (
 from hyimage.errors import RequestError, RequestTypeError
 from hyimage.lora import LoraMixin
 from hyimage.offload import MemoryManager
+from hyimage.parallel.decode import decode_on_writer
 from hyimage.parallel.runner import parallel_forward, parallel_state
 from hyimage.stages import REFINER_DIT, REFINER_VAE, TEXT_ENCODER
 
@@ -273,7 +274,7 @@ class HunyuanImageRefinerPipeline(LoraMixin, CacheMixin):
         if output_type == "latent":
             images = latents
         else:
-            decoded = self._decode(latents)
+            decoded = decode_on_writer(self.parallel, self._decode, latents, device=self.device)  # one rank decodes
             check_finite(
                 decoded, "the refiner VAE's decoding", "NaN/Inf weights in vae/vae_refiner or a half-precision overflow"
             )

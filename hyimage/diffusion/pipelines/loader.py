@@ -132,8 +132,8 @@ def load_pipeline(
         raise ValueError(f"model_name {model_name!r} is unknown; choose one of {', '.join(VARIANTS)}")
     if reprompt_model is not None and reprompt_model not in REPROMPT_SIZES:
         raise ValueError(f"reprompt_model {reprompt_model!r} is unknown; choose one of {', '.join(REPROMPT_SIZES)}")
-    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner)
+    layout, memory, command_root = _setup(model_root, needs, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     check_present(needs, layout.root, progress=progress_bar)
 
     config = _dit_config(layout, model_name, dit_config)
@@ -229,8 +229,8 @@ def load_refiner_pipeline(
     """Build `cls` (HunyuanImageRefinerPipeline) alone, e.g. to refine existing images; arguments as `load_pipeline`."""
     if model_name != REFINER:
         raise ValueError(f"model_name {model_name!r} is not the refiner; use {REFINER!r}")
-    layout, memory, command_root = _setup(model_root, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     needs = DownloadConfig(fp8=use_fp8, refiner=True, base=False)
+    layout, memory, command_root = _setup(model_root, needs, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     check_present(needs, layout.root, progress=progress_bar)
     plan_for(memory, DISTILLED, use_fp8, True, None, None)
     memory.part_sizes = lambda device: part_host_bytes(
@@ -268,6 +268,7 @@ def hub_model_root(
 
 def _setup(
     root: str | os.PathLike | None,
+    needs: DownloadConfig,
     memory: MemoryManager | None,
     device: str | torch.device | None,
     memory_mode: str | None,
@@ -276,19 +277,21 @@ def _setup(
 ) -> tuple[CheckpointLayout, MemoryManager, Path | None]:
     """The layout of the checked checkpoint root, the memory manager (the given one, else one for the mode) and
     the root to name in `hyimage download` hints (None when it is the default)."""
-    path = model_root_for(root)
+    path = model_root_for(root, needs)
     memory = memory if memory is not None else make_memory(device, memory_mode, gpu_budget_gb, host_budget_gb)
     return CheckpointLayout(path), memory, None if root is None else path
 
 
-def model_root_for(root: str | os.PathLike | None) -> Path:
-    """The checkpoint root, which must exist."""
+def model_root_for(root: str | os.PathLike | None, needs: DownloadConfig | None = None) -> Path:
+    """The checkpoint root, which must exist; else the error names the `hyimage download` command that fetches
+    `needs` (the caller's variant, FP8, refiner) into it."""
     path = model_root(root)
     if not path.is_dir():
         source = "model_root" if root is not None else f"${MODEL_ROOT_ENV}, default ./ckpts"
+        command = (needs if needs is not None else DownloadConfig()).command(path)
         raise MissingCheckpointError(
             f"checkpoint folder {path} (from {source}) does not exist; fetch the checkpoints with "
-            f"`hyimage download --model-root {path}`, or point ${MODEL_ROOT_ENV} at the folder that holds them"
+            f"`{command}`, or point ${MODEL_ROOT_ENV} at the folder that holds them"
         )
     return path
 
