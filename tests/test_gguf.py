@@ -206,16 +206,16 @@ def test_wrong_model_is_named_before_reading(model, tmp_path: Path) -> None:
 
 def test_from_pretrained_takes_a_dit_file(model, tmp_path: Path) -> None:
     from hyimage.checkpoints.layout import CheckpointLayout
-    from hyimage.diffusion.pipelines.factories import _dit_factory
+    from hyimage.diffusion.pipelines.factories import dit_factory
     from hyimage.offload import MemoryManager
 
     path = tmp_path / "hunyuanimage2.1-distilled-Q4_K.gguf"
     write_gguf(model, path, [T.Q4_K])
     args = (CheckpointLayout(tmp_path), "hunyuanimage-v2.1-distilled", CONFIG.to_dict(), False, torch.float32)
-    dit = _dit_factory(*args, MemoryManager(), None, None, dit_file=path)()
+    dit = dit_factory(*args, MemoryManager(), None, None, dit_file=path)()
     assert isinstance(dit.single_blocks[0].linear1_q, GGUFLinear)
     with pytest.raises(FileNotFoundError, match="dit_file"):
-        _dit_factory(*args, MemoryManager(), None, None, dit_file=tmp_path / "absent.gguf")
+        dit_factory(*args, MemoryManager(), None, None, dit_file=tmp_path / "absent.gguf")
 
 
 # What llama-quantize leaves at high precision besides 1-D tensors is its choice; the distilled model's

@@ -61,12 +61,12 @@ def compute_dtype(memory: MemoryManager, cuda_dtype: torch.dtype) -> torch.dtype
     return cuda_dtype if memory.device.type == "cuda" else torch.float32
 
 
-def _load_device(memory: MemoryManager) -> torch.device:
+def load_device(memory: MemoryManager) -> torch.device:
     """Parts are read straight onto the device only when they stay there; else into host memory."""
     return memory.device if memory.mode == "none" else memory.offload_device
 
 
-def _require(path: Path, what: str, needs: DownloadConfig, command_root: Path | None) -> Path:
+def require_file(path: Path, what: str, needs: DownloadConfig, command_root: Path | None) -> Path:
     if not path.exists():
         raise MissingCheckpointError(
             f"{path} not found: the {what} of {needs.describe()} needs it. "
@@ -76,7 +76,7 @@ def _require(path: Path, what: str, needs: DownloadConfig, command_root: Path | 
     return path
 
 
-def _dit_config(layout: CheckpointLayout, variant: str, override: Any) -> DiTConfig:
+def dit_config_for(layout: CheckpointLayout, variant: str, override: Any) -> DiTConfig:
     """The override, else the JSON next to the checkpoint, else the variant's released configuration: resolved
     once here, where the configuration enters, and passed on as that (frozen) object.
 
@@ -98,7 +98,7 @@ def _dit_config(layout: CheckpointLayout, variant: str, override: Any) -> DiTCon
     return resolve_dit_config(variant)
 
 
-def _dit_factory(
+def dit_factory(
     layout: CheckpointLayout,
     variant: str,
     config: DiTConfig,
@@ -119,7 +119,7 @@ def _dit_factory(
             raise FileNotFoundError(f"dit_file {dit_file} does not exist; pass the path of a .safetensors or .gguf DiT")
         kwargs = dict(path=Path(dit_file))
     elif use_fp8 and fp8.is_file():
-        _require(scale, f"{what} (FP8 scales)", needs, command_root)
+        require_file(scale, f"{what} (FP8 scales)", needs, command_root)
         kwargs = dict(path=fp8, fp8_scale=scale)
     elif use_fp8 and bf16.is_file():
         logger.info(f"{fp8.name} not found: quantizing {bf16.name} to FP8 while loading")
@@ -130,13 +130,13 @@ def _dit_factory(
                 f"{bf16} not found, but its FP8 version {fp8.name} is there: pass use_fp8=True "
                 f"(CLI: --fp8), or fetch the bf16 file with `{needs.command(command_root)}`"
             )
-        _require(fp8 if use_fp8 else bf16, what, needs, command_root)
+        require_file(fp8 if use_fp8 else bf16, what, needs, command_root)
         kwargs = dict(path=bf16)
 
     def load() -> torch.nn.Module:
         options = {k: v for k, v in kwargs.items() if k != "path"}
         return HYImageDiffusionTransformer.from_single_file(
-            kwargs["path"], config, dtype=dit_dtype(memory, use_fp8, dtype), device=_load_device(memory),
+            kwargs["path"], config, dtype=dit_dtype(memory, use_fp8, dtype), device=load_device(memory),
             verify=verify, progress_bar=progress_bar, **options,
         ).eval()
 
@@ -149,7 +149,7 @@ def dit_dtype(memory: MemoryManager, use_fp8: bool, dtype: torch.dtype | None) -
     return dtype if dtype is not None else torch.bfloat16 if use_fp8 else compute_dtype(memory, torch.bfloat16)
 
 
-def _with_speed(
+def with_speed(
     factory: Callable[[], torch.nn.Module], fp8_compute: str | None, compile: bool
 ) -> Callable[[], torch.nn.Module]:
     """The DiT with its FP8 layers set to `fp8_compute` and, with `compile`, its blocks torch.compiled."""
@@ -164,30 +164,30 @@ def _with_speed(
     return with_config(build, factory.config)
 
 
-def _check_glyph(layout: CheckpointLayout, needs: DownloadConfig, command_root: Path | None) -> None:
+def check_glyph(layout: CheckpointLayout, needs: DownloadConfig, command_root: Path | None) -> None:
     """Either format of Glyph-SDXL-v2 will do: the official (ModelScope) one or the diffusers one."""
     encoder_dir, tokenizer_dir = layout.glyph_diffusers
     if (encoder_dir / "config.json").is_file() and tokenizer_dir.is_dir():
         return
     if layout.glyph_checkpoint.is_file():
-        _require(layout.byt5 / "config.json", "ByT5 glyph encoder (configuration)", needs, command_root)
+        require_file(layout.byt5 / "config.json", "ByT5 glyph encoder (configuration)", needs, command_root)
         for asset in layout.glyph_assets:
-            _require(asset, "ByT5 glyph encoder (Glyph-SDXL-v2 assets)", needs, command_root)
+            require_file(asset, "ByT5 glyph encoder (Glyph-SDXL-v2 assets)", needs, command_root)
         return
-    _require(encoder_dir / "config.json", "ByT5 glyph encoder (Glyph-SDXL-v2)", needs, command_root)
+    require_file(encoder_dir / "config.json", "ByT5 glyph encoder (Glyph-SDXL-v2)", needs, command_root)
 
 
-def _glyph_encoder(layout: CheckpointLayout, memory: MemoryManager, verify: bool = False) -> Any:
+def build_glyph_encoder(layout: CheckpointLayout, memory: MemoryManager, verify: bool = False) -> Any:
     from hyimage.text_encoders.glyph import GlyphByT5Encoder  # deferred: transformers loads when the part is built
 
-    device = _load_device(memory)
+    device = load_device(memory)
     encoder_dir, _ = layout.glyph_diffusers
     if (encoder_dir / "config.json").is_file():
         return GlyphByT5Encoder.from_diffusers(layout.glyph, device=device, verify=verify)
     return GlyphByT5Encoder.from_pretrained(layout.byt5, layout.glyph, device=device, verify=verify)
 
 
-def _text_encoder(
+def build_text_encoder(
     layout: CheckpointLayout,
     template: str,
     dtype: torch.dtype | None,
@@ -198,18 +198,18 @@ def _text_encoder(
     from hyimage.text_encoders.mllm import MLLMTextEncoder  # deferred: transformers loads when the part is built
 
     chosen = dtype if dtype is not None else compute_dtype(memory, torch.bfloat16)
-    device = _load_device(memory)
+    device = load_device(memory)
     return MLLMTextEncoder.from_pretrained(
         layout.text_encoder, template=template, dtype=chosen, device=device, verify=verify, progress_bar=progress_bar
     )
 
 
-def _with_template(encoder: Any, template: str) -> Any:
+def with_template(encoder: Any, template: str) -> Any:
     """The same language model (no second copy) read with another prompt template."""
     return type(encoder)(encoder.model, encoder.tokenizer, template)
 
 
-def _vae_factory(
+def vae_factory(
     name: str, directory: Path, memory: MemoryManager, cuda_dtype: torch.dtype | None = None, verify: bool = False
 ) -> Callable[[], torch.nn.Module]:
     """Read the VAE on first use; its configuration from config.json without reading the weights."""
@@ -219,19 +219,19 @@ def _vae_factory(
         path = directory / CONFIG_FILE
         return build_on_meta(model_cls, read_vae_config(path, model_cls)[0], path).config
 
-    return with_config(lambda: _vae(name, directory, memory, cuda_dtype, verify), config)
+    return with_config(lambda: build_vae(name, directory, memory, cuda_dtype, verify), config)
 
 
-def _vae(
+def build_vae(
     name: str, directory: Path, memory: MemoryManager, cuda_dtype: torch.dtype | None = None, verify: bool = False
 ) -> torch.nn.Module:
     """A VAE in its stored dtype, or in `cuda_dtype` when the pipeline runs on CUDA (the official refiner VAE: fp16)."""
     dtype = cuda_dtype if memory.device.type == "cuda" else None
-    model = getattr(models, name).from_pretrained(directory, dtype=dtype, device=_load_device(memory), verify=verify)
+    model = getattr(models, name).from_pretrained(directory, dtype=dtype, device=load_device(memory), verify=verify)
     return model.eval()
 
 
-def _reprompter(
+def build_reprompter(
     layout: CheckpointLayout,
     size: str,
     memory: MemoryManager,
@@ -242,5 +242,5 @@ def _reprompter(
 ) -> Any:
     from hyimage.reprompt import Reprompter  # deferred: transformers loads when the part is built
 
-    path = _require(layout.reprompt(size) / "config.json", f"{size} reprompt model", needs, command_root).parent
+    path = require_file(layout.reprompt(size) / "config.json", f"{size} reprompt model", needs, command_root).parent
     return Reprompter.from_pretrained(path, size, memory=memory, trust_remote_code=trust_remote_code, verify=verify)

@@ -28,18 +28,18 @@ from hyimage.checkpoints.download import check_present, download
 from hyimage.checkpoints.layout import MODEL_ROOT_ENV, CheckpointLayout, model_root
 from hyimage.checkpoints.needs import DownloadConfig
 from hyimage.diffusion.pipelines.factories import (
-    _check_glyph,
-    _dit_config,
-    _dit_factory,
-    _glyph_encoder,
-    _reprompter,
-    _require,
-    _text_encoder,
-    _vae_factory,
-    _with_speed,
-    _with_template,
+    build_glyph_encoder,
+    build_reprompter,
+    build_text_encoder,
+    check_glyph,
+    dit_config_for,
     dit_dtype,
+    dit_factory,
     once,
+    require_file,
+    vae_factory,
+    with_speed,
+    with_template,
 )
 from hyimage.diffusion.pipelines.keywords import is_hub_repo_id, normalize_keywords, resolve_source
 from hyimage.diffusion.pipelines.part_sizes import part_host_bytes
@@ -115,7 +115,7 @@ def load_pipeline(
     `model_name` may also be a Hub repository id in the official layout (e.g. "tencent/HunyuanImage-2.1"):
     what the configuration needs is fetched into the model root first (see `hub_model_root`).
     `dit_file`: another DiT file for `model_name` (a GGUF, a ComfyUI single file, ...) instead of the layout's.
-    `fp8_compute` "scaled_mm" | "dequant" | None ("dequant", the official numerics) and `compile`: see `_with_speed`.
+    `fp8_compute` "scaled_mm" | "dequant" | None ("dequant", the official numerics) and `compile`: see `with_speed`.
     `parallel`: a `hyimage.ParallelConfig` (run under torchrun), checked against the models and the launch here.
     `progress_bar` also shows byte bars while the DiT and text encoder are read (when stderr is a terminal);
     `verify=True` scans every weight for NaN/Inf as it is read and names the tensor and file of the first.
@@ -136,32 +136,32 @@ def load_pipeline(
     layout, memory, command_root = _setup(model_root, needs, memory, device, memory_mode, gpu_budget_gb, host_budget_gb)
     check_present(needs, layout.root, progress=progress_bar)
 
-    config = _dit_config(layout, model_name, dit_config)
+    config = dit_config_for(layout, model_name, dit_config)
     state = _parallel(parallel, model_name, config, layout, refiner_dit_config if refiner else None, device, refiner)
     if state is not None and device is None and state.device.type == "cuda":
         memory.to(state.device)
     plan_for(memory, model_name, use_fp8, refiner, REPROMPT_SIZES.get(reprompt_model), config, dit_file)
     memory.part_sizes = lambda device: part_host_bytes(
-        layout, model_name, config, _dit_config(layout, REFINER, refiner_dit_config) if refiner else None,
+        layout, model_name, config, dit_config_for(layout, REFINER, refiner_dit_config) if refiner else None,
         use_fp8, dit_dtype(memory, use_fp8, dtype), text_encoder_dtype, REPROMPT_SIZES.get(reprompt_model), device,
         dit_file,
     )
-    dit = _with_speed(
-        _dit_factory(
+    dit = with_speed(
+        dit_factory(
             layout, model_name, config, use_fp8, dtype, memory, needs, command_root, dit_file,
             verify=verify, progress_bar=progress_bar,
         ),
         fp8_compute,
         compile,
     )
-    vae_dir = _require(layout.vae / "config.json", "VAE", needs, command_root).parent
-    _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
+    vae_dir = require_file(layout.vae / "config.json", "VAE", needs, command_root).parent
+    require_file(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     uses_glyph = config.glyph_byT5_v2
     if uses_glyph:
-        _check_glyph(layout, needs, command_root)
+        check_glyph(layout, needs, command_root)
 
     text_encoder = once(
-        lambda: _text_encoder(layout, TEXT_TEMPLATES[model_name], text_encoder_dtype, memory, verify, progress_bar)
+        lambda: build_text_encoder(layout, TEXT_TEMPLATES[model_name], text_encoder_dtype, memory, verify, progress_bar)
     )
     refiner_pipeline = None
     if refiner:
@@ -169,7 +169,7 @@ def load_pipeline(
         refiner_pipeline = once(
             lambda: _refiner_pipeline(
                 layout, use_fp8, dtype, memory, refiner_dit_config, refiner_needs, command_root,
-                text_encoder=once(lambda: _with_template(text_encoder(), TEXT_TEMPLATES[REFINER]), shares=text_encoder),
+                text_encoder=once(lambda: with_template(text_encoder(), TEXT_TEMPLATES[REFINER]), shares=text_encoder),
                 progress_bar=progress_bar,
                 cls=refiner_cls,
                 parallel=state,
@@ -180,11 +180,11 @@ def load_pipeline(
     reprompt_needs = DownloadConfig(variant=model_name, fp8=use_fp8, refiner=refiner, reprompt=size)
     return cls(
         dit=dit,
-        vae=_vae_factory("HunyuanVAE2D", vae_dir, memory, verify=verify),
+        vae=vae_factory("HunyuanVAE2D", vae_dir, memory, verify=verify),
         text_encoder=text_encoder,
-        glyph_encoder=(lambda: _glyph_encoder(layout, memory, verify)) if uses_glyph else None,
+        glyph_encoder=(lambda: build_glyph_encoder(layout, memory, verify)) if uses_glyph else None,
         reprompt_model=(
-            (lambda: _reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root, verify))
+            (lambda: build_reprompter(layout, size, memory, trust_remote_code, reprompt_needs, command_root, verify))
             if size
             else None
         ),
@@ -203,7 +203,7 @@ def _parallel(
         return None
     models = {variant: (config.heads_num, not config.guidance_embed)}
     if refiner:
-        refiner_cfg = _dit_config(layout, REFINER, refiner_config)
+        refiner_cfg = dit_config_for(layout, REFINER, refiner_config)
         models[f"{REFINER} (used when use_refiner=True)"] = (refiner_cfg.heads_num, True)
     device_type = None if device is None else torch.device(device).type
     return prepare_parallel(parallel, models, device_type)
@@ -234,14 +234,14 @@ def load_refiner_pipeline(
     check_present(needs, layout.root, progress=progress_bar)
     plan_for(memory, DISTILLED, use_fp8, True, None, None)
     memory.part_sizes = lambda device: part_host_bytes(
-        layout, DISTILLED, None, _dit_config(layout, REFINER, dit_config), use_fp8, dit_dtype(memory, use_fp8, dtype),
+        layout, DISTILLED, None, dit_config_for(layout, REFINER, dit_config), use_fp8, dit_dtype(memory, use_fp8, dtype),
         text_encoder_dtype, None, device, base=False,
     )
-    _require(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
+    require_file(layout.text_encoder / "config.json", "MLLM text encoder", needs, command_root)
     return _refiner_pipeline(
         layout, use_fp8, dtype, memory, dit_config, needs, command_root,
         text_encoder=once(
-            lambda: _text_encoder(layout, TEXT_TEMPLATES[REFINER], text_encoder_dtype, memory, verify, progress_bar)
+            lambda: build_text_encoder(layout, TEXT_TEMPLATES[REFINER], text_encoder_dtype, memory, verify, progress_bar)
         ),
         progress_bar=progress_bar, cls=cls, verify=verify,
     )
@@ -341,13 +341,13 @@ def _refiner_pipeline(
     parallel: Any = None,
     verify: bool = False,
 ) -> Any:
-    vae_dir = _require(layout.refiner_vae / "config.json", "refiner VAE", needs, command_root).parent
-    config = _dit_config(layout, REFINER, dit_config)
+    vae_dir = require_file(layout.refiner_vae / "config.json", "refiner VAE", needs, command_root).parent
+    config = dit_config_for(layout, REFINER, dit_config)
     return cls(
-        dit=_dit_factory(
+        dit=dit_factory(
             layout, REFINER, config, use_fp8, dtype, memory, needs, command_root, verify=verify, progress_bar=progress_bar
         ),
-        vae=_vae_factory("AutoencoderKLConv3D", vae_dir, memory, torch.float16, verify),
+        vae=vae_factory("AutoencoderKLConv3D", vae_dir, memory, torch.float16, verify),
         text_encoder=text_encoder,
         memory=memory,
         progress_bar=progress_bar,
