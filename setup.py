@@ -24,7 +24,6 @@ setup(
     install_requires=read_requirements(),
     extras_require={
         "flash": ["flash-attn>=2.6"],
-        "gguf": ["gguf>=0.13"],
         "serve": SERVE,
         "test": [
             "gguf>=0.13",

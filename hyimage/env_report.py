@@ -30,7 +30,7 @@ DISTRIBUTIONS = (
     "hyimage", "torch", "transformers", "diffusers", "safetensors", "huggingface_hub", "gguf", "fastapi", "uvicorn",
     "flash-attn", "accelerate", "numpy", "pillow",
 )
-EXTRAS = {"flash": ("flash_attn",), "gguf": ("gguf",), "serve": ("fastapi", "uvicorn"), "test": ("pytest", "diffusers")}
+EXTRAS = {"flash": ("flash_attn",), "serve": ("fastapi", "uvicorn"), "test": ("pytest", "diffusers")}
 FP8_MATMUL_CAPABILITY = (8, 9)  # torch._scaled_mm runs on FP8 tensor cores from Ada (sm_89) and Hopper (sm_90)
 
 
