@@ -71,7 +71,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as missing:
         raise ValueError(
             f"hyimage serve needs FastAPI and uvicorn ({missing.name} is not installed); "
-            "install them with: pip install 'hyimage[serve]'"
+            "install them with `pip install -e '.[serve]'` in the hyimage checkout (or `pip install fastapi uvicorn`)"
         ) from None
     variant = VARIANT_ALIASES[args.variant]
     device = check_loading_arguments(args)
