@@ -1,6 +1,7 @@
 """LoRAs from ComfyUI's "Extract and Save Lora" node (`.diff`, `.diff_b`, fp16, no alpha, a 4-D LoRA on the patch
 embedding, adapters outside the blocks) against the weights merged as ComfyUI merges them."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,34 @@ def test_plan_counts_an_extracted_lora(states, tmp_path: Path) -> None:
     from hyimage.models.dit.configs import resolve_dit_config
 
     assert dit_weights(resolve_dit_config(CONFIG), False, None, None, (layout,)).part.total > 0
+
+
+def test_plan_counts_the_dense_differences(states, tmp_path: Path) -> None:
+    """A full_diff file's `.diff`/`.diff_b` tensors are held on the GPU beside the layers (in the compute dtype,
+    bf16): the planned DiT grows by at least their numbers x 2 bytes, read from the file itself; the same layout is
+    found from the adapters once attached."""
+    from hyimage.models.dit.configs import resolve_dit_config
+    from hyimage.offload.dit_weights import dit_weights, lora_layouts
+    from hyimage.offload.request import PlanRequest, lora_layout
+
+    base, tuned = states
+    state = extracted_lora(base, tuned, rank=4, full_diff=True)
+    dense = sum(t.numel() for key, t in state.items() if key.endswith((".diff", ".diff_b")))
+    assert dense > 0
+    path = tmp_path / "full_diff.safetensors"
+    save_file(state, str(path))
+    config = resolve_dit_config(CONFIG)
+    layout = lora_layout(path, PlanRequest(variant="hunyuanimage-v2.1-distilled", dit_config=CONFIG))
+    plain = dit_weights(config, False, None, None, ()).part.total
+    low_rank_only = replace(layout, dense=())
+    with_dense = dit_weights(config, False, None, None, (layout,)).part.total
+    assert with_dense - dit_weights(config, False, None, None, (low_rank_only,)).part.total == 2 * dense
+    assert with_dense - plain >= 2 * dense
+
+    model = HYImageDiffusionTransformer(**CONFIG).eval()
+
+    class Holder(LoraMixin):
+        dit, memory = model, None
+
+    Holder().load_lora_weights(str(path), adapter_name=layout.name)
+    assert lora_layouts(model) == (layout,)

@@ -77,10 +77,12 @@ LORA_ITEMSIZE = 2
 
 @dataclass(frozen=True)
 class LoraLayout:
-    """One LoRA as the plan sees it: the DiT layers it adapts, each with its rank."""
+    """One LoRA as the plan sees it: the DiT layers it adapts, each with its rank, and the numbers of the dense
+    differences (ComfyUI's `.diff` and `.diff_b`) it holds per layer."""
 
     name: str
     ranks: tuple[tuple[str, int], ...]
+    dense: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -174,19 +176,21 @@ def dit_weights(config: Any, fp8: bool, gguf: str | None, dit_file: str | None,
     pinned = None if layout.part.pinned is None else list(layout.part.pinned)
     rank = sum(max((r for _, r in lora.ranks), default=0) for lora in loras)
     for lora in loras:
+        adds = []  # (module, tensor bytes each): down, up and scale; then each dense difference
         for module, module_rank in lora.ranks:
             if module not in layout.features:
                 raise ValueError(f"LoRA {lora.name!r} adapts {module}, which this DiT does not have")
             in_f, out_f = layout.features[module]
-            nbytes = module_rank * (in_f + out_f) * LORA_ITEMSIZE + 4
+            adds.append((module, (module_rank * in_f * LORA_ITEMSIZE, module_rank * out_f * LORA_ITEMSIZE, 4)))
+        adds += [(module, (elements * LORA_ITEMSIZE,)) for module, elements in lora.dense]
+        for module, sizes in adds:
             index = next((layout.blocks[p] for p in _prefixes(module) if p in layout.blocks), None)
             if index is None:
-                rest += nbytes
+                rest += sum(sizes)
             else:
-                blocks[index] += nbytes
-                if pinned is not None:  # its down, up and scale packed in the block's buffer (within a page)
-                    packed = pinned[index] + aligned(module_rank * in_f * LORA_ITEMSIZE)
-                    packed += aligned(module_rank * out_f * LORA_ITEMSIZE) + aligned(4)
+                blocks[index] += sum(sizes)
+                if pinned is not None:  # packed in the block's buffer (within a page)
+                    packed = pinned[index] + sum(aligned(size) for size in sizes)
                     pinned[index] = -(-packed // PAGE) * PAGE
     return DiTWeights(Part(rest, blocks, pinned), layout.fp8, layout.dequant_bytes, rank)
 
@@ -200,8 +204,17 @@ def lora_layouts(dit: nn.Module) -> tuple[LoraLayout, ...]:
     """The LoRAs attached to a loaded DiT (`load_lora_weights`), as the plan counts them."""
 
     found = banks(dit)
+
+    def dense(bank: Any, name: str) -> int:
+        return sum(part.numel() for kind in ("diff", "diff_b") if (part := bank.part(name, kind)) is not None)
+
     return tuple(
-        LoraLayout(name, tuple(sorted((layer, int(bank._buffers[f"{name}_down"].shape[0]))
-                                      for layer, bank in found.items() if name in bank.names)))
+        LoraLayout(
+            name,
+            tuple(sorted((layer, int(bank._buffers[f"{name}_down"].shape[0]))
+                         for layer, bank in found.items() if name in bank.names)),
+            tuple(sorted((layer, dense(bank, name)) for layer, bank in found.items()
+                         if name in bank.names and dense(bank, name))),
+        )
         for name in adapter_names(dit)
     )

@@ -136,4 +136,6 @@ def lora_layout(source: str | Path | dict[str, torch.Tensor], request: PlanReque
     updates, _, _ = parse_lora(state, dit_on_meta(dit_config(request)), source=described)
     if not updates:
         raise ValueError(f"{label} holds no LoRA matrix for the DiT's layers")
-    return LoraLayout(label, tuple(sorted((u.module, int(u.down.shape[0])) for u in updates)))
+    dense = [(u.module, sum(d.numel() for d in (u.diff, u.diff_b) if d is not None)) for u in updates]
+    return LoraLayout(label, tuple(sorted((u.module, int(u.down.shape[0])) for u in updates)),
+                      tuple(sorted((module, elements) for module, elements in dense if elements)))
