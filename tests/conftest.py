@@ -4,7 +4,7 @@ import pytest
 import torch
 
 # session fixtures used by name in several test files
-pytest_plugins = ["tests.fixtures.qwen_tokenizer", "tests.fixtures.tiny_qwen"]
+pytest_plugins = ["tests.fixtures.qwen_tokenizer", "tests.fixtures.tiny_qwen", "tests.fixtures.log_capture"]
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

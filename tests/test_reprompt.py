@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loguru import logger
 from transformers import (
     AutoTokenizer,
     GenerationConfig,
@@ -82,16 +81,6 @@ def _script(reprompter: Reprompter, text: str, monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(reprompter.model, "generate", recording_generate)
     return calls
-
-
-@pytest.fixture
-def warnings_logged() -> list[str]:
-    messages: list[str] = []
-    logger.enable("hyimage")  # the library's log is off until enabled
-    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
-    yield messages
-    logger.remove(sink)
-    logger.disable("hyimage")
 
 
 def test_7b_parses_the_answer(reprompter_7b: Reprompter, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from loguru import logger
 
 import hyimage.cli.batch
 import hyimage.cli.generate
@@ -19,16 +18,6 @@ from hyimage.errors import MissingCheckpointError
 from hyimage.variants import DISTILLED, aspect_ratio_spelling
 from tests.fixtures.tiny_dit import TINY_CONFIGS, tiny_model
 from tests.fixtures.tiny_pipeline import make_pipe, tiny_vae
-
-
-@pytest.fixture
-def warnings_logged() -> list[str]:
-    messages: list[str] = []
-    logger.enable("hyimage")  # the library's log is off until enabled
-    sink = logger.add(lambda message: messages.append(str(message)), level="WARNING")
-    yield messages
-    logger.remove(sink)
-    logger.disable("hyimage")
 
 
 # A missing checkpoint folder: the download command for the configuration asked for.
