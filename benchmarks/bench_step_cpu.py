@@ -6,6 +6,8 @@ with about 10 valid, a 1024x1024 image (32x32 latent tokens), batch 1, guidance 
 - hyimage: one step of HunyuanImagePipeline: the padding cut (`trim_padding`, once per call in the pipeline,
   counted here at every step) and the DiT forward.
 - hyimage, padded: the same forward on the padded states (what trimming saves).
+- hyimage, unfused: as "hyimage", the q|k|v (q|k|v|mlp) projections run as three or four matmuls on the same
+  weights (the path before hyimage/models/dit/fused.py; what fusing saves).
 - diffusers: its pipeline passes the padded states (1000 + 128 positions) to the transformer.
 Steps alternate between the implementations; the median of `--repeats` steps after one warm-up each is printed,
 with the ratio to diffusers, for float32 and bfloat16.
@@ -22,13 +24,16 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from projections import projection_paths, split_projections  # noqa: E402
 
 from hyimage.diffusion.padding import trim_padding  # noqa: E402
 from hyimage.loading.dit_diffusers_keys import official_to_diffusers  # noqa: E402
 from hyimage.models import HYImageDiffusionTransformer  # noqa: E402
 from hyimage.models.dit.configs import DIT_CONFIGS  # noqa: E402
+from hyimage.models.dit.fused import PLAIN  # noqa: E402
 
 TEXT_POSITIONS, TEXT_VALID = 1000, 100
 GLYPH_POSITIONS, GLYPH_VALID = 128, 10
@@ -99,6 +104,11 @@ def step_ours(model: torch.nn.Module, x: dict, trim: bool) -> torch.Tensor:
     )
 
 
+def unfused_step(model: torch.nn.Module, x: dict) -> torch.Tensor:
+    with split_projections():
+        return step_ours(model, x, trim=True)
+
+
 def step_diffusers(model: torch.nn.Module, x: dict) -> torch.Tensor:
     dtype = x["latents"].dtype  # its pipeline passes the times in the latents' dtype
     return model(
@@ -128,11 +138,13 @@ def main() -> None:
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)
         ours.to(dtype)
+        assert projection_paths(ours) == {PLAIN}  # packed again after .to()
         theirs.to(dtype)
         x = inputs(ours.config, dtype)
         runs = {
             "hyimage": lambda: step_ours(ours, x, trim=True),
             "hyimage, padded": lambda: step_ours(ours, x, trim=False),
+            "hyimage, unfused": lambda: unfused_step(ours, x),
             "diffusers": lambda: step_diffusers(theirs, x),
         }
         times: dict[str, list[float]] = {name: [] for name in runs}
@@ -151,6 +163,8 @@ def main() -> None:
             seconds = statistics.median(times[name])
             error = ((outputs[name] - reference).abs().max() / reference.abs().max()).item()
             print(f"{dtype_name:<10}{name:<20}{seconds:>9.3f}{seconds / base:>13.2f}x{error:>15.2e}")
+        ratios = [fused / parts for fused, parts in zip(times["hyimage"], times["hyimage, unfused"])]
+        print(f"{dtype_name:<10}fused / unfused, step by step: median {statistics.median(ratios):.2f}x")
 
 
 if __name__ == "__main__":

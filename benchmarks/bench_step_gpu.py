@@ -1,5 +1,7 @@
 """Seconds per step, TFLOP/s and MFU of the full-size distilled DiT at 2K on one CUDA GPU: bf16, FP8 with
-weight-only dequantisation, FP8 through torch._scaled_mm, each eager and with compiled blocks.
+weight-only dequantisation, FP8 through torch._scaled_mm, each eager and with compiled blocks; bf16 and FP8
+dequant eager also with the q|k|v (q|k|v|mlp) projections split (`split`: three or four GEMMs, the path before
+hyimage/models/dit/fused.py; compiled blocks always run them split).
 
 One step is one forward as HunyuanImagePipeline runs it: batch 1, 2048x2048 (64x64 latent tokens), the prompt
 padded to 1000 Qwen positions with `--text-valid` valid and 128 ByT5 positions with `--glyph-valid` valid, cut
@@ -13,6 +15,7 @@ Needs CUDA and a GPU with about 40 GB (bf16 weights); without CUDA it says so an
 """
 
 import argparse
+import contextlib
 import gc
 import sys
 import time
@@ -24,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_flops import BYT5_DIM, GLYPH_POSITIONS, LATENT_SIZE, TEXT_POSITIONS, useful_flops  # noqa: E402
+from projections import split_projections  # noqa: E402
 
 from hyimage.diffusion.padding import trim_padding  # noqa: E402
 from hyimage.models.dit.configs import resolve_dit_config  # noqa: E402
@@ -93,17 +97,19 @@ def main() -> None:
     print(f"{name}, {VARIANT} 2048x2048, text {args.text_valid}/{TEXT_POSITIONS}, glyph {args.glyph_valid}/"
           f"{GLYPH_POSITIONS} valid (trimmed), {flops / 1e12:.1f} TFLOP per step, bf16 peak {peak} TFLOP/s")
     print(f"{'weights':<10}{'compute':<12}{'compiled':<10}{'s/step':>8}{'TFLOP/s':>9}{'MFU':>7}")
-    rows = [("bf16", None), ("fp8", "dequant"), ("fp8", "scaled_mm")]
+    rows = [("bf16", None), ("bf16", "split"), ("fp8", "dequant"), ("fp8", "dequant split"), ("fp8", "scaled_mm")]
     for weights, compute in rows:
-        for compiled in (False, True) if not args.no_compile else (False,):
+        split = compute is not None and compute.endswith("split")
+        for compiled in (False, True) if not (args.no_compile or split) else (False,):
             model = random_dit(weights == "fp8", device)
             if compute is not None:
-                set_fp8_compute(model, compute)
+                set_fp8_compute(model, compute.removesuffix(" split") if weights == "fp8" else None)
             if compiled:
                 torch._dynamo.reset()
                 model.compile_blocks()
             batch = step_inputs(config, device, args.text_valid, args.glyph_valid)
-            seconds = seconds_per_step(model, batch, args.steps)
+            with split_projections() if split else contextlib.nullcontext():
+                seconds = seconds_per_step(model, batch, args.steps)
             tflops = flops / seconds / 1e12
             mfu = f"{tflops / peak:6.1%}" if peak else "     -"
             print(f"{weights:<10}{compute or '-':<12}{str(compiled):<10}{seconds:8.3f}{tflops:9.1f}{mfu:>7}")

@@ -14,7 +14,9 @@ recompile when only a scale changes.
 
 Fusing adds `scale * (B @ A + diff)` to the weights and `scale * diff_b` to the biases (in float32, then back to
 their dtype; an FP8 weight is requantised per tensor with a new scale) and keeps the original tensors in host
-memory, so unfusing restores them bit for bit. GGUF weights cannot be requantised in torch: fusing them is refused.
+memory, so unfusing restores them bit for bit. Both write into the layer's tensors in place: a weight that is a view
+of a larger buffer (a DiT block's packed q|k|v rows, `hyimage.models.dit.fused`) stays one. GGUF weights cannot be
+requantised in torch: fusing them is refused.
 """
 
 from collections.abc import Iterable
@@ -170,6 +172,12 @@ def set_scales(model: nn.Module, scales: dict[str, float]) -> None:
             bank._buffers[f"{name}_scale"].fill_(float(value))
 
 
+def _write(tensor: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy `value` into `tensor` in place, converted to its dtype and device."""
+    with torch.no_grad():
+        tensor.data.copy_(value)
+
+
 def fuse(model: nn.Module, names: Iterable[str] | None = None) -> int:
     """Add the named (default: all) adapters' updates into the weights; returns the layers changed."""
     layers = adaptable_layers(model)
@@ -193,17 +201,18 @@ def fuse(model: nn.Module, names: Iterable[str] | None = None) -> int:
         bank.backup = {}
         if bias_delta is not None:
             bank.backup["bias"] = layer.bias.data.cpu().clone()
-            layer.bias.data = (layer.bias.data.float() + bias_delta.to(layer.bias.device)).to(layer.bias.dtype)
+            _write(layer.bias, layer.bias.data.float() + bias_delta.to(layer.bias.device))
         if delta is not None:
             bank.backup["weight"] = weight.cpu().clone()
         if delta is not None and isinstance(layer, FP8Linear):
             bank.backup["weight_scale"] = layer.weight_scale.data.cpu().clone()
             merged = weight.float() * layer.weight_scale.data.float() + delta
             quantized, scale = quantize_per_tensor(merged)
-            layer.weight.data, layer.weight_scale.data = quantized, scale.to(layer.weight_scale.device)
+            _write(layer.weight, quantized)
+            _write(layer.weight_scale, scale)
             fp8 += 1
         elif delta is not None:
-            layer.weight.data = (weight.float() + delta).to(weight.dtype)
+            _write(layer.weight, weight.float() + delta)
         bank.branch = [name for name in bank.branch if name not in fused]
     if fp8:
         logger.info("fuse_lora: {} FP8 layers requantised per tensor with new scales (unfuse_lora restores them)", fp8)
@@ -218,7 +227,7 @@ def unfuse(model: nn.Module) -> None:
             continue
         layer = layers[layer_name]
         for attr, original in bank.backup.items():
-            getattr(layer, attr).data = original.to(getattr(layer, attr).device)
+            _write(getattr(layer, attr), original)
         bank.backup = None
         bank.branch = list(bank.names)
 

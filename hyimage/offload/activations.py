@@ -11,13 +11,23 @@ from hyimage.offload.dit_weights import LORA_ITEMSIZE, DiTWeights
 from hyimage.offload.request import PlanRequest
 from hyimage.stages import REFINER_VAE, VAE_DECODE
 
-DIT_ACTIVATION_UNITS = 24
-"""Peak activations of a DiT forward in units of batch x tokens x hidden x 2 bytes. A single-stream block holds
-its input, the modulated input (float32 under autocast: 2), q, k, v, the MLP input (4) and its activation (4),
-their concatenation (5) and the output: about 20. The simulator measures 22.1 (distilled, bf16, 2048x2048),
-22.1 (base, bf16, CFG batch 2, 2560x1536) and 23.2 (refiner, FP8, 2048x2048, with FP8's dequantized weights);
-24 keeps a margin. FP8 adds the two bf16 temporaries of the largest dequantized weight (see
-`dit_activation_bytes`): the distilled FP8 DiT at 2K simulates 0.98 GiB against 1.08 GiB planned."""
+DIT_ACTIVATION_UNITS = 20
+"""Peak activations of a DiT forward in units of batch x tokens x hidden x 2 bytes. The peak comes in a
+single-stream block while k is rotated: its input, the fused q|k|v|mlp projection's output (7), q rotated and
+joined (2), and the rotation's float32 temporaries of k's image part (3 copies: 6). The simulator (one double and
+one single block at full width, as `benchmarks/memory_table.py`'s DiT rows run it) measures 17.6 (distilled, bf16,
+2048x2048), 17.5 (base, bf16, CFG batch 2, 2560x1536) and 19.0 (refiner, bf16 or FP8, 2048x2048: almost all its
+tokens are image tokens); 20 keeps 5% over the largest. It was 24 (simulated 23.1, 23.1, 24.2) before issue 24:
+the blocks now free the projections' outputs, the modulated input and the attention output as soon as they are
+read, and the rotation writes into its own temporaries."""
+
+
+DEQUANT_LIVE_UNITS = 13
+"""Activations live, in DIT_ACTIVATION_UNITS' units, while a quantised DiT dequantises its largest weights (FP8:
+a single-stream block's linear1 group, GGUF: its `linear2`): the block's input, its modulated input (float32 under
+autocast: 2) or the attention output, the MLP activation (4) and the concatenation (5): about 10 to 12 (the
+simulator: 9.7 for FP8, 12.0 for Q4_K, distilled at 2K); 13 keeps a margin. The forward's own peak (the rotation,
+DIT_ACTIVATION_UNITS) comes at another moment; a plan takes the larger of the two."""
 
 
 VAE_ACTIVATION_UNITS = {VAE_DECODE: 3.6, REFINER_VAE: 3.6}
@@ -87,26 +97,36 @@ def dit_tokens(request: PlanRequest, refiner: bool = False) -> tuple[int, int]:
 
 
 def dit_activation_bytes(config: Any, batch: int, image_tokens: int, text_tokens: int, fp8: bool) -> int:
-    """Peak activations of one DiT forward (see DIT_ACTIVATION_UNITS), plus FP8 dequantization temporaries."""
-    units = DIT_ACTIVATION_UNITS * batch * (image_tokens + text_tokens) * config.hidden_size * 2
-    if fp8:
-        mlp = int(config.hidden_size * config.mlp_width_ratio)
-        units += 2 * (config.hidden_size + mlp) * config.hidden_size * 2  # weight.to(bf16) and its scaled copy
-    return units
+    """Peak activations of one DiT forward (see DIT_ACTIVATION_UNITS); FP8: or, when larger, what is live while a
+    single-stream block's linear1 group is dequantised (DEQUANT_LIVE_UNITS and `fp8_dequant_bytes`)."""
+    unit = batch * (image_tokens + text_tokens) * config.hidden_size * 2
+    if not fp8:
+        return DIT_ACTIVATION_UNITS * unit
+    return max(DIT_ACTIVATION_UNITS * unit, DEQUANT_LIVE_UNITS * unit + fp8_dequant_bytes(config))
+
+
+def fp8_dequant_bytes(config: Any) -> int:
+    """An FP8 DiT's largest dequantisation temporaries: a single-stream block's linear1 group (q|k|v|mlp) as one
+    bf16 buffer (`hyimage.models.dit.fused`) and the float32 copy of its largest part (mlp) made on the way (the
+    autocast path: float32 inputs). The group run part by part (LoRA hooks, compiled blocks) needs at most the
+    same: two float32 copies of the mlp part and its bf16 cast are 10 of the 11 mlp x hidden x 2 bytes counted."""
+    mlp = int(config.hidden_size * config.mlp_width_ratio)
+    return (3 * config.hidden_size + mlp) * config.hidden_size * 2 + mlp * config.hidden_size * 4
 
 
 def format_activation_bytes(weights: DiTWeights, config: Any, batch: int, tokens: int) -> int:
     """What the DiT's weight format and LoRAs add to one forward's activations (bytes).
 
-    GGUF: the largest quantised layer's dequantisation temporaries (GGUF_DEQUANT_BYTES); the simulator measures
-    0.71 GiB more than bf16 for the distilled Q4_K DiT at 2K (0.45 for Q8_0), against 0.93 (0.66) planned. LoRA: the
-    side branch (`hyimage.lora.layers`) holds x @ A^T (tokens x rank) and, while the sum is made, the up-projection
-    and its scaled copy of the layer's output. At the forward's peak (a single-stream block's hidden-wide output
-    layer) that is two units of DIT_ACTIVATION_UNITS: the simulator measures exactly 2.0 more units with a rank-64
-    LoRA on every block linear (distilled 2048x2048 and 1024x1024, base with CFG 2560x1536); planned: 2 + rank /
-    hidden."""
+    GGUF: the largest quantised layer's dequantisation temporaries (GGUF_DEQUANT_BYTES) on top of what is live
+    then (DEQUANT_LIVE_UNITS), where that exceeds the forward's peak. The simulator measures 1.20 GiB of activations
+    for the distilled Q4_K DiT at 2K against 1.39 GiB planned. LoRA: the side branch (`hyimage.lora.layers`) holds
+    x @ A^T (tokens x rank) and, while the sum is made, the up-projection and its scaled copy of the layer's output:
+    at most two units of DIT_ACTIVATION_UNITS (the simulator: 0.70 GiB with a rank-64 LoRA on every block linear,
+    distilled 2K, against 0.84 planned); planned: 2 + rank / hidden."""
+    unit = batch * tokens * config.hidden_size * 2
+    gguf = max(0, DEQUANT_LIVE_UNITS * unit + weights.dequant_bytes - DIT_ACTIVATION_UNITS * unit)
     lora = batch * tokens * (2 * config.hidden_size + weights.lora_rank) * LORA_ITEMSIZE if weights.lora_rank else 0
-    return weights.dequant_bytes + lora
+    return gguf + lora
 
 
 def vae_activation_bytes(stage: str, request: PlanRequest, itemsize: int) -> int:

@@ -3,9 +3,10 @@
 Pinning each tensor with `Tensor.pin_memory()` goes through torch's caching host allocator, which rounds every
 allocation up to a power of two: a text-encoder layer's 0.47 GiB of weights took 0.87 GiB pinned, and a single
 pinned buffer per block would still round 0.51 GiB up to 1 GiB. So a block's tensors are packed into one uint8
-buffer of their own size (each tensor's offset aligned to `ALIGN` bytes, the whole rounded up to a page) and viewed
-from it, and the buffer is page-locked in place with `cudaHostRegister`: pinned bytes are the weights plus at most
-`ALIGN` bytes per tensor and one page (under 1.01x for any block of the released models).
+buffer of their own size (each tensor's offset aligned to `ALIGN` bytes, but tensors consecutive in one storage, a
+DiT block's packed q|k|v rows, stay consecutive; the whole rounded up to a page) and viewed from it, and the buffer
+is page-locked in place with `cudaHostRegister`: pinned bytes are the weights plus at most `ALIGN` bytes per tensor
+and one page (under 1.01x for any block of the released models).
 
 The buffer is an anonymous memory map (`mmap`) seen through `torch.frombuffer`: page-aligned, so registering it
 locks no page another allocation shares, and owned by the tensor storage, which keeps the map alive while any
@@ -18,6 +19,8 @@ from collections.abc import Iterable
 
 import torch
 from loguru import logger
+
+from hyimage.offload.spans import runs
 
 ALIGN = 64
 """Byte alignment of each tensor in a packed buffer: a multiple of every element size, and of a cache line."""
@@ -54,16 +57,20 @@ def _buffer(nbytes: int) -> tuple[torch.Tensor, _RegisteredMap]:
 
 def pack(tensors: list[torch.Tensor], pin: bool = False) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One host buffer holding a copy of each of `tensors`, and the views of it in their order, shapes and dtypes
-    (contiguous). `pin`: page-lock the buffer for asynchronous copies to CUDA (left pageable, with a warning, if the
-    driver refuses)."""
+    (contiguous). Tensors consecutive in one storage (`hyimage.offload.spans.runs`) stay consecutive in the buffer.
+    `pin`: page-lock the buffer for asynchronous copies to CUDA (left pageable, with a warning, if the driver
+    refuses)."""
     sizes = [t.numel() * t.element_size() for t in tensors]
     buffer, memory = _buffer(packed_size(sizes))
-    views, offset = [], 0
-    for tensor, nbytes in zip(tensors, sizes):
-        view = buffer[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)
-        view.copy_(tensor)
-        views.append(view)
-        offset += aligned(nbytes)
+    views: list[torch.Tensor | None] = [None] * len(tensors)
+    offset = 0
+    for run in runs(tensors):
+        for i in run:
+            view = buffer[offset:offset + sizes[i]].view(tensors[i].dtype).view(tensors[i].shape)
+            view.copy_(tensors[i])
+            views[i] = view
+            offset += sizes[i]
+        offset = aligned(offset)
     if pin and buffer.numel():
         register(buffer, memory)
     return buffer, views

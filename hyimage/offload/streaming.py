@@ -20,6 +20,7 @@ from loguru import logger
 from torch import nn
 
 from hyimage.offload.pinned import pack
+from hyimage.offload.spans import copied
 
 BLOCK_LIST_NAMES = ("double_blocks", "single_blocks", "layers", "blocks")
 """Attribute names of transformer block lists: the DiT's, and a language model's decoder `layers`.
@@ -108,13 +109,15 @@ def _slots(module: nn.Module, skip: set[int] = frozenset()) -> list[_Slot]:
 
 
 def _move(slots: list[_Slot], device: torch.device) -> None:
-    """Attach a copy on `device` of each slot's current tensor; shared tensors stay shared."""
-    moved: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(key) -> (key, kept alive so ids stay unique; copy)
+    """Attach a copy on `device` of each slot's current tensor; shared tensors stay shared, and tensors consecutive
+    in one storage stay consecutive (`hyimage.offload.spans`)."""
+    unique: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id(key) -> (key, kept alive so ids stay unique; now)
     for slot in slots:
-        key = slot.key()
-        if id(key) not in moved:
-            moved[id(key)] = (key, slot.current().to(device, non_blocking=True))
-        slot.attach(moved[id(key)][1])
+        unique.setdefault(id(slot.key()), (slot.key(), slot.current()))
+    copies = copied([now for _, now in unique.values()], lambda t: t.to(device, non_blocking=True))
+    moved = dict(zip(unique, copies))
+    for slot in slots:
+        slot.attach(moved[id(slot.key())])
 
 
 class DeviceCopy:
@@ -174,12 +177,13 @@ class _StreamedBlock:
             slot.attach(slot.host)
 
     def copy_in(self, device: torch.device, stream: "torch.cuda.Stream | None") -> None:
-        """Start copying this block's tensors to `device` (on `stream` when given)."""
+        """Start copying this block's tensors to `device` (on `stream` when given); consecutive ones as one span."""
+        hosts = [s.host for s in self.slots]
         if stream is None:
-            self.on_device = [s.host.to(device) for s in self.slots]
+            self.on_device = copied(hosts, lambda t: t.to(device))
             return
         with torch.cuda.stream(stream):
-            self.on_device = [s.host.to(device, non_blocking=True) for s in self.slots]
+            self.on_device = copied(hosts, lambda t: t.to(device, non_blocking=True))
             self.ready = torch.cuda.Event()
             self.ready.record(stream)
 

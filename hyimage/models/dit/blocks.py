@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 from hyimage.models.attention import AttentionMask, attention
+from hyimage.models.dit.fused import PackedProjections, project
 from hyimage.models.dit.layers import (
     MLP,
     ModulateDiT,
@@ -104,8 +105,12 @@ class SingleTokenRefiner(nn.Module):
         return self.individual_token_refiner(self.input_embedder(x), c, attn_mask)
 
 
-class MMDoubleStreamBlock(nn.Module):
-    """Image and text keep separate weights and modulation, and attend jointly (image tokens first)."""
+class MMDoubleStreamBlock(PackedProjections):
+    """Image and text keep separate weights and modulation, and attend jointly (image tokens first).
+
+    Each stream's q, k and v projections run as one matmul (see `fused`)."""
+
+    projection_groups = (("img_attn_q", "img_attn_k", "img_attn_v"), ("txt_attn_q", "txt_attn_k", "txt_attn_v"))
 
     def __init__(
         self,
@@ -143,13 +148,27 @@ class MMDoubleStreamBlock(nn.Module):
         self.txt_attn_proj = nn.Linear(dim, dim, bias=qkv_bias, **factory)
         self.txt_norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
         self.txt_mlp = MLP(dim, mlp_dim, act=mlp_act_type, **factory)
+        self.pack_projections()
 
-    @staticmethod
     def _qkv(
-        x: torch.Tensor, heads: int, linears: tuple[nn.Module, ...], norms: tuple[nn.Module, nn.Module]
+        self, x: torch.Tensor, group: int, norms: tuple[nn.Module, nn.Module], rope: Rope | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        q, k, v = (split_heads(linear(x), heads) for linear in linears)
-        return norms[0](q).to(v), norms[1](k).to(v), v
+        """One stream's q (normed, rotated for the image), k (likewise) and v."""
+        q, k, v = (split_heads(out, self.heads_num) for out in project(x, self.group(group)))
+        q, k = norms[0](q).to(v), norms[1](k).to(v)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return q, k, v
+
+    def _joint_qkv(
+        self, img: torch.Tensor, txt: torch.Tensor, img_mod: tuple, txt_mod: tuple, rope: Rope
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v over [image tokens, text tokens]; each stream's own tensors are freed on return."""
+        img_norms = (self.img_attn_q_norm, self.img_attn_k_norm)
+        txt_norms = (self.txt_attn_q_norm, self.txt_attn_k_norm)
+        img_qkv = self._qkv(modulate(self.img_norm1(img), *img_mod), 0, img_norms, rope)
+        txt_qkv = self._qkv(modulate(self.txt_norm1(txt), *txt_mod), 1, txt_norms, None)
+        return tuple(torch.cat(pair, dim=1) for pair in zip(img_qkv, txt_qkv))
 
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, vec: torch.Tensor, rope: Rope, mask: AttentionMask
@@ -157,31 +176,13 @@ class MMDoubleStreamBlock(nn.Module):
         img_shift1, img_scale1, img_gate1, img_shift2, img_scale2, img_gate2 = self.img_mod(vec).chunk(6, dim=-1)
         txt_shift1, txt_scale1, txt_gate1, txt_shift2, txt_scale2, txt_gate2 = self.txt_mod(vec).chunk(6, dim=-1)
 
-        img_q, img_k, img_v = self._qkv(
-            modulate(self.img_norm1(img), img_shift1, img_scale1),
-            self.heads_num,
-            (self.img_attn_q, self.img_attn_k, self.img_attn_v),
-            (self.img_attn_q_norm, self.img_attn_k_norm),
-        )
-        img_q, img_k = apply_rope(img_q, *rope), apply_rope(img_k, *rope)
-        txt_q, txt_k, txt_v = self._qkv(
-            modulate(self.txt_norm1(txt), txt_shift1, txt_scale1),
-            self.heads_num,
-            (self.txt_attn_q, self.txt_attn_k, self.txt_attn_v),
-            (self.txt_attn_q_norm, self.txt_attn_k_norm),
-        )
-
-        attn = attention(
-            torch.cat([img_q, txt_q], dim=1),
-            torch.cat([img_k, txt_k], dim=1),
-            torch.cat([img_v, txt_v], dim=1),
-            mask,
-        ).flatten(2)
-        img_attn, txt_attn = attn[:, : img.shape[1]], attn[:, img.shape[1] :]
-
-        img = img + gate(self.img_attn_proj(img_attn), img_gate1)
+        qkv = self._joint_qkv(img, txt, (img_shift1, img_scale1), (txt_shift1, txt_scale1), rope)
+        attn = attention(*qkv, mask).flatten(2)
+        del qkv  # freed before the output projections and MLPs
+        img = img + gate(self.img_attn_proj(attn[:, : img.shape[1]]), img_gate1)
+        txt = txt + gate(self.txt_attn_proj(attn[:, img.shape[1] :]), txt_gate1)
+        del attn  # freed before the MLPs
         img = img + gate(self.img_mlp(modulate(self.img_norm2(img), img_shift2, img_scale2)), img_gate2)
-        txt = txt + gate(self.txt_attn_proj(txt_attn), txt_gate1)
         txt = txt + gate(self.txt_mlp(modulate(self.txt_norm2(txt), txt_shift2, txt_scale2)), txt_gate2)
         return img, txt
 
@@ -197,8 +198,12 @@ class ConcatLinear(nn.Module):
         return self.fc(torch.cat([attn, mlp], dim=2))
 
 
-class MMSingleStreamBlock(nn.Module):
-    """One stream over [image tokens, text tokens]: parallel attention and MLP, one output projection."""
+class MMSingleStreamBlock(PackedProjections):
+    """One stream over [image tokens, text tokens]: parallel attention and MLP, one output projection.
+
+    `linear1`'s q, k, v and mlp parts run as one matmul (see `fused`)."""
+
+    projection_groups = (("linear1_q", "linear1_k", "linear1_v", "linear1_mlp"),)
 
     def __init__(
         self,
@@ -224,19 +229,19 @@ class MMSingleStreamBlock(nn.Module):
         self.pre_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6, **factory)
         self.mlp_act = activation(mlp_act_type)
         self.modulation = ModulateDiT(dim, factor=3, **factory)
+        self.pack_projections()
 
     def forward(
         self, x: torch.Tensor, vec: torch.Tensor, img_len: int, rope: Rope, mask: AttentionMask
     ) -> torch.Tensor:
         shift, scale, gate_values = self.modulation(vec).chunk(3, dim=-1)
-        x_mod = modulate(self.pre_norm(x), shift, scale)
-        q = split_heads(self.linear1_q(x_mod), self.heads_num)
-        k = split_heads(self.linear1_k(x_mod), self.heads_num)
-        v = split_heads(self.linear1_v(x_mod), self.heads_num)
-        mlp = self.linear1_mlp(x_mod)
+        q, k, v, mlp = project(modulate(self.pre_norm(x), shift, scale), self.group(0))
+        q, k, v = (split_heads(t, self.heads_num) for t in (q, k, v))
         q = self.q_norm(q).to(v)
         k = self.k_norm(k).to(v)
         q = torch.cat([apply_rope(q[:, :img_len], *rope), q[:, img_len:]], dim=1)
         k = torch.cat([apply_rope(k[:, :img_len], *rope), k[:, img_len:]], dim=1)
         attn = attention(q, k, v, mask).flatten(2)
-        return x + gate(self.linear2(attn, self.mlp_act(mlp)), gate_values)
+        del q, k, v
+        mlp = self.mlp_act(mlp)  # drops the last view of the projections' output: freed before linear2
+        return x + gate(self.linear2(attn, mlp), gate_values)

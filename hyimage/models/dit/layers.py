@@ -208,9 +208,14 @@ def rope_frequencies(
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs of x (B, L, H, D) by the (L, D) angles, in float32."""
+    """Rotate interleaved pairs of x (B, L, H, D) by the (L, D) angles, in float32.
+
+    x * cos + rotated * sin with the products and the sum rounded as that expression rounds them, written into
+    the temporaries it makes anyway: three float32 copies of x live at most, not five."""
     x_float = x.float()
     real, imag = x_float.unflatten(-1, (-1, 2)).unbind(-1)
     rotated = torch.stack([-imag, real], dim=-1).flatten(-2)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x_float * cos + rotated * sin).type_as(x)
+    out = x_float * cos
+    out += rotated.mul_(sin)
+    return out.type_as(x)

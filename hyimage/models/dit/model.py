@@ -19,6 +19,7 @@ from hyimage.models.dit.blocks import (
     refiner_attention_mask,
 )
 from hyimage.models.dit.configs import DiTConfig, resolve_dit_config
+from hyimage.models.dit.fused import pack_projections
 from hyimage.models.dit.layers import (
     ByT5Mapper,
     FinalLayer,
@@ -146,7 +147,8 @@ class HYImageDiffusionTransformer(nn.Module):
     ) -> "HYImageDiffusionTransformer":
         """Load a released `dit/*.safetensors` (official, diffusers or ComfyUI layout; bf16, FP8 + scale file or
         ComfyUI FP8) or a GGUF file (`.gguf`, weights kept quantised)."""
-        return load_dit(cls, path, config, dtype=dtype, device=device, fp8_scale=fp8_scale, **kwargs)
+        model = load_dit(cls, path, config, dtype=dtype, device=device, fp8_scale=fp8_scale, **kwargs)
+        return pack_projections(model)  # the loader gives each part a tensor of its own
 
     def forward(
         self,
