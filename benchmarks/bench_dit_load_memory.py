@@ -80,7 +80,8 @@ def child(method: str, path: str, config: dict) -> None:
         model = model.to_empty(device="cpu")
         model.load_state_dict(load_file(path), strict=True)
     seconds = time.perf_counter() - start
-    held = sum(t.untyped_storage().nbytes() for t in model.state_dict().values())
+    storages = {id(t.untyped_storage()): t.untyped_storage() for t in model.state_dict().values()}  # packed q|k|v
+    held = sum(storage.nbytes() for storage in storages.values())  # rows share one storage: count it once
     print(json.dumps({"peak": peak_rss(), "before": before, "seconds": seconds, "held": held}))
 
 

@@ -6,17 +6,22 @@ dict, the loaders, LoRA's per-layer hooks and FP8/GGUF conversion see the offici
 changes is where a group's weights live: `pack` points the parts' weights (and biases) at consecutive rows of one
 tensor (made once; the parts are views of it, so it costs no memory), and `project` multiplies the activations by
 the rows of all parts, read as one view, and splits the output. The result equals the parts' matmuls up to the
-GEMM's summation order.
+GEMM's summation order (on the CPU the tiny tree's images are bit-identical).
+
+Measured: one CPU step of a mid-size DiT (`benchmarks/bench_step_cpu.py`, 2 threads), fused / split 0.98x (fp32)
+and 1.03x (bf16) at width 512, 1.03x and 0.98x at 1024: no gain on the CPU, where three GEMMs of these sizes run
+as fast as one. The reason to fuse is the GPU (one read of the activations, one larger kernel instead of three or
+four); `benchmarks/bench_step_gpu.py` measures it (rows `split`) and has not yet run on a GPU.
 
 Why views, not a fused copy or a `torch.cat` per step: a copy would hold these layers' weights twice (7 of a single
-block's 15 dim^2, 6 of a double block's 36: about 30% of the 17B model, 10 GB in bf16), and a cat per step reads
-and writes the group's weights once more per step. Views are exact and free, but only while nothing replaces a
-part's tensor, and some things do (`.to()` copies each parameter on its own, `load_state_dict(assign=True)`). So
-`project` checks at every call (storage identity and offsets: microseconds) that the weights still are consecutive rows
-of one storage, and otherwise runs the parts one by one: never a wrong or stale weight. Blocks pack again after
+block's 15 dim^2, 6 of a double block's 36: about 30% of the 17B model, 10 GB in bf16), and a cat per step reads and
+writes the group's weights once more per step. Views are exact and free, but only while nothing replaces a part's
+tensor, and some things do (`.to()` copies each parameter on its own, `load_state_dict(assign=True)`). So `project`
+checks at every call (storage identity and offsets: microseconds) that the weights still are consecutive rows of one
+storage, and otherwise runs the parts one by one: never a wrong or stale weight. Blocks pack again after
 `.to()`/`.float()`/... (`PackedProjections._apply`; transient memory: one group), `from_single_file` packs after
-loading, LoRA fuses in place, and the offload module copies consecutive tensors of one storage as one span, so the
-device copies stay packed.
+loading (one copy of the groups' weights, about 30% of a bf16 DiT; transient: one group), LoRA fuses in place, and
+the offload module copies consecutive tensors of one storage as one span, so the device copies stay packed.
 
 Paths, per group and call (`path_of`):
 - PLAIN: every part a plain nn.Linear without hooks, no gradient wanted, weights packed: one `F.linear`;
