@@ -5,6 +5,8 @@
     needs.py        what each stage needs                          planner.py      GPU placement per stage
     host_plan.py    host RAM across a call                         host.py         the keeper that releases parts
     manager.py      MemoryManager, the one switch of the pipelines streaming.py    block streaming
+    pinned.py       one page-locked buffer per streamed block      spans.py        consecutive tensors copied as one
+    machine.py      the host budget read from the machine          ways_out.py     what would make a refused plan fit
 
 Parts declare their stage (`memory_stage`); the manager reads it. May import models, quantization, loading,
 lora and the bottom modules; not the pipelines, text encoders or CLI.
