@@ -30,10 +30,10 @@ import torch  # noqa: E402
 from projections import projection_paths, split_projections  # noqa: E402
 
 from hyimage.diffusion.padding import trim_padding  # noqa: E402
-from hyimage.loading.dit_diffusers_keys import official_to_diffusers  # noqa: E402
 from hyimage.models import HYImageDiffusionTransformer  # noqa: E402
 from hyimage.models.dit.configs import DIT_CONFIGS  # noqa: E402
 from hyimage.models.dit.fused import PLAIN  # noqa: E402
+from tests.fixtures.diffusers_dit import diffusers_twin  # noqa: E402
 
 TEXT_POSITIONS, TEXT_VALID = 1000, 100
 GLYPH_POSITIONS, GLYPH_VALID = 128, 10
@@ -41,8 +41,6 @@ LATENT_SIZE = 32
 
 
 def build(args: argparse.Namespace) -> tuple[HYImageDiffusionTransformer, torch.nn.Module]:
-    from diffusers import HunyuanImageTransformer2DModel
-
     config = replace(
         DIT_CONFIGS["hunyuanimage-v2.1-distilled"],
         hidden_size=args.hidden,
@@ -56,25 +54,7 @@ def build(args: argparse.Namespace) -> tuple[HYImageDiffusionTransformer, torch.
     with torch.no_grad():
         for param in ours.parameters():
             param.normal_(0, 0.02)
-    theirs = HunyuanImageTransformer2DModel(
-        in_channels=config.in_channels,
-        out_channels=config.out_channels,
-        num_attention_heads=config.heads_num,
-        attention_head_dim=config.head_dim,
-        num_layers=config.mm_double_blocks_depth,
-        num_single_layers=config.mm_single_blocks_depth,
-        num_refiner_layers=2,
-        mlp_ratio=config.mlp_width_ratio,
-        patch_size=config.patch_size,
-        guidance_embeds=config.guidance_embed,
-        text_embed_dim=config.text_states_dim,
-        text_embed_2_dim=1472,
-        rope_theta=float(config.rope_theta),
-        rope_axes_dim=config.rope_dim_list,
-        use_meanflow=config.use_meanflow,
-    ).eval()
-    theirs.load_state_dict(official_to_diffusers(ours.state_dict()), strict=True)
-    return ours, theirs
+    return ours, diffusers_twin(ours)  # the tests' independent reference, same weights
 
 
 def inputs(config, dtype: torch.dtype) -> dict:
